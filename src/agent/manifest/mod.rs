@@ -1,0 +1,401 @@
+//! `agent.toml`: what a host wants, parsed and validated as a whole.
+//!
+//! Every problem is collected and reported with `file:line:col`; a manifest
+//! with any problem is rejected whole, so nothing is ever applied from a
+//! half-valid file.
+
+mod diagnostics;
+mod reader;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use toml::de::{DeTable, DeValue};
+
+use diagnostics::Diagnostics;
+pub use diagnostics::{Diagnostic, ManifestError};
+use reader::{TableReader, suggest};
+
+use crate::etcd::{ConnectOptions, Password, TlsFiles};
+
+/// Sections a manifest may have. Others are rejected.
+const SECTIONS: &[&str] = &["agent", "etcd"];
+
+/// A validated manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Where it was read from (relative paths inside resolve against its
+    /// directory).
+    pub path: PathBuf,
+    /// SHA-256 of the file's bytes, in hex.
+    pub hash: String,
+    pub agent: AgentSettings,
+    pub etcd: EtcdSettings,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// The agent's name in etcd; defaults to the host name.
+    pub name: String,
+    /// The key prefix everything coord writes lives under.
+    pub namespace: String,
+    /// The session lease's TTL.
+    pub ttl: Duration,
+}
+
+/// `[etcd]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    pub dial_timeout: Duration,
+    pub request_timeout: Duration,
+    pub username: Option<String>,
+    pub password: Option<PasswordSource>,
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where the etcd password comes from. The manifest never holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    File(PathBuf),
+    Env(String),
+}
+
+/// The password could not be read from where the manifest says.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    #[error("failed to read the etcd password from `{path}`: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the etcd password variable `{0}` is not set")]
+    Env(String),
+}
+
+pub const DEFAULT_NAMESPACE: &str = "/coord";
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+impl Manifest {
+    /// Reads and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ManifestError::unreadable(path, &e))?;
+        Manifest::parse(path, &text)
+    }
+
+    /// Validates manifest text; `path` names it in errors and anchors
+    /// relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestError> {
+        let mut d = Diagnostics::new(text);
+        let (root, syntax) = DeTable::parse_recoverable(text);
+        for e in syntax {
+            d.error(e.span().unwrap_or(0..0), e.message().to_owned());
+        }
+        if !d.is_empty() {
+            // The tree is partial after a syntax error; checking it further
+            // would only add confusing follow-on errors.
+            return Err(d.into_error(path));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let root = root.get_ref();
+        for (key, _) in root.iter() {
+            if !SECTIONS.contains(&key.get_ref().as_ref()) {
+                d.error(
+                    key.span(),
+                    format!(
+                        "unknown section `[{}]`{}",
+                        key.get_ref(),
+                        suggest(key.get_ref(), SECTIONS)
+                    ),
+                );
+            }
+        }
+        let agent = match section(&mut d, root, "agent") {
+            Some(t) => agent_settings(&mut d, t),
+            None => Some(AgentSettings::defaults()),
+        };
+        let etcd = match section(&mut d, root, "etcd") {
+            Some(t) => etcd_settings(&mut d, t, base),
+            None => {
+                d.error(
+                    0..0,
+                    "missing section `[etcd]`: say where etcd is, e.g. endpoints = [\"http://127.0.0.1:2379\"]",
+                );
+                None
+            }
+        };
+        match (agent, etcd) {
+            (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
+                path: path.to_owned(),
+                hash: hex(&Sha256::digest(text.as_bytes())),
+                agent,
+                etcd,
+            }),
+            _ => Err(d.into_error(path)),
+        }
+    }
+
+    /// Connection options for `[etcd]`, reading the password if one is set.
+    pub fn connect_options(&self) -> Result<ConnectOptions, PasswordError> {
+        self.etcd.connect_options()
+    }
+
+    /// A human summary of what the manifest declares, for `coord check`.
+    pub fn summary(&self) -> Summary<'_> {
+        Summary(self)
+    }
+}
+
+impl AgentSettings {
+    fn defaults() -> Self {
+        AgentSettings {
+            name: default_agent_name(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            ttl: DEFAULT_TTL,
+        }
+    }
+}
+
+impl EtcdSettings {
+    /// Connection options, reading the password if one is set.
+    pub fn connect_options(&self) -> Result<ConnectOptions, PasswordError> {
+        let mut opts = ConnectOptions::new(self.endpoints.clone());
+        opts.dial_timeout = self.dial_timeout;
+        opts.request_timeout = self.request_timeout;
+        opts.tls = self.tls.clone();
+        opts.username = self.username.clone();
+        opts.password = match &self.password {
+            None => None,
+            Some(source) => Some(source.read()?),
+        };
+        Ok(opts)
+    }
+}
+
+impl PasswordSource {
+    /// Reads the password; a trailing newline (as `echo` writes) is dropped.
+    pub fn read(&self) -> Result<Password, PasswordError> {
+        match self {
+            PasswordSource::File(path) => std::fs::read_to_string(path)
+                .map(|s| Password::new(s.trim_end_matches(['\r', '\n'])))
+                .map_err(|source| PasswordError::File {
+                    path: path.clone(),
+                    source,
+                }),
+            PasswordSource::Env(var) => std::env::var(var)
+                .map(Password::new)
+                .map_err(|_| PasswordError::Env(var.clone())),
+        }
+    }
+}
+
+/// The host name, or `coord` when it cannot be had.
+pub fn default_agent_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "coord".to_owned())
+}
+
+fn section<'a, 'i>(
+    d: &mut Diagnostics<'_>,
+    root: &'a DeTable<'i>,
+    name: &'static str,
+) -> Option<TableReader<'a, 'i>> {
+    let value = root.get(name)?;
+    match value.get_ref() {
+        DeValue::Table(t) => Some(TableReader::new(format!("[{name}]"), t, value.span())),
+        other => {
+            d.error(
+                value.span(),
+                format!(
+                    "`{name}` must be a table `[{name}]`, not {}",
+                    other.type_str()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn agent_settings(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option<AgentSettings> {
+    let before = d.len();
+    let name = t.optional::<String>(d, "name");
+    if let Some(name) = &name
+        && (name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace))
+    {
+        d.error(
+            t.span_of("name"),
+            format!("invalid `name` in [agent]: `{name}` must be non-empty, without `/` or spaces"),
+        );
+    }
+    let namespace = t.optional::<String>(d, "namespace");
+    if let Some(ns) = &namespace
+        && (!ns.starts_with('/') || ns.len() < 2 || ns.ends_with('/'))
+    {
+        d.error(
+            t.span_of("namespace"),
+            format!("invalid `namespace` in [agent]: `{ns}` must start with `/` and not end with one, like \"/coord\""),
+        );
+    }
+    let ttl = t.optional::<Duration>(d, "ttl");
+    if let Some(ttl) = ttl
+        && (ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0)
+    {
+        d.error(
+            t.span_of("ttl"),
+            "invalid `ttl` in [agent]: etcd leases count whole seconds, at least 2 (e.g. \"10s\")",
+        );
+    }
+    t.finish(d);
+    (d.len() == before).then(|| AgentSettings {
+        name: name.unwrap_or_else(default_agent_name),
+        namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+        ttl: ttl.unwrap_or(DEFAULT_TTL),
+    })
+}
+
+fn etcd_settings(
+    d: &mut Diagnostics<'_>,
+    mut t: TableReader<'_, '_>,
+    base: &Path,
+) -> Option<EtcdSettings> {
+    let before = d.len();
+    let endpoints = t.required::<Vec<String>>(
+        d,
+        "endpoints",
+        "say where etcd is, e.g. endpoints = [\"http://127.0.0.1:2379\"]",
+    );
+    if let Some(eps) = &endpoints {
+        if eps.is_empty() {
+            d.error(
+                t.span_of("endpoints"),
+                "`endpoints` in [etcd] is empty: list at least one",
+            );
+        }
+        for ep in eps {
+            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                d.error(
+                    t.span_of("endpoints"),
+                    format!("invalid endpoint `{ep}` in [etcd]: write it as http://host:port or https://host:port"),
+                );
+            }
+        }
+    }
+    let dial_timeout = t.optional::<Duration>(d, "dial_timeout");
+    let request_timeout = t.optional::<Duration>(d, "request_timeout");
+    let username = t.optional::<String>(d, "username");
+    let password_file = t.optional::<PathBuf>(d, "password_file");
+    let password_env = t.optional::<String>(d, "password_env");
+    let password = match (password_file, password_env) {
+        (Some(_), Some(_)) => {
+            d.error(
+                t.span_of("password_env"),
+                "[etcd] has both `password_file` and `password_env`: keep one",
+            );
+            None
+        }
+        (Some(f), None) => Some(PasswordSource::File(base.join(f))),
+        (None, Some(v)) => Some(PasswordSource::Env(v)),
+        (None, None) => None,
+    };
+    match (&username, &password) {
+        (Some(_), None) => d.error(
+            t.span_of("username"),
+            "missing `password_file` or `password_env` in [etcd]: a `username` needs a password",
+        ),
+        (None, Some(_)) => d.error(
+            t.span(),
+            "missing `username` in [etcd]: a password needs a user name",
+        ),
+        _ => {}
+    }
+    let tls = t.table(d, "tls").and_then(|tls| tls_files(d, tls, base));
+    if let Some(eps) = &endpoints {
+        let https = eps.iter().any(|e| e.starts_with("https://"));
+        let http = eps.iter().any(|e| e.starts_with("http://"));
+        match &tls {
+            Some(_) if http => d.error(
+                t.span_of("endpoints"),
+                "[etcd.tls] is set but an endpoint is plain http://: use https:// endpoints",
+            ),
+            None if https => d.error(
+                t.span_of("endpoints"),
+                "missing [etcd.tls] for https:// endpoints: set at least `ca`",
+            ),
+            _ => {}
+        }
+    }
+    t.finish(d);
+    (d.len() == before).then(|| EtcdSettings {
+        endpoints: endpoints.unwrap_or_default(),
+        dial_timeout: dial_timeout.unwrap_or(crate::etcd::DEFAULT_DIAL_TIMEOUT),
+        request_timeout: request_timeout.unwrap_or(crate::etcd::DEFAULT_REQUEST_TIMEOUT),
+        username,
+        password,
+        tls,
+    })
+}
+
+fn tls_files(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>, base: &Path) -> Option<TlsFiles> {
+    let ca = t.optional::<PathBuf>(d, "ca");
+    let cert = t.optional::<PathBuf>(d, "cert");
+    let key = t.optional::<PathBuf>(d, "key");
+    match (&cert, &key) {
+        (Some(_), None) => d.error(
+            t.span_of("cert"),
+            "missing `key` in [etcd.tls]: a client certificate needs its key",
+        ),
+        (None, Some(_)) => d.error(
+            t.span_of("key"),
+            "missing `cert` in [etcd.tls]: a client key needs its certificate",
+        ),
+        _ => {}
+    }
+    t.finish(d);
+    Some(TlsFiles {
+        ca: ca.map(|p| base.join(p)),
+        cert: cert.map(|p| base.join(p)),
+        key: key.map(|p| base.join(p)),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// See [`Manifest::summary`].
+#[derive(Debug)]
+pub struct Summary<'a>(&'a Manifest);
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        writeln!(f, "{}: ok", m.path.display())?;
+        writeln!(
+            f,
+            "  agent  {} (namespace {}, session ttl {})",
+            m.agent.name,
+            m.agent.namespace,
+            humantime::format_duration(m.agent.ttl)
+        )?;
+        let auth = match &m.etcd.username {
+            Some(u) => format!(", user {u}"),
+            None => String::new(),
+        };
+        let tls = if m.etcd.tls.is_some() { ", TLS" } else { "" };
+        write!(
+            f,
+            "  etcd   {} endpoint{}: {}{tls}{auth}",
+            m.etcd.endpoints.len(),
+            if m.etcd.endpoints.len() == 1 { "" } else { "s" },
+            m.etcd.endpoints.join(", ")
+        )
+    }
+}

@@ -1,0 +1,181 @@
+//! Reads a spanned TOML table field by field, so that every problem in a
+//! manifest is reported at once (serde stops at the first).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::diagnostics::Diagnostics;
+
+/// A table being read; what is not taken by the end is an unknown field.
+pub(crate) struct TableReader<'a, 'i> {
+    /// How the table is named in messages: `[agent]`, `[etcd.tls]`.
+    name: String,
+    table: &'a DeTable<'i>,
+    span: Range<usize>,
+    taken: Vec<&'static str>,
+}
+
+impl<'a, 'i> TableReader<'a, 'i> {
+    pub(crate) fn new(name: impl Into<String>, table: &'a DeTable<'i>, span: Range<usize>) -> Self {
+        TableReader {
+            name: name.into(),
+            table,
+            span,
+            taken: Vec::new(),
+        }
+    }
+
+    pub(crate) fn span(&self) -> Range<usize> {
+        self.span.clone()
+    }
+
+    fn value(&mut self, key: &'static str) -> Option<&'a Spanned<DeValue<'i>>> {
+        self.taken.push(key);
+        self.table.get(key)
+    }
+
+    /// The span of `key`'s value, or of the table when it is absent.
+    pub(crate) fn span_of(&self, key: &str) -> Range<usize> {
+        self.table
+            .get(key)
+            .map_or_else(|| self.span.clone(), |v| v.span())
+    }
+
+    /// An optional field of any deserializable type.
+    pub(crate) fn optional<T: FromToml>(
+        &mut self,
+        d: &mut Diagnostics<'_>,
+        key: &'static str,
+    ) -> Option<T> {
+        let value = self.value(key)?;
+        match T::from_toml(value) {
+            Ok(v) => Some(v),
+            Err((span, message)) => {
+                d.error(
+                    span.unwrap_or_else(|| value.span()),
+                    format!("invalid `{key}` in {}: {message}", self.name),
+                );
+                None
+            }
+        }
+    }
+
+    /// A field that must be present.
+    pub(crate) fn required<T: FromToml>(
+        &mut self,
+        d: &mut Diagnostics<'_>,
+        key: &'static str,
+        hint: &str,
+    ) -> Option<T> {
+        if !self.table.contains_key(key) {
+            self.taken.push(key);
+            d.error(
+                self.span.clone(),
+                format!("missing `{key}` in {}: {hint}", self.name),
+            );
+            return None;
+        }
+        self.optional(d, key)
+    }
+
+    /// A sub-table (`[etcd.tls]` or `tls = { … }`).
+    pub(crate) fn table(
+        &mut self,
+        d: &mut Diagnostics<'_>,
+        key: &'static str,
+    ) -> Option<TableReader<'a, 'i>> {
+        let name = format!("[{}.{key}]", self.name.trim_matches(['[', ']']));
+        let value = self.value(key)?;
+        match value.get_ref() {
+            DeValue::Table(t) => Some(TableReader::new(name, t, value.span())),
+            other => {
+                d.error(
+                    value.span(),
+                    format!("`{key}` must be a table, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    /// Reports every field nobody asked for.
+    pub(crate) fn finish(self, d: &mut Diagnostics<'_>) {
+        for (key, _) in self.table.iter() {
+            if self.taken.iter().any(|t| *t == key.get_ref().as_ref()) {
+                continue;
+            }
+            d.error(
+                key.span(),
+                format!(
+                    "unknown field `{}` in {}{}",
+                    key.get_ref(),
+                    self.name,
+                    suggest(key.get_ref(), &self.taken)
+                ),
+            );
+        }
+    }
+}
+
+/// ", did you mean `x`?" when a known name is close, else the known names.
+pub(crate) fn suggest(unknown: &str, known: &[&str]) -> String {
+    let best = known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
+        .filter(|(distance, k)| *distance <= (k.len() / 3).max(1))
+        .min_by_key(|(distance, _)| *distance);
+    match best {
+        Some((_, k)) => format!("; did you mean `{k}`?"),
+        None if known.is_empty() => String::new(),
+        None => format!("; expected one of: {}", known.join(", ")),
+    }
+}
+
+/// A value read from the manifest. The error carries a span when it can be
+/// more precise than the whole value.
+pub(crate) trait FromToml: Sized {
+    fn from_toml(value: &Spanned<DeValue<'_>>) -> Result<Self, (Option<Range<usize>>, String)>;
+}
+
+fn deserialize<T: DeserializeOwned>(
+    value: &Spanned<DeValue<'_>>,
+) -> Result<T, (Option<Range<usize>>, String)> {
+    T::deserialize(ValueDeserializer::from(value.clone()))
+        .map_err(|e| (e.span(), e.message().to_owned()))
+}
+
+macro_rules! from_toml_by_serde {
+    ($($t:ty),*) => {$(
+        impl FromToml for $t {
+            fn from_toml(value: &Spanned<DeValue<'_>>) -> Result<Self, (Option<Range<usize>>, String)> {
+                deserialize(value)
+            }
+        }
+    )*};
+}
+
+from_toml_by_serde!(String, bool, u32, u64, Vec<String>, std::path::PathBuf);
+
+impl FromToml for Duration {
+    fn from_toml(value: &Spanned<DeValue<'_>>) -> Result<Self, (Option<Range<usize>>, String)> {
+        let text: String = deserialize(value).map_err(|(span, _)| {
+            (
+                span,
+                format!(
+                    "expected a duration like \"10s\" or \"1m30s\", found {}",
+                    value.get_ref().type_str()
+                ),
+            )
+        })?;
+        humantime::parse_duration(&text).map_err(|e| {
+            (
+                None,
+                format!("`{text}` is not a duration ({e}); write it like \"10s\" or \"1m30s\""),
+            )
+        })
+    }
+}

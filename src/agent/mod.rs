@@ -1,0 +1,11 @@
+//! The declarative layer: a manifest says what the host wants, the
+//! reconciler makes etcd agree and keeps it so. It uses the library
+//! ([`crate::etcd`], [`crate::presence`], …) and never etcd directly.
+
+pub mod manifest;
+pub mod reconciler;
+mod reload;
+mod runtime;
+
+pub use reload::ReloadRequest;
+pub use runtime::{AgentError, Control, RunOptions, run};

@@ -1,0 +1,240 @@
+//! Makes etcd agree with the desired state, and keeps it so.
+//!
+//! Level-triggered, in the style of kube-runtime's controller: every trigger
+//! (a cache change, a new session lease, a new desired state) only *queues*
+//! the resources it concerns; reconciling a resource compares what etcd has
+//! (from the cache) with what is wanted and writes the difference. A failed
+//! reconcile is queued again with backoff.
+//!
+//! Invariant 1: nothing is reconciled before the cache has completed its
+//! first full read of every prefix the resources depend on, so an empty
+//! cache never looks like "everything is missing".
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::etcd::{Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription};
+use crate::presence::{self, AgentRecord};
+
+/// What the agent wants to exist in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub namespace: String,
+    pub agent: String,
+    pub record: AgentRecord,
+}
+
+/// One thing the reconciler keeps in shape. A closed set: each resource
+/// kind of the manifest adds its variant.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ResourceKey {
+    /// The agent's own presence key.
+    Presence,
+}
+
+/// Counters for status and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconcileStats {
+    /// Writes made because etcd differed from the desired state.
+    pub writes: u64,
+    /// Reconciles that failed and were queued again.
+    pub failures: u64,
+}
+
+/// The queue of resources to reconcile, each with the time it is due and
+/// its backoff after failures.
+#[derive(Debug, Default)]
+struct Queue {
+    due: BTreeMap<ResourceKey, Instant>,
+    backoff: BTreeMap<ResourceKey, Backoff>,
+}
+
+impl Queue {
+    fn now(&mut self, key: ResourceKey) {
+        self.due.insert(key, Instant::now());
+    }
+
+    fn failed(&mut self, key: ResourceKey) -> Duration {
+        let wait = self
+            .backoff
+            .entry(key.clone())
+            .or_insert_with(|| Backoff::new(Duration::from_millis(100), Duration::from_secs(10)))
+            .next_delay();
+        self.due.insert(key, Instant::now() + wait);
+        wait
+    }
+
+    fn succeeded(&mut self, key: &ResourceKey) {
+        self.backoff.remove(key);
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.values().min().copied()
+    }
+
+    fn take_due(&mut self) -> Vec<ResourceKey> {
+        let now = Instant::now();
+        let ready: Vec<_> = self
+            .due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &ready {
+            self.due.remove(k);
+        }
+        ready
+    }
+}
+
+/// Runs until `cancel`; nothing is deleted on the way out — the caller
+/// revokes the session lease, which removes everything at once.
+pub struct Reconciler {
+    client: Client,
+    cache: Cache,
+    session: watch::Receiver<SessionState>,
+    desired: watch::Receiver<Desired>,
+    stats: watch::Sender<ReconcileStats>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler").finish_non_exhaustive()
+    }
+}
+
+impl Reconciler {
+    pub fn new(
+        client: Client,
+        cache: Cache,
+        session: watch::Receiver<SessionState>,
+        desired: watch::Receiver<Desired>,
+    ) -> Self {
+        Reconciler {
+            client,
+            cache,
+            session,
+            desired,
+            stats: watch::Sender::new(ReconcileStats::default()),
+        }
+    }
+
+    /// A view of the counters.
+    pub fn stats(&self) -> watch::Receiver<ReconcileStats> {
+        self.stats.subscribe()
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut desired = self.desired.borrow_and_update().clone();
+        let mut sub = self.subscribe(&desired);
+        let mut queue = Queue::default();
+        let mut lease = self.session.borrow_and_update().lease();
+        let mut all_ready = false;
+        let mut waiting_logged = false;
+        queue.now(ResourceKey::Presence);
+        loop {
+            if !all_ready {
+                all_ready = sub.is_ready();
+                if all_ready {
+                    debug!("Cache ready; reconciling.");
+                } else if !waiting_logged {
+                    debug!("Waiting for the cache's first full read before reconciling.");
+                    waiting_logged = true;
+                }
+            }
+            if all_ready && lease.is_some() {
+                for key in queue.take_due() {
+                    self.reconcile(&key, &desired, &sub, lease, &mut queue)
+                        .await;
+                }
+            }
+            let next = queue.next_due();
+            let mut new_desired = None;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = sub.ready(), if !all_ready => {}
+                _ = async { sleep_until(next.unwrap_or_else(Instant::now)).await }, if next.is_some() && all_ready && lease.is_some() => {}
+                changed = self.session.changed() => {
+                    if changed.is_err() { return; }
+                    let now = self.session.borrow_and_update().lease();
+                    if now != lease {
+                        lease = now;
+                        // A new lease owns nothing yet: everything must be
+                        // written again.
+                        queue.now(ResourceKey::Presence);
+                    }
+                }
+                changed = self.desired.changed() => {
+                    if changed.is_err() { return; }
+                    new_desired = Some(self.desired.borrow_and_update().clone());
+                }
+                event = sub.recv() => {
+                    let touched = match &event {
+                        CacheEvent::Lagged => true,
+                        CacheEvent::Changed { changes, .. } => changes.iter().any(|c| c.key() == sub.prefix()),
+                    };
+                    if touched {
+                        queue.now(ResourceKey::Presence);
+                    }
+                }
+            }
+            if let Some(next) = new_desired
+                && next != desired
+            {
+                if presence::key(&next.namespace, &next.agent) != sub.prefix() {
+                    sub = self.subscribe(&next);
+                    all_ready = false;
+                }
+                desired = next;
+                queue.now(ResourceKey::Presence);
+            }
+        }
+    }
+
+    fn subscribe(&self, desired: &Desired) -> Subscription {
+        self.cache
+            .subscribe(&presence::key(&desired.namespace, &desired.agent))
+    }
+
+    async fn reconcile(
+        &self,
+        key: &ResourceKey,
+        desired: &Desired,
+        sub: &Subscription,
+        lease: Option<LeaseId>,
+        queue: &mut Queue,
+    ) {
+        let Some(lease) = lease else { return };
+        match key {
+            ResourceKey::Presence => {
+                let etcd_key = presence::key(&desired.namespace, &desired.agent);
+                let value = desired.record.to_value();
+                let observed = sub.get(&etcd_key);
+                if observed
+                    .as_ref()
+                    .is_some_and(|kv| kv.value == value && kv.lease == Some(lease))
+                {
+                    queue.succeeded(key);
+                    return;
+                }
+                match self.client.put(&etcd_key, value, Some(lease)).await {
+                    Ok(_) => {
+                        info!(key = %etcd_key, lease = %lease, "Agent presence registered.");
+                        self.stats.send_modify(|s| s.writes += 1);
+                        queue.succeeded(key);
+                    }
+                    Err(e) => {
+                        let wait = queue.failed(key.clone());
+                        warn!(key = %etcd_key, error = %e, retry_in = ?wait, "Could not register agent presence.");
+                        self.stats.send_modify(|s| s.failures += 1);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The agent's main loop: connect, keep a session, reconcile, reload.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::manifest::{Manifest, PasswordError};
+use super::reconciler::{Desired, Reconciler};
+use super::reload::{ManifestWatcher, ReloadRequest};
+use crate::etcd::{Cache, Client, Session};
+use crate::presence::AgentRecord;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Password(#[from] PasswordError),
+    #[error("failed to connect to etcd at {endpoints}: {source}")]
+    Connect {
+        endpoints: String,
+        #[source]
+        source: crate::etcd::Error,
+    },
+    #[error("failed to watch the manifest `{path}` for changes: {source}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// How the agent is told to stop or reload.
+#[derive(Debug)]
+pub struct Control {
+    /// Cancelled on SIGINT/SIGTERM: stop and revoke the lease.
+    pub shutdown: CancellationToken,
+    /// A message per SIGHUP (or any other reason to re-read the manifest).
+    pub reload: mpsc::Receiver<ReloadRequest>,
+}
+
+/// Settings that are not in the manifest.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Use these endpoints instead of the manifest's (`coord dev`).
+    pub endpoints: Option<Vec<String>>,
+    /// Watch the manifest file and reload it when it changes.
+    pub watch_manifest: bool,
+}
+
+/// One connected incarnation of the agent: what an `[agent]` or `[etcd]`
+/// change has to rebuild.
+struct Connected {
+    session: Session,
+    desired: watch::Sender<Desired>,
+    reconciler: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl Connected {
+    async fn start(manifest: &Manifest, started_at: &str) -> Result<Connected, AgentError> {
+        let opts = manifest.connect_options()?;
+        let client = Client::connect(&opts)
+            .await
+            .map_err(|source| AgentError::Connect {
+                endpoints: opts.endpoints.join(","),
+                source,
+            })?;
+        let session = Session::start(client.clone(), manifest.agent.ttl);
+        let cache = Cache::new(client.clone());
+        let (desired, desired_rx) = watch::channel(desired_state(manifest, started_at));
+        let reconciler = Reconciler::new(client, cache, session.subscribe(), desired_rx);
+        let stop = CancellationToken::new();
+        let reconciler = tokio::spawn(reconciler.run(stop.clone()));
+        Ok(Connected {
+            session,
+            desired,
+            reconciler,
+            stop,
+        })
+    }
+
+    /// Stops reconciling, then revokes the lease so everything the agent
+    /// held goes at once.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.reconciler.await;
+        self.session.close().await;
+    }
+}
+
+fn desired_state(manifest: &Manifest, started_at: &str) -> Desired {
+    Desired {
+        namespace: manifest.agent.namespace.clone(),
+        agent: manifest.agent.name.clone(),
+        record: AgentRecord {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest_hash: manifest.hash.clone(),
+            started_at: started_at.to_owned(),
+        },
+    }
+}
+
+fn apply_options(mut manifest: Manifest, opts: &RunOptions) -> Manifest {
+    if let Some(endpoints) = &opts.endpoints {
+        manifest.etcd.endpoints = endpoints.clone();
+    }
+    manifest
+}
+
+/// Runs the agent until `control.shutdown` is cancelled.
+pub async fn run(
+    manifest: Manifest,
+    opts: RunOptions,
+    mut control: Control,
+) -> Result<(), AgentError> {
+    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut manifest = apply_options(manifest, &opts);
+    let path = manifest.path.clone();
+    let mut file_watcher = if opts.watch_manifest {
+        Some(
+            ManifestWatcher::start(&path, Duration::from_millis(300)).map_err(|source| {
+                AgentError::Watch {
+                    path: path.clone(),
+                    source,
+                }
+            })?,
+        )
+    } else {
+        None
+    };
+    info!(
+        agent = %manifest.agent.name,
+        endpoints = %manifest.etcd.endpoints.join(","),
+        manifest = %path.display(),
+        "Agent starting."
+    );
+    let mut connected = Connected::start(&manifest, &started_at).await?;
+    loop {
+        let request = tokio::select! {
+            _ = control.shutdown.cancelled() => break,
+            r = control.reload.recv() => match r {
+                Some(r) => r,
+                None => { control.shutdown.cancelled().await; break }
+            },
+            r = async {
+                match file_watcher.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => r,
+        };
+        let next = match Manifest::load(&path) {
+            Ok(m) => apply_options(m, &opts),
+            Err(e) => {
+                // The operator must fix the file; until then the last good
+                // manifest keeps running.
+                error!(manifest = %path.display(), reason = ?request, "Manifest reload rejected; keeping the last good one.\n{e}");
+                continue;
+            }
+        };
+        if next == manifest {
+            info!(manifest = %path.display(), reason = ?request, "Manifest unchanged.");
+            continue;
+        }
+        if next.agent != manifest.agent || next.etcd != manifest.etcd {
+            info!(manifest = %path.display(), "[agent] or [etcd] changed; reconnecting with a new session.");
+            match Connected::start(&next, &started_at).await {
+                Ok(fresh) => {
+                    let old = std::mem::replace(&mut connected, fresh);
+                    old.stop().await;
+                }
+                Err(e) => {
+                    warn!(manifest = %path.display(), error = %e, "Manifest reload rejected; keeping the last good one.");
+                    continue;
+                }
+            }
+        } else {
+            connected
+                .desired
+                .send_replace(desired_state(&next, &started_at));
+        }
+        info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
+        manifest = next;
+    }
+    info!("Shutting down: revoking the session lease.");
+    connected.stop().await;
+    info!("Agent stopped.");
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! The `coord` command line: clap definitions and thin handlers over the
+//! library and the agent.
+
+mod agents;
+mod check;
+mod connection;
+mod dev;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use coord::agent::manifest::ManifestError;
+
+/// Exit status for a bad manifest or bad usage (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+/// coord: a per-host agent that coordinates hosts through etcd.
+#[derive(Debug, Parser)]
+#[command(name = "coord", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent on a manifest until SIGINT/SIGTERM (SIGHUP reloads).
+    Run(run::RunArgs),
+    /// Validate a manifest and summarise what it declares.
+    Check(check::CheckArgs),
+    /// List the agents present in etcd.
+    Agents(agents::AgentsArgs),
+    /// Start a throw-away local etcd and run the agent on the example manifest.
+    Dev(dev::DevArgs),
+}
+
+impl Cli {
+    /// Runs the command; errors are printed here, at the edge.
+    pub async fn run(self) -> ExitCode {
+        let result = match self.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Check(args) => check::check(args),
+            Command::Agents(args) => agents::agents(args).await,
+            Command::Dev(args) => dev::dev(args).await,
+        };
+        match result {
+            Ok(code) => code,
+            Err(e) => {
+                if let Some(m) = e.downcast_ref::<ManifestError>() {
+                    eprintln!("{m}");
+                    let n = m.diagnostics.len();
+                    eprintln!(
+                        "error: the manifest has {n} problem{}; nothing was done",
+                        if n == 1 { "" } else { "s" }
+                    );
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! A read cache fed by one watcher per distinct prefix, shared by every
+//! consumer of that prefix.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use super::watcher::WatchStats;
+use super::{Change, Client, KeyValue, PrefixWatcher, WatchEvent};
+
+/// Changes under one prefix at one revision, as a subscriber sees them.
+#[derive(Debug, Clone)]
+pub enum CacheEvent {
+    /// These keys changed (after a re-list: the difference to what was
+    /// cached before).
+    Changed {
+        revision: i64,
+        changes: Arc<[Change]>,
+    },
+    /// The subscriber fell behind and missed events: read the whole prefix
+    /// again from the cache.
+    Lagged,
+}
+
+/// A shared, watch-fed view of etcd.
+///
+/// ```no_run
+/// # async fn demo(client: coord::etcd::Client) {
+/// let cache = coord::etcd::Cache::new(client);
+/// let mut sub = cache.subscribe("/coord/agents/");
+/// sub.ready().await;                       // first full read done
+/// let agents = sub.list();                 // served locally
+/// let _next = sub.recv().await;            // wait for a change
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    prefixes: Mutex<HashMap<String, Weak<Entry>>>,
+}
+
+/// The state of one watched prefix.
+#[derive(Debug)]
+struct Shared {
+    prefix: String,
+    store: RwLock<Store>,
+    ready: watch::Sender<bool>,
+    events: broadcast::Sender<CacheEvent>,
+    stats: Arc<WatchStats>,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    revision: i64,
+    kvs: BTreeMap<String, KeyValue>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        // The last subscriber is gone: stop watching this prefix.
+        self.task.abort();
+    }
+}
+
+impl Cache {
+    pub fn new(client: Client) -> Self {
+        Cache {
+            inner: Arc::new(Inner {
+                client,
+                prefixes: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Subscribes to every key under `prefix`. The first subscriber starts
+    /// the watch; later ones share it. The watch stops when the last
+    /// subscription is dropped.
+    pub fn subscribe(&self, prefix: &str) -> Subscription {
+        let mut prefixes = self
+            .inner
+            .prefixes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = prefixes.get(prefix).and_then(Weak::upgrade) {
+            let events = entry.shared.events.subscribe();
+            return Subscription { entry, events };
+        }
+        let watcher = PrefixWatcher::new(self.inner.client.clone(), prefix);
+        let (events, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            prefix: prefix.to_owned(),
+            store: RwLock::default(),
+            ready: watch::Sender::new(false),
+            events,
+            stats: watcher.stats(),
+        });
+        let task = tokio::spawn(feed(watcher, shared.clone()));
+        let entry = Arc::new(Entry { shared, task });
+        prefixes.retain(|_, weak| weak.strong_count() > 0);
+        prefixes.insert(prefix.to_owned(), Arc::downgrade(&entry));
+        let events = entry.shared.events.subscribe();
+        Subscription { entry, events }
+    }
+
+    /// How many distinct prefixes are being watched.
+    pub fn watched_prefixes(&self) -> usize {
+        self.inner
+            .prefixes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+}
+
+/// A consumer's handle on one watched prefix.
+#[derive(Debug)]
+pub struct Subscription {
+    entry: Arc<Entry>,
+    events: broadcast::Receiver<CacheEvent>,
+}
+
+impl Subscription {
+    pub fn prefix(&self) -> &str {
+        &self.entry.shared.prefix
+    }
+
+    /// Whether the first full read of the prefix has completed.
+    pub fn is_ready(&self) -> bool {
+        *self.entry.shared.ready.borrow()
+    }
+
+    /// Waits for the first full read of the prefix.
+    ///
+    /// The future does not borrow the subscription, so it can be awaited
+    /// alongside [`Subscription::recv`].
+    pub fn ready(&self) -> impl Future<Output = ()> + Send + use<> {
+        let mut rx = self.entry.shared.ready.subscribe();
+        async move {
+            let _ = rx.wait_for(|ready| *ready).await;
+        }
+    }
+
+    /// The cached value of `key` (which must be under the prefix).
+    pub fn get(&self, key: &str) -> Option<KeyValue> {
+        self.store().kvs.get(key).cloned()
+    }
+
+    /// Every cached key under the prefix, in key order.
+    pub fn list(&self) -> Vec<KeyValue> {
+        self.store().kvs.values().cloned().collect()
+    }
+
+    /// The revision the cache has caught up to.
+    pub fn revision(&self) -> i64 {
+        self.store().revision
+    }
+
+    /// Watch stream reconnects and compaction re-lists so far.
+    pub fn stats(&self) -> &WatchStats {
+        &self.entry.shared.stats
+    }
+
+    /// The next change under the prefix.
+    pub async fn recv(&mut self) -> CacheEvent {
+        match self.events.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(_)) => CacheEvent::Lagged,
+            // The sender lives as long as this subscription's entry.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+
+    fn store(&self) -> std::sync::RwLockReadGuard<'_, Store> {
+        self.entry
+            .shared
+            .store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn feed(mut watcher: PrefixWatcher, shared: Arc<Shared>) {
+    loop {
+        let event = watcher.next().await;
+        let (revision, changes) = {
+            let mut store = shared.store.write().unwrap_or_else(|p| p.into_inner());
+            match event {
+                WatchEvent::Reset(snapshot) => {
+                    let fresh: BTreeMap<String, KeyValue> = snapshot
+                        .kvs
+                        .into_iter()
+                        .map(|kv| (kv.key.clone(), kv))
+                        .collect();
+                    let changes = diff(&store.kvs, &fresh, snapshot.revision);
+                    store.kvs = fresh;
+                    store.revision = snapshot.revision;
+                    (snapshot.revision, changes)
+                }
+                WatchEvent::Changes { revision, changes } => {
+                    for change in &changes {
+                        match change {
+                            Change::Put(kv) => {
+                                store.kvs.insert(kv.key.clone(), kv.clone());
+                            }
+                            Change::Delete { key, .. } => {
+                                store.kvs.remove(key);
+                            }
+                        }
+                    }
+                    store.revision = revision;
+                    (revision, changes)
+                }
+            }
+        };
+        shared.ready.send_replace(true);
+        if !changes.is_empty() {
+            // No receivers is fine: nobody is listening right now.
+            let _ = shared.events.send(CacheEvent::Changed {
+                revision,
+                changes: changes.into(),
+            });
+        }
+    }
+}
+
+/// What changed between two listings, as puts and deletes.
+fn diff(
+    old: &BTreeMap<String, KeyValue>,
+    new: &BTreeMap<String, KeyValue>,
+    revision: i64,
+) -> Vec<Change> {
+    let deleted = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|key| Change::Delete {
+            key: key.clone(),
+            revision,
+        });
+    let put = new
+        .iter()
+        .filter(|(k, kv)| old.get(*k) != Some(kv))
+        .map(|(_, kv)| Change::Put(kv.clone()));
+    deleted.chain(put).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str, rev: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.into(),
+            create_revision: rev,
+            mod_revision: rev,
+            version: 1,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn relist_diff_reports_deleted_changed_and_new_keys_only() {
+        let old: BTreeMap<_, _> = [kv("a", "1", 1), kv("b", "1", 2), kv("c", "1", 3)]
+            .into_iter()
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
+        let new: BTreeMap<_, _> = [kv("b", "1", 2), kv("c", "2", 5), kv("d", "1", 6)]
+            .into_iter()
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
+        let changes = diff(&old, &new, 6);
+        let keys: Vec<_> = changes.iter().map(|c| c.key().to_owned()).collect();
+        assert_eq!(keys, ["a", "c", "d"]);
+        assert!(matches!(changes[0], Change::Delete { .. }));
+    }
+}

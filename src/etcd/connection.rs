@@ -1,0 +1,414 @@
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, ConnectOptions as RawOptions, DeleteOptions, GetOptions, Identity, PutOptions,
+    TlsOptions,
+};
+
+use tokio::sync::OnceCell;
+use tracing::debug;
+
+use super::Error;
+
+/// Default time allowed to open a connection to one endpoint.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for one unary request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach etcd: endpoints, timeouts, TLS and credentials.
+///
+/// ```
+/// use coord::etcd::ConnectOptions;
+/// let opts = ConnectOptions::new(vec!["http://127.0.0.1:2379".into()]);
+/// assert_eq!(opts.endpoints.len(), 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    pub endpoints: Vec<String>,
+    pub dial_timeout: Duration,
+    pub request_timeout: Duration,
+    pub tls: Option<TlsFiles>,
+    pub username: Option<String>,
+    pub password: Option<Password>,
+}
+
+impl ConnectOptions {
+    /// Options for `endpoints` with default timeouts, no TLS and no auth.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        ConnectOptions {
+            endpoints,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            tls: None,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+/// PEM files for TLS to etcd. Any may be absent: without `ca` the system
+/// roots are not consulted (etcd clusters use their own CA), so `ca` is
+/// needed for `https://` endpoints; `cert` and `key` go together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// A password that never shows up in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Password(secret.into())
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+/// The id of an etcd lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(pub i64);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // etcdctl and the etcd logs print lease ids in hex.
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// One key as etcd stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub lease: Option<LeaseId>,
+}
+
+impl KeyValue {
+    pub(crate) fn from_raw(kv: &etcd_client::KeyValue) -> Self {
+        KeyValue {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            version: kv.version(),
+            lease: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
+        }
+    }
+
+    /// The value as text (lossy for values that are not UTF-8).
+    pub fn value_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.value)
+    }
+}
+
+/// The keys under a prefix at one revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub revision: i64,
+    pub kvs: Vec<KeyValue>,
+}
+
+/// A connection to an etcd cluster, cheap to clone.
+///
+/// Each endpoint gets its own connection, opened lazily. Requests go to the
+/// endpoint that last answered; when it cannot be reached (or has no
+/// leader), the request moves on to the next endpoint within the same
+/// timeout. (tonic's balanced channel keeps routing to a dead member, so
+/// failover is done here.) Unary requests are bounded by the request
+/// timeout; streams (watches and keepalives) are not, because they are
+/// meant to live long. Every request carries the "require leader" flag so
+/// that a member cut off from the majority fails fast instead of hanging.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    endpoints: Vec<Endpoint>,
+    preferred: AtomicUsize,
+    options: RawOptions,
+    request_timeout: Duration,
+}
+
+struct Endpoint {
+    url: String,
+    client: OnceCell<etcd_client::Client>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.endpoints())
+            .finish_non_exhaustive()
+    }
+}
+
+/// gRPC's UNAVAILABLE: the request did not reach a member that could serve
+/// it (connection refused, member without a leader), so another member may.
+const GRPC_UNAVAILABLE: i32 = 14;
+
+fn worth_another_endpoint(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => i32::from(status.code()) == GRPC_UNAVAILABLE,
+        _ => false,
+    }
+}
+
+impl Client {
+    /// Prepares connections to every endpoint; nothing is dialled until
+    /// the first request, so this succeeds while etcd is down.
+    pub async fn connect(opts: &ConnectOptions) -> Result<Client, Error> {
+        if opts.endpoints.is_empty() {
+            return Err(Error::Config("no endpoints given".into()));
+        }
+        let mut raw = RawOptions::new()
+            .with_connect_timeout(opts.dial_timeout)
+            .with_require_leader(true)
+            // Dead TCP connections (a partitioned member) are found by HTTP/2
+            // pings; etcd refuses pings more often than every 5s.
+            .with_keep_alive(Duration::from_secs(10), opts.dial_timeout)
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &opts.tls {
+            raw = raw.with_tls(tls_options(tls)?);
+        }
+        match (&opts.username, &opts.password) {
+            (Some(user), Some(password)) => {
+                raw = raw
+                    .with_user(user.clone(), password.expose())
+                    .with_auto_token_refresh(true);
+            }
+            (Some(_), None) => {
+                return Err(Error::Config("a username needs a password".into()));
+            }
+            (None, Some(_)) => {
+                return Err(Error::Config("a password needs a username".into()));
+            }
+            (None, None) => {}
+        }
+        for url in &opts.endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::Config(format!(
+                    "endpoint `{url}` must start with http:// or https://"
+                )));
+            }
+        }
+        Ok(Client {
+            shared: Arc::new(Shared {
+                endpoints: opts
+                    .endpoints
+                    .iter()
+                    .map(|url| Endpoint {
+                        url: url.clone(),
+                        client: OnceCell::new(),
+                    })
+                    .collect(),
+                preferred: AtomicUsize::new(0),
+                options: raw,
+                request_timeout: opts.request_timeout,
+            }),
+        })
+    }
+
+    /// The endpoints this client was built with.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.shared
+            .endpoints
+            .iter()
+            .map(|e| e.url.clone())
+            .collect()
+    }
+
+    /// The time allowed for one unary request.
+    pub fn request_timeout(&self) -> Duration {
+        self.shared.request_timeout
+    }
+
+    async fn endpoint(&self, i: usize) -> Result<etcd_client::Client, etcd_client::Error> {
+        let ep = &self.shared.endpoints[i];
+        ep.client
+            .get_or_try_init(|| {
+                etcd_client::Client::connect([ep.url.as_str()], Some(self.shared.options.clone()))
+            })
+            .await
+            .cloned()
+    }
+
+    /// Runs one request under the request timeout, moving on to the next
+    /// endpoint when one cannot serve it.
+    pub(crate) async fn unary<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, Error>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.unary_within(op, self.shared.request_timeout, f).await
+    }
+
+    pub(crate) async fn unary_within<T, F, Fut>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let n = self.shared.endpoints.len();
+        let mut last: Option<etcd_client::Error> = None;
+        for round in 1u64.. {
+            let start = self.shared.preferred.load(Ordering::Relaxed);
+            for step in 0..n {
+                let i = (start + step) % n;
+                let attempt = async {
+                    let c = self.endpoint(i).await?;
+                    f(c).await
+                };
+                match tokio::time::timeout_at(deadline, attempt).await {
+                    Err(_) => break,
+                    Ok(Ok(v)) => {
+                        self.shared.preferred.store(i, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Ok(Err(e)) if worth_another_endpoint(&e) => {
+                        debug!(endpoint = %self.shared.endpoints[i].url, op, error = %e, "Endpoint cannot serve; trying the next.");
+                        self.shared.preferred.store((i + 1) % n, Ordering::Relaxed);
+                        last = Some(e);
+                    }
+                    Ok(Err(e)) => return Err(Error::Request { op, source: e }),
+                }
+            }
+            // No endpoint could serve: wait a little (a leader election
+            // takes about a second) and go round again while time lasts.
+            let pause = Duration::from_millis(50 * round.min(10));
+            if tokio::time::Instant::now() + pause >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+        }
+        Err(match last {
+            Some(source) => Error::Request { op, source },
+            None => Error::Timeout { op, timeout },
+        })
+    }
+
+    /// Reads one key.
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, Error> {
+        let resp = self
+            .unary("get", |mut c| async move { c.get(key, None).await })
+            .await?;
+        Ok(resp.kvs().first().map(KeyValue::from_raw))
+    }
+
+    /// Reads every key under `prefix` at one revision.
+    pub async fn get_prefix(&self, prefix: &str) -> Result<Snapshot, Error> {
+        let resp = self
+            .unary("get prefix", |mut c| async move {
+                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        Ok(Snapshot {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            kvs: resp.kvs().iter().map(KeyValue::from_raw).collect(),
+        })
+    }
+
+    /// Writes `value` at `key`, attached to `lease` if given. Returns the
+    /// revision of the write.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        lease: Option<LeaseId>,
+    ) -> Result<i64, Error> {
+        let value = value.into();
+        let opts = lease.map(|l| PutOptions::new().with_lease(l.0));
+        let resp = self
+            .unary("put", |mut c| {
+                let (value, opts) = (value.clone(), opts.clone());
+                async move { c.put(key, value, opts).await }
+            })
+            .await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Deletes one key; returns how many keys were deleted (0 or 1).
+    pub async fn delete(&self, key: &str) -> Result<i64, Error> {
+        let resp = self
+            .unary("delete", |mut c| async move { c.delete(key, None).await })
+            .await?;
+        Ok(resp.deleted())
+    }
+
+    /// Deletes every key under `prefix`; returns how many were deleted.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<i64, Error> {
+        let resp = self
+            .unary("delete prefix", |mut c| async move {
+                c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                    .await
+            })
+            .await?;
+        Ok(resp.deleted())
+    }
+
+    /// Compacts the key history up to `revision`, as an operator (or etcd's
+    /// auto-compaction) would.
+    pub async fn compact(&self, revision: i64) -> Result<(), Error> {
+        self.unary(
+            "compact",
+            |mut c| async move { c.compact(revision, None).await },
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn tls_options(files: &TlsFiles) -> Result<TlsOptions, Error> {
+    let read = |what: &'static str, path: &PathBuf| {
+        std::fs::read(path).map_err(|source| Error::ReadFile {
+            what,
+            path: path.clone(),
+            source,
+        })
+    };
+    let mut tls = TlsOptions::new();
+    if let Some(ca) = &files.ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read("the TLS CA certificate", ca)?));
+    }
+    match (&files.cert, &files.key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(Identity::from_pem(
+                read("the TLS client certificate", cert)?,
+                read("the TLS client key", key)?,
+            ));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Config(
+                "a TLS client certificate and key go together: give both or neither".into(),
+            ));
+        }
+    }
+    Ok(tls)
+}

@@ -1,0 +1,388 @@
+//! Local etcd processes on free loopback ports: for `coord dev`, the
+//! integration tests and the benchmarks.
+//!
+//! The processes are killed when their handle is dropped, so a panicking
+//! test never leaves an etcd behind.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use super::{Client, ConnectOptions};
+
+/// How long a fresh etcd may take to become healthy.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a local etcd could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalEtcdError {
+    #[error(
+        "etcd was not found (looked for `{0}`). Install it with `sudo apt-get install etcd-server` \
+         on Debian/Ubuntu, or point ETCD_BIN at an etcd binary"
+    )]
+    NotInstalled(String),
+    #[error("failed to prepare the etcd data directory `{path}`: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to start etcd `{bin}`: {source}")]
+    Spawn {
+        bin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "etcd member `{name}` did not become healthy within {timeout:?}; its log is at `{log}`"
+    )]
+    Unhealthy {
+        name: String,
+        timeout: Duration,
+        log: PathBuf,
+    },
+}
+
+/// The etcd binary to run: `ETCD_BIN`, or `etcd` from `PATH`.
+pub fn etcd_binary() -> Result<PathBuf, LocalEtcdError> {
+    let name = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_owned());
+    let candidate = Path::new(&name);
+    if candidate.components().count() > 1 {
+        return if candidate.is_file() {
+            Ok(candidate.to_owned())
+        } else {
+            Err(LocalEtcdError::NotInstalled(name))
+        };
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(&name))
+        .find(|p| p.is_file())
+        .ok_or(LocalEtcdError::NotInstalled(name))
+}
+
+/// One etcd member process.
+#[derive(Debug)]
+pub struct Member {
+    name: String,
+    client_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the process (SIGSTOP): connections stay open but nothing
+    /// answers, like a hung or partitioned member.
+    pub fn pause(&mut self) {
+        self.send(Signal::SIGSTOP);
+    }
+
+    /// Thaws a paused process (SIGCONT).
+    pub fn resume(&mut self) {
+        self.send(Signal::SIGCONT);
+    }
+
+    fn send(&mut self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
+    /// Starts the process again with the same ports and data.
+    pub fn restart(&mut self) -> Result<(), LocalEtcdError> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Wipes the data directory: the member comes back as a brand-new
+    /// cluster that has lost everything (only meaningful for one member).
+    pub fn wipe_data(&mut self) -> Result<(), LocalEtcdError> {
+        self.kill();
+        std::fs::remove_dir_all(&self.data_dir)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|source| LocalEtcdError::DataDir {
+                path: self.data_dir.clone(),
+                source,
+            })
+    }
+
+    fn spawn(&mut self) -> Result<(), LocalEtcdError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|source| LocalEtcdError::DataDir {
+                path: self.log.clone(),
+                source,
+            })?;
+        let log2 = log.try_clone().map_err(|source| LocalEtcdError::DataDir {
+            path: self.log.clone(),
+            source,
+        })?;
+        // Its own process group: a Ctrl-C meant for `coord dev` must not
+        // kill etcd before the agent has revoked its lease.
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|source| LocalEtcdError::Spawn {
+                bin: self.bin.display().to_string(),
+                source,
+            })?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until this member answers a linearizable read (so it has a
+    /// leader and has caught up).
+    pub async fn wait_healthy(&mut self) -> Result<(), LocalEtcdError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut opts = ConnectOptions::new(vec![self.endpoint()]);
+        opts.dial_timeout = Duration::from_millis(500);
+        opts.request_timeout = Duration::from_secs(1);
+        while Instant::now() < deadline && self.is_running() {
+            if let Ok(client) = Client::connect(&opts).await
+                && client.get("/coord-health-probe").await.is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(LocalEtcdError::Unhealthy {
+            name: self.name.clone(),
+            timeout: START_TIMEOUT,
+            log: self.log.clone(),
+        })
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A single-member etcd, for tests and `coord dev`.
+#[derive(Debug)]
+pub struct LocalEtcd {
+    cluster: LocalCluster,
+}
+
+impl LocalEtcd {
+    /// Starts one member with its data in a fresh temporary directory.
+    pub async fn start() -> Result<LocalEtcd, LocalEtcdError> {
+        Ok(LocalEtcd {
+            cluster: LocalCluster::start(1).await?,
+        })
+    }
+
+    /// Starts one member with its data under `dir` (kept after exit).
+    pub async fn start_in(dir: &Path) -> Result<LocalEtcd, LocalEtcdError> {
+        Ok(LocalEtcd {
+            cluster: LocalCluster::start_in(1, dir.to_owned(), None).await?,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.cluster.members[0].endpoint()
+    }
+
+    pub fn member(&mut self) -> &mut Member {
+        &mut self.cluster.members[0]
+    }
+
+    /// Connection options for this member.
+    pub fn connect_options(&self) -> ConnectOptions {
+        self.cluster.connect_options()
+    }
+
+    /// A client connected to this member.
+    pub async fn client(&self) -> Client {
+        self.cluster.client().await
+    }
+}
+
+/// A cluster of local etcd members on loopback.
+#[derive(Debug)]
+pub struct LocalCluster {
+    members: Vec<Member>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl LocalCluster {
+    /// Starts `size` members with their data in a fresh temporary directory.
+    pub async fn start(size: usize) -> Result<LocalCluster, LocalEtcdError> {
+        let tmp = tempfile::Builder::new()
+            .prefix("coord-etcd-")
+            .tempdir()
+            .map_err(|source| LocalEtcdError::DataDir {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let dir = tmp.path().to_owned();
+        Self::start_in(size, dir, Some(tmp)).await
+    }
+
+    async fn start_in(
+        size: usize,
+        dir: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+    ) -> Result<LocalCluster, LocalEtcdError> {
+        let bin = etcd_binary()?;
+        std::fs::create_dir_all(&dir).map_err(|source| LocalEtcdError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+        // Free ports are picked by binding to port 0; another process can
+        // take one before etcd binds it, so a failed start is retried.
+        let mut last_err = None;
+        for _attempt in 0..3 {
+            let mut members = plan(size, &dir, &bin);
+            for m in &mut members {
+                m.spawn()?;
+            }
+            let mut failed = None;
+            for m in &mut members {
+                if let Err(e) = m.wait_healthy().await {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            match failed {
+                None => {
+                    return Ok(LocalCluster { members, _tmp: tmp });
+                }
+                Some(e) => {
+                    drop(members);
+                    for i in 0..size {
+                        let _ = std::fs::remove_dir_all(dir.join(format!("m{i}.etcd")));
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or(LocalEtcdError::NotInstalled("etcd".into())))
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Member::endpoint).collect()
+    }
+
+    pub fn member(&mut self, i: usize) -> &mut Member {
+        &mut self.members[i]
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Connection options listing every member.
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions::new(self.endpoints())
+    }
+
+    /// A client connected to every member.
+    ///
+    /// # Panics
+    /// If the connection cannot be set up (connecting is lazy, so only on
+    /// invalid options, which cannot happen here).
+    pub async fn client(&self) -> Client {
+        match Client::connect(&self.connect_options()).await {
+            Ok(c) => c,
+            Err(e) => panic!("failed to connect to the local etcd: {e}"),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn plan(size: usize, dir: &Path, bin: &Path) -> Vec<Member> {
+    let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+    let initial_cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let token = format!("coord-{}", std::process::id());
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, &(client_port, peer_port))| {
+            let name = format!("m{i}");
+            let data_dir = dir.join(format!("{name}.etcd"));
+            let args = vec![
+                format!("--name={name}"),
+                format!("--data-dir={}", data_dir.display()),
+                format!("--listen-client-urls=http://127.0.0.1:{client_port}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{client_port}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-cluster={initial_cluster}"),
+                "--initial-cluster-state=new".to_owned(),
+                format!("--initial-cluster-token={token}"),
+                "--log-level=warn".to_owned(),
+                "--logger=zap".to_owned(),
+            ];
+            Member {
+                log: dir.join(format!("{name}.log")),
+                name,
+                client_port,
+                data_dir,
+                args,
+                bin: bin.to_owned(),
+                child: None,
+            }
+        })
+        .collect()
+}

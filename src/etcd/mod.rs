@@ -1,0 +1,23 @@
+//! The etcd layer: connection, session lease, watcher and read cache.
+//!
+//! This is the only part of coord that talks to etcd directly (and the only
+//! module that imports `etcd_client`). Everything above it — the primitives,
+//! the agent and the CLI — goes through these types.
+
+mod backoff;
+mod cache;
+mod connection;
+mod error;
+pub mod local;
+mod session;
+mod watcher;
+
+pub use backoff::Backoff;
+pub use cache::{Cache, CacheEvent, Subscription};
+pub use connection::{
+    Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KeyValue, LeaseId,
+    Password, Snapshot, TlsFiles,
+};
+pub use error::Error;
+pub use session::{Session, SessionState};
+pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};

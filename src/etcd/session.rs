@@ -1,0 +1,300 @@
+//! One lease per agent, kept alive, with a local deadline.
+//!
+//! The local deadline is `time the keepalive was sent + TTL granted`. The
+//! server can only have received that keepalive after it was sent, so its
+//! own expiry is never earlier than our deadline: when the deadline passes we
+//! *must* assume the lease is gone, even though etcd may not know yet. That is
+//! what lets lock-guarded commands be stopped before anyone else can take the
+//! lock.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Backoff, Client, Error, LeaseId};
+
+/// What the session knows about its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// No lease yet: etcd has not answered the first grant.
+    Pending,
+    /// The lease is ours at least until `deadline` (local clock).
+    Alive { lease: LeaseId, deadline: Instant },
+    /// The lease may be gone; a new one is being requested.
+    Lost { lease: LeaseId },
+    /// The session was closed and its lease revoked (or left to expire).
+    Closed,
+}
+
+impl SessionState {
+    /// The lease, while it is alive.
+    pub fn lease(&self) -> Option<LeaseId> {
+        match self {
+            SessionState::Alive { lease, .. } => Some(*lease),
+            _ => None,
+        }
+    }
+}
+
+/// The agent's lease, kept alive in the background.
+///
+/// ```no_run
+/// # async fn demo(client: coord::etcd::Client) {
+/// use std::time::Duration;
+/// let session = coord::etcd::Session::start(client, Duration::from_secs(10));
+/// let lease = session.wait_alive().await;
+/// // … attach keys to `lease` …
+/// session.close().await;
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Session {
+    state: watch::Receiver<SessionState>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Session {
+    /// Starts granting and renewing a lease of `ttl` (whole seconds, at
+    /// least 2: etcd's minimum).
+    pub fn start(client: Client, ttl: Duration) -> Session {
+        let (tx, rx) = watch::channel(SessionState::Pending);
+        let cancel = CancellationToken::new();
+        let keeper = Keeper {
+            client,
+            ttl_secs: ttl.as_secs().max(2) as i64,
+            state: tx,
+            cancel: cancel.clone(),
+        };
+        let task = tokio::spawn(keeper.run());
+        Session {
+            state: rx,
+            cancel,
+            task,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> SessionState {
+        *self.state.borrow()
+    }
+
+    /// A receiver that sees every state change (and every renewal).
+    pub fn subscribe(&self) -> watch::Receiver<SessionState> {
+        self.state.clone()
+    }
+
+    /// Waits until a lease is alive and returns it.
+    pub async fn wait_alive(&self) -> LeaseId {
+        let mut rx = self.state.clone();
+        loop {
+            if let Some(lease) = rx.borrow_and_update().lease() {
+                return lease;
+            }
+            if rx.changed().await.is_err() {
+                // The keeper only stops when closed; there will never be a lease.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Stops renewing and revokes the lease at once, so that everything
+    /// attached to it disappears now rather than after the TTL.
+    pub async fn close(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+struct Keeper {
+    client: Client,
+    ttl_secs: i64,
+    state: watch::Sender<SessionState>,
+    cancel: CancellationToken,
+}
+
+enum Ended {
+    Shutdown,
+    Lost(&'static str),
+}
+
+impl Keeper {
+    async fn run(self) {
+        let mut previous: Option<LeaseId> = None;
+        loop {
+            let Some((lease, deadline)) = self.grant().await else {
+                self.state.send_replace(SessionState::Closed);
+                return;
+            };
+            info!(lease = %lease, ttl_s = self.ttl_secs, "Session lease granted.");
+            if let Some(old) = previous.take() {
+                // The old lease may still live on the server (we lost touch,
+                // not etcd). Revoke it so what hung off it goes now.
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    if revoke(&client, old).await.is_ok() {
+                        debug!(lease = %old, "Stale session lease revoked.");
+                    }
+                });
+            }
+            self.state
+                .send_replace(SessionState::Alive { lease, deadline });
+            match self.keep_alive(lease, deadline).await {
+                Ended::Shutdown => {
+                    match revoke(&self.client, lease).await {
+                        Ok(()) => info!(lease = %lease, "Session lease revoked."),
+                        Err(e) => {
+                            warn!(lease = %lease, error = %e, "Could not revoke the session lease; it expires after its TTL.")
+                        }
+                    }
+                    self.state.send_replace(SessionState::Closed);
+                    return;
+                }
+                Ended::Lost(why) => {
+                    warn!(lease = %lease, reason = why, "Session lease lost.");
+                    self.state.send_replace(SessionState::Lost { lease });
+                    previous = Some(lease);
+                }
+            }
+        }
+    }
+
+    /// Grants a lease, retrying with backoff until etcd answers. `None` on
+    /// shutdown.
+    async fn grant(&self) -> Option<(LeaseId, Instant)> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let sent = Instant::now();
+            let ttl = self.ttl_secs;
+            let attempt = self.client.unary("lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            });
+            let result = tokio::select! {
+                _ = self.cancel.cancelled() => return None,
+                r = attempt => r,
+            };
+            match result {
+                Ok(resp) => {
+                    let granted = Duration::from_secs(resp.ttl().max(0) as u64);
+                    return Some((LeaseId(resp.id()), sent + granted));
+                }
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?wait, "Could not grant a session lease.");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn keep_alive(&self, lease: LeaseId, mut deadline: Instant) -> Ended {
+        let ttl = Duration::from_secs(self.ttl_secs as u64);
+        let interval = ttl / 3;
+        // After a broken stream, try again soon (another endpoint may answer)
+        // but not in a hot loop.
+        let retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
+        let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
+            None;
+        let mut in_flight: VecDeque<Instant> = VecDeque::new();
+        let mut next_ping = Instant::now() + interval;
+        loop {
+            let message = async {
+                match stream.as_mut() {
+                    Some((_, s)) => s.message().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ended::Shutdown,
+                _ = sleep_until(deadline) => {
+                    return Ended::Lost("no keepalive answer before the local deadline");
+                }
+                _ = sleep_until(next_ping) => {
+                    if stream.is_none() {
+                        // Opening the stream sends a keepalive and waits for
+                        // its answer, so a successful open is a renewal.
+                        let opened_at = Instant::now();
+                        match self.open(lease, deadline).await {
+                            Ok(s) => {
+                                stream = Some(s);
+                                in_flight.clear();
+                                deadline = deadline.max(opened_at + ttl);
+                                self.state.send_replace(SessionState::Alive { lease, deadline });
+                                next_ping = opened_at + interval;
+                            }
+                            Err(Error::Request { source: etcd_client::Error::LeaseKeepAliveError(_), .. }) => {
+                                return Ended::Lost("etcd says the lease has expired");
+                            }
+                            Err(e) => {
+                                debug!(lease = %lease, error = %e, "Could not open the keepalive stream.");
+                                next_ping = Instant::now() + retry;
+                            }
+                        }
+                        continue;
+                    }
+                    let sent = Instant::now();
+                    let Some((keeper, _)) = stream.as_mut() else { continue };
+                    if let Err(e) = keeper.keep_alive().await {
+                        debug!(lease = %lease, error = %e, "Keepalive send failed.");
+                        stream = None;
+                        next_ping = Instant::now() + retry;
+                        continue;
+                    }
+                    in_flight.push_back(sent);
+                    // An unanswered ping is retried sooner than a regular one.
+                    next_ping = if in_flight.len() > 1 { sent + retry } else { sent + interval };
+                }
+                msg = message => match msg {
+                    Ok(Some(resp)) => {
+                        let sent = in_flight.pop_front().unwrap_or_else(Instant::now);
+                        if resp.ttl() <= 0 {
+                            return Ended::Lost("etcd says the lease has expired");
+                        }
+                        deadline = deadline.max(sent + Duration::from_secs(resp.ttl() as u64));
+                        self.state.send_replace(SessionState::Alive { lease, deadline });
+                        if in_flight.is_empty() {
+                            next_ping = sent + interval;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        debug!(lease = %lease, "Keepalive stream closed; reopening.");
+                        stream = None;
+                        next_ping = Instant::now() + retry;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn open(
+        &self,
+        lease: LeaseId,
+        deadline: Instant,
+    ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), Error> {
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.client.request_timeout());
+        self.client
+            .unary_within("lease keepalive", budget, |mut c| async move {
+                c.lease_keep_alive(lease.0).await
+            })
+            .await
+    }
+}
+
+async fn revoke(client: &Client, lease: LeaseId) -> Result<(), Error> {
+    client
+        .unary("lease revoke", |mut c| async move {
+            c.lease_revoke(lease.0).await
+        })
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,215 @@
+//! Get-then-watch over one prefix, resuming after disconnects and re-listing
+//! after compaction.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions, WatchStream};
+use tracing::{debug, info, warn};
+
+use super::{Backoff, Client, KeyValue, Snapshot};
+
+/// One change to one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put(KeyValue),
+    Delete { key: String, revision: i64 },
+}
+
+impl Change {
+    pub fn key(&self) -> &str {
+        match self {
+            Change::Put(kv) => &kv.key,
+            Change::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// What a [`PrefixWatcher`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A complete listing of the prefix: the first read, or a re-list after
+    /// the watch fell behind a compaction. Replaces everything known before.
+    Reset(Snapshot),
+    /// Changes at `revision`, in order.
+    Changes { revision: i64, changes: Vec<Change> },
+}
+
+/// Counters a watcher keeps about its own health.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    reconnects: AtomicU64,
+    relists: AtomicU64,
+}
+
+impl WatchStats {
+    /// Watch streams opened again after an error, a disconnect or a
+    /// re-list.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Full re-lists after the watch fell behind a compaction.
+    pub fn relists(&self) -> u64 {
+        self.relists.load(Ordering::Relaxed)
+    }
+}
+
+/// Follows every key under a prefix, without ever missing a change.
+///
+/// It reads the prefix, then watches from the next revision; after a
+/// disconnect it resumes from the last revision it saw, so nothing is missed
+/// or repeated; when that revision has been compacted away it reads the
+/// prefix again and yields a [`WatchEvent::Reset`].
+#[derive(Debug)]
+pub struct PrefixWatcher {
+    client: Client,
+    prefix: String,
+    /// Last revision fully seen; `None` until the first listing.
+    revision: Option<i64>,
+    stream: Option<WatchStream>,
+    /// Whether a watch stream was ever opened (later opens are reconnects).
+    opened: bool,
+    backoff: Backoff,
+    stats: Arc<WatchStats>,
+}
+
+impl PrefixWatcher {
+    pub fn new(client: Client, prefix: impl Into<String>) -> Self {
+        PrefixWatcher {
+            client,
+            prefix: prefix.into(),
+            revision: None,
+            stream: None,
+            opened: false,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(3)),
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn stats(&self) -> Arc<WatchStats> {
+        self.stats.clone()
+    }
+
+    /// The next event. Retries forever on errors: it returns only with
+    /// something to apply. Cancel-safe only between events (drop the watcher
+    /// to stop it).
+    pub async fn next(&mut self) -> WatchEvent {
+        loop {
+            let Some(revision) = self.revision else {
+                match self.client.get_prefix(&self.prefix).await {
+                    Ok(snapshot) => {
+                        self.revision = Some(snapshot.revision);
+                        self.stream = None;
+                        self.backoff.reset();
+                        return WatchEvent::Reset(snapshot);
+                    }
+                    Err(e) => {
+                        let wait = self.backoff.next_delay();
+                        warn!(prefix = %self.prefix, error = %e, retry_in = ?wait, "Could not list the prefix.");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            };
+            let stream = match self.stream.as_mut() {
+                Some(s) => s,
+                None => match self.open(revision + 1).await {
+                    Ok(s) => {
+                        if self.opened {
+                            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.opened = true;
+                        self.stream.insert(s)
+                    }
+                    Err(e) => {
+                        let wait = self.backoff.next_delay();
+                        debug!(prefix = %self.prefix, error = %e, retry_in = ?wait, "Could not open the watch.");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                },
+            };
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.compact_revision() > 0 {
+                        info!(prefix = %self.prefix, from = revision + 1, compacted = resp.compact_revision(), "Watch fell behind a compaction; listing again.");
+                        self.stats.relists.fetch_add(1, Ordering::Relaxed);
+                        self.revision = None;
+                        self.stream = None;
+                        continue;
+                    }
+                    if resp.canceled() {
+                        debug!(prefix = %self.prefix, reason = resp.cancel_reason(), "Watch canceled by etcd; reopening.");
+                        self.reconnect().await;
+                        continue;
+                    }
+                    self.backoff.reset();
+                    if resp.events().is_empty() {
+                        // Creation or progress notice. The creation header's
+                        // revision may run ahead of events still to come, so
+                        // it is not a safe resume point.
+                        continue;
+                    }
+                    let mut last = revision;
+                    let changes = resp
+                        .events()
+                        .iter()
+                        .filter_map(|ev| {
+                            let kv = ev.kv()?;
+                            last = last.max(kv.mod_revision());
+                            Some(match ev.event_type() {
+                                EventType::Put => Change::Put(KeyValue::from_raw(kv)),
+                                EventType::Delete => Change::Delete {
+                                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                    revision: kv.mod_revision(),
+                                },
+                            })
+                        })
+                        .collect();
+                    self.revision = Some(last);
+                    return WatchEvent::Changes {
+                        revision: last,
+                        changes,
+                    };
+                }
+                Ok(None) => {
+                    debug!(prefix = %self.prefix, "Watch stream ended; resuming.");
+                    self.reconnect().await;
+                }
+                Err(e) => {
+                    debug!(prefix = %self.prefix, error = %e, "Watch stream failed; resuming.");
+                    self.reconnect().await;
+                }
+            }
+        }
+    }
+
+    async fn reconnect(&mut self) {
+        self.stream = None;
+        tokio::time::sleep(self.backoff.next_delay()).await;
+    }
+
+    async fn open(&self, start: i64) -> Result<WatchStream, super::Error> {
+        let prefix = self.prefix.as_str();
+        self.client
+            .unary("watch", |mut c| async move {
+                c.watch(
+                    prefix,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(start)
+                            .with_progress_notify(),
+                    ),
+                )
+                .await
+            })
+            .await
+    }
+}

@@ -1,0 +1,10 @@
+//! coord: hosts coordinating through etcd.
+//!
+//! The library is the etcd layer ([`etcd`]) and the primitives built on it
+//! ([`presence`], and with their issues registry, lock, config and ids).
+//! [`agent`] is the declarative layer on top: manifest, reconciler, hooks.
+//! The primitives know nothing of the agent.
+
+pub mod agent;
+pub mod etcd;
+pub mod presence;

@@ -1,0 +1,147 @@
+//! The `coord` command line as an operator uses it.
+
+use nix::sys::signal::Signal;
+
+use crate::support::{CoordProcess, coord, etcd, eventually, manifest, repo_root};
+
+#[test]
+fn check_accepts_the_example_manifest_and_summarises_it() {
+    let example = repo_root().join("agent.toml.example");
+    let (status, out, err) = coord(&["check", example.to_str().expect("utf-8")], None);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("example-agent"), "{out}");
+    assert!(out.contains("http://127.0.0.1:2379"), "{out}");
+}
+
+#[test]
+fn check_reports_three_located_mistakes_and_exits_64() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "[agent]\nttl = \"10 parsecs\"\nnmae = \"x\"\n\n[etcd]\nendpoints = \"http://127.0.0.1:2379\"\n",
+    )
+    .expect("write");
+    let (status, _, err) = coord(&["check", path.to_str().expect("utf-8")], None);
+    assert_eq!(status.code(), Some(64), "{err}");
+    let located: Vec<&str> = err.lines().filter(|l| l.contains("agent.toml:")).collect();
+    assert_eq!(located.len(), 3, "{err}");
+    assert!(located[0].contains("agent.toml:2:7: error:"), "{err}");
+    assert!(located[1].contains("agent.toml:3:1: error:"), "{err}");
+    assert!(located[2].contains("agent.toml:6:13: error:"), "{err}");
+}
+
+#[tokio::test]
+async fn run_with_a_bad_manifest_exits_64_and_touches_nothing() {
+    let etcd = etcd().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("agent.toml");
+    let text = manifest("web-01", &[etcd.endpoint()], 10).replace("ttl = \"10s\"", "ttl = 10");
+    std::fs::write(&path, text).expect("write");
+    let (status, _, err) = coord(&["run", path.to_str().expect("utf-8")], None);
+    assert_eq!(status.code(), Some(64), "{err}");
+    let client = etcd.client().await;
+    let everything = client.get_prefix("").await.expect("etcd answers");
+    assert!(
+        everything.kvs.is_empty(),
+        "something was written: {everything:?}"
+    );
+}
+
+#[tokio::test]
+async fn agents_lists_the_fleet_from_flags_or_from_a_manifest() {
+    let etcd = etcd().await;
+    let agent = CoordProcess::run(&manifest("web-01", &[etcd.endpoint()], 10));
+    let client = etcd.client().await;
+    eventually("presence", || async {
+        client.get("/coord/agents/web-01").await.ok().flatten()
+    })
+    .await;
+    let (status, out, err) = coord(&["agents", "--endpoints", &etcd.endpoint()], None);
+    assert!(status.success(), "{err}");
+    assert!(out.lines().any(|l| l.starts_with("web-01 ")), "{out}");
+    let path = agent.manifest_path();
+    let (status, out, err) = coord(
+        &[
+            "agents",
+            "--json",
+            "--manifest",
+            path.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    let line: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("one agent")).expect("JSON");
+    assert_eq!(line["name"], "web-01");
+    assert_eq!(line["record"]["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn dev_without_etcd_says_how_to_install_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::copy(
+        repo_root().join("agent.toml.example"),
+        dir.path().join("agent.toml.example"),
+    )
+    .expect("copy example");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .arg("dev")
+        .current_dir(dir.path())
+        .env("PATH", dir.path())
+        .env_remove("ETCD_BIN")
+        .output()
+        .expect("run coord dev");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("apt-get install etcd-server"), "{err}");
+    assert!(err.contains("ETCD_BIN"), "{err}");
+}
+
+#[tokio::test]
+async fn dev_runs_the_example_against_its_own_etcd_and_stops_cleanly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::copy(
+        repo_root().join("agent.toml.example"),
+        dir.path().join("agent.toml.example"),
+    )
+    .expect("copy example");
+    let log = dir.path().join("dev.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .arg("dev")
+        .current_dir(dir.path())
+        .stderr(file.try_clone().expect("log"))
+        .stdout(file)
+        .spawn()
+        .expect("spawn coord dev");
+    let endpoint = eventually("coord dev to start etcd", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("coord dev: etcd is up at "))
+            .map(str::to_owned)
+    })
+    .await;
+    eventually("the example agent in `coord agents`", || async {
+        let (status, out, _) = coord(&["agents", "--endpoints", &endpoint], None);
+        (status.success() && out.contains("example-agent")).then_some(())
+    })
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = eventually("coord dev to exit", || {
+        let status = child.try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("Session lease revoked"), "{text}");
+    assert!(
+        dir.path().join(".coord-dev").is_dir(),
+        "etcd data kept for the next run"
+    );
+}

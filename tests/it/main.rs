@@ -1,0 +1,15 @@
+//! Integration tests: one binary (so etcd helpers compile once), talking
+//! to real etcd processes started on free loopback ports.
+//!
+//! etcd must be installed (`apt-get install etcd-server`, or ETCD_BIN);
+//! without it every test here fails and says so.
+
+mod support;
+
+mod architecture;
+mod cache;
+mod cli;
+mod manifest;
+mod presence;
+mod reconcile;
+mod session;
