@@ -14,6 +14,10 @@ pub struct AgentRecord {
     pub manifest_hash: String,
     /// When the agent started, RFC 3339.
     pub started_at: String,
+    /// The host the agent runs on.
+    pub host: String,
+    /// The agent's process id on that host.
+    pub pid: u32,
 }
 
 /// A presence key as read back from etcd.
@@ -38,9 +42,69 @@ pub fn key(namespace: &str, name: &str) -> String {
 impl AgentRecord {
     /// The bytes stored in etcd.
     pub fn to_value(&self) -> Vec<u8> {
-        // Serialising a struct of strings cannot fail.
+        // Serialising a struct of strings and numbers cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// Whether `other` was written by the same agent process.
+    pub fn same_process(&self, other: &AgentRecord) -> bool {
+        (&self.host, self.pid, &self.started_at) == (&other.host, other.pid, &other.started_at)
+    }
+}
+
+/// What [`register`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// The key already held this record on this lease.
+    Unchanged,
+    /// The key was written.
+    Written,
+    /// The key is held on another lease by this same process: an older
+    /// session whose lease is being revoked or is expiring. It will go.
+    HeldByOldSession,
+    /// Another agent process holds the name (two hosts share a name).
+    HeldByOther(Agent),
+}
+
+/// Makes `<namespace>/agents/<name>` hold `record` on `lease`, without ever
+/// taking the name from another live agent: the key is created only if
+/// absent, and overwritten only if it is already on `lease`.
+///
+/// `observed` is what the caller last saw at the key (from a cache), so that
+/// nothing is written when nothing changed.
+pub async fn register(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    record: &AgentRecord,
+    lease: LeaseId,
+    observed: Option<&KeyValue>,
+) -> Result<Registration, Error> {
+    let key = key(namespace, name);
+    let value = record.to_value();
+    let holder = match observed {
+        Some(kv) if kv.lease == Some(lease) && kv.value == value => {
+            return Ok(Registration::Unchanged);
+        }
+        Some(kv) if kv.lease == Some(lease) => {
+            client.put(&key, value, Some(lease)).await?;
+            return Ok(Registration::Written);
+        }
+        Some(kv) => kv.clone(),
+        None => match client.put_if_absent(&key, value, Some(lease)).await? {
+            None => return Ok(Registration::Written),
+            Some(existing) => existing,
+        },
+    };
+    let other = Agent::from_kv(namespace, &holder).unwrap_or(Agent {
+        name: name.to_owned(),
+        record: None,
+        lease: holder.lease,
+    });
+    Ok(match &other.record {
+        Some(r) if r.same_process(record) => Registration::HeldByOldSession,
+        _ => Registration::HeldByOther(other),
+    })
 }
 
 impl Agent {

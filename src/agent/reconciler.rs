@@ -16,10 +16,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::etcd::{Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription};
-use crate::presence::{self, AgentRecord};
+use crate::presence::{self, AgentRecord, Registration};
 
 /// What the agent wants to exist in etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,20 +213,36 @@ impl Reconciler {
         match key {
             ResourceKey::Presence => {
                 let etcd_key = presence::key(&desired.namespace, &desired.agent);
-                let value = desired.record.to_value();
-                let observed = sub.get(&etcd_key);
-                if observed
-                    .as_ref()
-                    .is_some_and(|kv| kv.value == value && kv.lease == Some(lease))
-                {
-                    queue.succeeded(key);
-                    return;
-                }
-                match self.client.put(&etcd_key, value, Some(lease)).await {
-                    Ok(_) => {
+                let result = presence::register(
+                    &self.client,
+                    &desired.namespace,
+                    &desired.agent,
+                    &desired.record,
+                    lease,
+                    sub.get(&etcd_key).as_ref(),
+                )
+                .await;
+                match result {
+                    Ok(Registration::Unchanged) => queue.succeeded(key),
+                    Ok(Registration::Written) => {
                         info!(key = %etcd_key, lease = %lease, "Agent presence registered.");
                         self.stats.send_modify(|s| s.writes += 1);
                         queue.succeeded(key);
+                    }
+                    Ok(Registration::HeldByOldSession) => {
+                        // Its lease is being revoked or expires within the
+                        // TTL; the deletion will queue this again.
+                        let wait = queue.failed(key.clone());
+                        debug!(key = %etcd_key, retry_in = ?wait, "Presence still held by an old session of this agent.");
+                    }
+                    Ok(Registration::HeldByOther(other)) => {
+                        let wait = queue.failed(key.clone());
+                        let host = other
+                            .record
+                            .as_ref()
+                            .map_or("an unknown host", |r| r.host.as_str());
+                        error!(key = %etcd_key, holder_host = %host, retry_in = ?wait, "Another agent already uses this name; give each host its own [agent] name.");
+                        self.stats.send_modify(|s| s.failures += 1);
                     }
                     Err(e) => {
                         let wait = queue.failed(key.clone());

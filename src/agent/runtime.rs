@@ -99,6 +99,8 @@ fn desired_state(manifest: &Manifest, started_at: &str) -> Desired {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             manifest_hash: manifest.hash.clone(),
             started_at: started_at.to_owned(),
+            host: super::manifest::host_name(),
+            pid: std::process::id(),
         },
     }
 }

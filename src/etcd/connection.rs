@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, ConnectOptions as RawOptions, DeleteOptions, GetOptions, Identity, PutOptions,
-    TlsOptions,
+    Certificate, Compare, CompareOp, ConnectOptions as RawOptions, DeleteOptions, GetOptions,
+    Identity, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 use tokio::sync::OnceCell;
@@ -351,6 +351,36 @@ impl Client {
             })
             .await?;
         Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Writes `value` at `key` only if the key does not exist (its
+    /// `create_revision` is 0). Returns `None` when written, or the key that
+    /// is already there.
+    pub async fn put_if_absent(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        lease: Option<LeaseId>,
+    ) -> Result<Option<KeyValue>, Error> {
+        let value = value.into();
+        let opts = lease.map(|l| PutOptions::new().with_lease(l.0));
+        let resp = self
+            .unary("put if absent", |mut c| {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key, value.clone(), opts.clone())])
+                    .or_else([TxnOp::get(key, None)]);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if resp.succeeded() {
+            return Ok(None);
+        }
+        let existing = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(KeyValue::from_raw),
+            _ => None,
+        });
+        Ok(existing)
     }
 
     /// Deletes one key; returns how many keys were deleted (0 or 1).

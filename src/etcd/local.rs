@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
-use super::{Client, ConnectOptions};
+use super::{Client, ConnectOptions, TlsFiles};
 
 /// How long a fresh etcd may take to become healthy.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,18 +72,19 @@ pub fn etcd_binary() -> Result<PathBuf, LocalEtcdError> {
 #[derive(Debug)]
 pub struct Member {
     name: String,
-    client_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
     args: Vec<String>,
     bin: PathBuf,
     child: Option<Child>,
+    /// How clients reach this member (TLS files included).
+    connect: ConnectOptions,
 }
 
 impl Member {
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        self.connect.endpoints[0].clone()
     }
 
     pub fn name(&self) -> &str {
@@ -178,7 +179,7 @@ impl Member {
     /// leader and has caught up).
     pub async fn wait_healthy(&mut self) -> Result<(), LocalEtcdError> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut opts = ConnectOptions::new(vec![self.endpoint()]);
+        let mut opts = self.connect.clone();
         opts.dial_timeout = Duration::from_millis(500);
         opts.request_timeout = Duration::from_secs(1);
         while Instant::now() < deadline && self.is_running() {
@@ -220,7 +221,17 @@ impl LocalEtcd {
     /// Starts one member with its data under `dir` (kept after exit).
     pub async fn start_in(dir: &Path) -> Result<LocalEtcd, LocalEtcdError> {
         Ok(LocalEtcd {
-            cluster: LocalCluster::start_in(1, dir.to_owned(), None).await?,
+            cluster: LocalCluster::start_in(1, dir.to_owned(), None, None).await?,
+        })
+    }
+
+    /// Starts one member that serves clients over TLS only, and requires a
+    /// client certificate signed by `tls.ca`.
+    pub async fn start_tls(tls: LocalTls) -> Result<LocalEtcd, LocalEtcdError> {
+        let tmp = temp_dir()?;
+        let dir = tmp.path().to_owned();
+        Ok(LocalEtcd {
+            cluster: LocalCluster::start_in(1, dir, Some(tmp), Some(tls)).await?,
         })
     }
 
@@ -253,21 +264,16 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `size` members with their data in a fresh temporary directory.
     pub async fn start(size: usize) -> Result<LocalCluster, LocalEtcdError> {
-        let tmp = tempfile::Builder::new()
-            .prefix("coord-etcd-")
-            .tempdir()
-            .map_err(|source| LocalEtcdError::DataDir {
-                path: std::env::temp_dir(),
-                source,
-            })?;
+        let tmp = temp_dir()?;
         let dir = tmp.path().to_owned();
-        Self::start_in(size, dir, Some(tmp)).await
+        Self::start_in(size, dir, Some(tmp), None).await
     }
 
     async fn start_in(
         size: usize,
         dir: PathBuf,
         tmp: Option<tempfile::TempDir>,
+        tls: Option<LocalTls>,
     ) -> Result<LocalCluster, LocalEtcdError> {
         let bin = etcd_binary()?;
         std::fs::create_dir_all(&dir).map_err(|source| LocalEtcdError::DataDir {
@@ -278,7 +284,7 @@ impl LocalCluster {
         // take one before etcd binds it, so a failed start is retried.
         let mut last_err = None;
         for _attempt in 0..3 {
-            let mut members = plan(size, &dir, &bin);
+            let mut members = plan(size, &dir, &bin, tls.as_ref());
             for m in &mut members {
                 m.spawn()?;
             }
@@ -323,7 +329,9 @@ impl LocalCluster {
 
     /// Connection options listing every member.
     pub fn connect_options(&self) -> ConnectOptions {
-        ConnectOptions::new(self.endpoints())
+        let mut opts = self.members[0].connect.clone();
+        opts.endpoints = self.endpoints();
+        opts
     }
 
     /// A client connected to every member.
@@ -339,6 +347,27 @@ impl LocalCluster {
     }
 }
 
+/// Server-side TLS for a local etcd, and the client files that reach it.
+#[derive(Debug, Clone)]
+pub struct LocalTls {
+    /// The CA that signed both the server and client certificates.
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn temp_dir() -> Result<tempfile::TempDir, LocalEtcdError> {
+    tempfile::Builder::new()
+        .prefix("coord-etcd-")
+        .tempdir()
+        .map_err(|source| LocalEtcdError::DataDir {
+            path: std::env::temp_dir(),
+            source,
+        })
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -346,7 +375,8 @@ fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
-fn plan(size: usize, dir: &Path, bin: &Path) -> Vec<Member> {
+fn plan(size: usize, dir: &Path, bin: &Path, tls: Option<&LocalTls>) -> Vec<Member> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
     let initial_cluster = ports
         .iter()
@@ -361,11 +391,12 @@ fn plan(size: usize, dir: &Path, bin: &Path) -> Vec<Member> {
         .map(|(i, &(client_port, peer_port))| {
             let name = format!("m{i}");
             let data_dir = dir.join(format!("{name}.etcd"));
-            let args = vec![
+            let client_url = format!("{scheme}://127.0.0.1:{client_port}");
+            let mut args = vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", data_dir.display()),
-                format!("--listen-client-urls=http://127.0.0.1:{client_port}"),
-                format!("--advertise-client-urls=http://127.0.0.1:{client_port}"),
+                format!("--listen-client-urls={client_url}"),
+                format!("--advertise-client-urls={client_url}"),
                 format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
                 format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
                 format!("--initial-cluster={initial_cluster}"),
@@ -374,14 +405,28 @@ fn plan(size: usize, dir: &Path, bin: &Path) -> Vec<Member> {
                 "--log-level=warn".to_owned(),
                 "--logger=zap".to_owned(),
             ];
+            let mut connect = ConnectOptions::new(vec![client_url]);
+            if let Some(tls) = tls {
+                args.extend([
+                    format!("--cert-file={}", tls.server_cert.display()),
+                    format!("--key-file={}", tls.server_key.display()),
+                    format!("--trusted-ca-file={}", tls.ca.display()),
+                    "--client-cert-auth".to_owned(),
+                ]);
+                connect.tls = Some(TlsFiles {
+                    ca: Some(tls.ca.clone()),
+                    cert: Some(tls.client_cert.clone()),
+                    key: Some(tls.client_key.clone()),
+                });
+            }
             Member {
                 log: dir.join(format!("{name}.log")),
                 name,
-                client_port,
                 data_dir,
                 args,
                 bin: bin.to_owned(),
                 child: None,
+                connect,
             }
         })
         .collect()

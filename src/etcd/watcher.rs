@@ -144,6 +144,18 @@ impl PrefixWatcher {
                         self.stream = None;
                         continue;
                     }
+                    let current = resp.header().map_or(0, |h| h.revision());
+                    if current > 0 && current < revision {
+                        // The store went backwards: the cluster was restored
+                        // from a backup or replaced. A watch from our revision
+                        // would wait for a future that never comes while the
+                        // cache shows keys that are gone, so list again.
+                        warn!(prefix = %self.prefix, seen = revision, now = current, "etcd's revision went backwards (cluster restored or replaced); listing again.");
+                        self.stats.relists.fetch_add(1, Ordering::Relaxed);
+                        self.revision = None;
+                        self.stream = None;
+                        continue;
+                    }
                     if resp.canceled() {
                         debug!(prefix = %self.prefix, reason = resp.cancel_reason(), "Watch canceled by etcd; reopening.");
                         self.reconnect().await;

@@ -140,3 +140,29 @@ async fn the_watcher_relists_after_compaction_and_drops_keys_deleted_meanwhile()
         "the gap was compacted: a re-list was needed"
     );
 }
+
+#[tokio::test]
+async fn the_cache_lists_again_when_etcd_comes_back_with_less_history() {
+    let mut etcd = etcd().await;
+    let client = etcd.client().await;
+    for k in ["a", "b", "c"] {
+        client
+            .put(&format!("/app/{k}"), "old", None)
+            .await
+            .expect("put");
+    }
+    let cache = Cache::new(client.clone());
+    let sub = cache.subscribe("/app/");
+    sub.ready().await;
+    // Restored from nothing: a lower revision and none of the old keys.
+    etcd.member().wipe_data().expect("wipe");
+    etcd.member().restart().expect("restart");
+    etcd.member().wait_healthy().await.expect("healthy");
+    client.put("/app/new", "1", None).await.expect("put");
+    eventually("the cache to forget the keys that are gone", || {
+        let done = contents(&sub) == map(&[("/app/new", "1")]);
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert!(sub.stats().relists() >= 1);
+}

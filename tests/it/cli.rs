@@ -60,6 +60,13 @@ async fn agents_lists_the_fleet_from_flags_or_from_a_manifest() {
     let (status, out, err) = coord(&["agents", "--endpoints", &etcd.endpoint()], None);
     assert!(status.success(), "{err}");
     assert!(out.lines().any(|l| l.starts_with("web-01 ")), "{out}");
+    let from_env = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .arg("agents")
+        .env("COORD_ENDPOINTS", etcd.endpoint())
+        .output()
+        .expect("run coord agents");
+    let listed = String::from_utf8_lossy(&from_env.stdout);
+    assert!(listed.lines().any(|l| l.starts_with("web-01 ")), "{listed}");
     let path = agent.manifest_path();
     let (status, out, err) = coord(
         &[

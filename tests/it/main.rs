@@ -13,3 +13,4 @@ mod manifest;
 mod presence;
 mod reconcile;
 mod session;
+mod tls;

@@ -204,3 +204,39 @@ async fn sighup_applies_a_changed_manifest_without_a_new_session() {
         "the diff must not restart the session"
     );
 }
+
+#[tokio::test]
+async fn a_second_agent_with_the_same_name_never_takes_the_key_from_the_first() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let mut first = CoordProcess::run(&manifest("web-01", &[etcd.endpoint()], 30));
+    let held = present(&client).await;
+    let second = CoordProcess::run(&manifest("web-01", &[etcd.endpoint()], 30));
+    eventually("the second agent to report the name clash", || {
+        let clashed = second
+            .log()
+            .contains("Another agent already uses this name");
+        async move { clashed.then_some(()) }
+    })
+    .await;
+    let now = client.get(KEY).await.expect("etcd").expect("present");
+    assert_eq!(
+        (now.lease, now.mod_revision),
+        (held.lease, held.mod_revision)
+    );
+    // When the first goes, the second takes over by itself.
+    first.signal(Signal::SIGTERM);
+    first.wait().await;
+    let c = client.clone();
+    eventually("the second agent to take the name", move || {
+        let c = c.clone();
+        async move {
+            c.get(KEY)
+                .await
+                .ok()
+                .flatten()
+                .filter(|kv| kv.lease != held.lease)
+        }
+    })
+    .await;
+}

@@ -154,7 +154,7 @@ impl Manifest {
 impl AgentSettings {
     fn defaults() -> Self {
         AgentSettings {
-            name: default_agent_name(),
+            name: host_name(),
             namespace: DEFAULT_NAMESPACE.to_owned(),
             ttl: DEFAULT_TTL,
         }
@@ -194,8 +194,8 @@ impl PasswordSource {
     }
 }
 
-/// The host name, or `coord` when it cannot be had.
-pub fn default_agent_name() -> String {
+/// The host name (the default agent name), or `coord` when it cannot be had.
+pub fn host_name() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -255,7 +255,7 @@ fn agent_settings(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option
     }
     t.finish(d);
     (d.len() == before).then(|| AgentSettings {
-        name: name.unwrap_or_else(default_agent_name),
+        name: name.unwrap_or_else(host_name),
         namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
         ttl: ttl.unwrap_or(DEFAULT_TTL),
     })
