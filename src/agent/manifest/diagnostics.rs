@@ -81,6 +81,12 @@ impl<'s> Diagnostics<'s> {
         self.items.is_empty()
     }
 
+    /// The line and column of a byte offset span's start.
+    pub(crate) fn locate(&self, span: Range<usize>) -> super::Location {
+        let (line, column) = position(self.source, span.start);
+        super::Location { line, column }
+    }
+
     pub(crate) fn into_error(mut self, file: &Path) -> ManifestError {
         self.items.sort_by_key(|(offset, _)| *offset);
         self.items.dedup();

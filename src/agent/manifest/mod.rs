@@ -5,6 +5,7 @@
 //! half-valid file.
 
 mod diagnostics;
+mod hook;
 mod reader;
 
 use std::fmt;
@@ -16,12 +17,13 @@ use toml::de::{DeTable, DeValue};
 
 use diagnostics::Diagnostics;
 pub use diagnostics::{Diagnostic, ManifestError};
+pub use hook::{HookAction, HookSpec, WasmSpec};
 use reader::{TableReader, suggest};
 
 use crate::etcd::{ConnectOptions, Password, TlsFiles};
 
 /// Sections a manifest may have. Others are rejected.
-const SECTIONS: &[&str] = &["agent", "etcd"];
+const SECTIONS: &[&str] = &["agent", "etcd", "hook"];
 
 /// A validated manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,21 @@ pub struct Manifest {
     pub hash: String,
     pub agent: AgentSettings,
     pub etcd: EtcdSettings,
+    /// `[[hook]]`s, in file order, names unique.
+    pub hooks: Vec<HookSpec>,
+}
+
+/// A place in the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
 }
 
 /// `[agent]`.
@@ -129,12 +146,14 @@ impl Manifest {
                 None
             }
         };
+        let hooks = hooks(&mut d, root, base);
         match (agent, etcd) {
             (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
                 path: path.to_owned(),
                 hash: hex(&Sha256::digest(text.as_bytes())),
                 agent,
                 etcd,
+                hooks,
             }),
             _ => Err(d.into_error(path)),
         }
@@ -143,6 +162,11 @@ impl Manifest {
     /// Connection options for `[etcd]`, reading the password if one is set.
     pub fn connect_options(&self) -> Result<ConnectOptions, PasswordError> {
         self.etcd.connect_options()
+    }
+
+    /// The hook named `name`.
+    pub fn hook(&self, name: &str) -> Option<&HookSpec> {
+        self.hooks.iter().find(|h| h.name == name)
     }
 
     /// A human summary of what the manifest declares, for `coord check`.
@@ -222,6 +246,62 @@ fn section<'a, 'i>(
             None
         }
     }
+}
+
+/// The tables of an array of tables (`[[name]]`).
+fn tables<'a, 'i>(
+    d: &mut Diagnostics<'_>,
+    root: &'a DeTable<'i>,
+    name: &'static str,
+) -> Vec<TableReader<'a, 'i>> {
+    let Some(value) = root.get(name) else {
+        return Vec::new();
+    };
+    let DeValue::Array(items) = value.get_ref() else {
+        d.error(
+            value.span(),
+            format!("`{name}` must be written as `[[{name}]]` tables"),
+        );
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| match item.get_ref() {
+            DeValue::Table(t) => Some(TableReader::new(format!("[[{name}]]"), t, item.span())),
+            other => {
+                d.error(
+                    item.span(),
+                    format!(
+                        "each `{name}` must be a `[[{name}]]` table, not {}",
+                        other.type_str()
+                    ),
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+fn hooks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, base: &Path) -> Vec<HookSpec> {
+    let mut hooks: Vec<HookSpec> = Vec::new();
+    for t in tables(d, root, "hook") {
+        let span = t.span_of("name");
+        let Some(h) = hook::hook(d, t, base) else {
+            continue;
+        };
+        if let Some(first) = hooks.iter().find(|o| o.name == h.name) {
+            d.error(
+                span,
+                format!(
+                    "hook `{}` is defined twice (first at line {})",
+                    h.name, first.location.line
+                ),
+            );
+            continue;
+        }
+        hooks.push(h);
+    }
+    hooks
 }
 
 fn agent_settings(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option<AgentSettings> {
@@ -396,6 +476,19 @@ impl fmt::Display for Summary<'_> {
             m.etcd.endpoints.len(),
             if m.etcd.endpoints.len() == 1 { "" } else { "s" },
             m.etcd.endpoints.join(", ")
-        )
+        )?;
+        for h in &m.hooks {
+            let what = match &h.action {
+                HookAction::Exec { argv } => format!("exec {}", argv.join(" ")),
+                HookAction::Wasm(w) => format!("wasm {}", w.path.display()),
+            };
+            write!(
+                f,
+                "\n  hook   {}: {what} (timeout {})",
+                h.name,
+                humantime::format_duration(h.timeout)
+            )?;
+        }
+        Ok(())
     }
 }

@@ -158,7 +158,17 @@ macro_rules! from_toml_by_serde {
     )*};
 }
 
-from_toml_by_serde!(String, bool, u32, u64, Vec<String>, std::path::PathBuf);
+from_toml_by_serde!(
+    String,
+    bool,
+    u32,
+    u64,
+    Vec<String>,
+    Vec<std::path::PathBuf>,
+    std::path::PathBuf,
+    std::collections::BTreeMap<String, String>,
+    serde_json::Value
+);
 
 impl FromToml for Duration {
     fn from_toml(value: &Spanned<DeValue<'_>>) -> Result<Self, (Option<Range<usize>>, String)> {
