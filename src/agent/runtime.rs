@@ -1,12 +1,14 @@
 //! The agent's main loop: connect, keep a session, reconcile, reload.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::hooks::{HookError, HookRunner};
 use super::manifest::{Manifest, PasswordError};
 use super::reconciler::{Desired, Reconciler};
 use super::reload::{ManifestWatcher, ReloadRequest};
@@ -23,6 +25,13 @@ pub enum AgentError {
         endpoints: String,
         #[source]
         source: crate::etcd::Error,
+    },
+    #[error("{path}:{location}: {source}")]
+    Hook {
+        path: PathBuf,
+        location: super::manifest::Location,
+        #[source]
+        source: HookError,
     },
     #[error("failed to watch the manifest `{path}` for changes: {source}")]
     Watch {
@@ -105,6 +114,29 @@ fn desired_state(manifest: &Manifest, started_at: &str) -> Desired {
     }
 }
 
+/// Prepares the manifest's hooks (WASM components are compiled and checked
+/// here, so a bad plugin is found when the manifest is loaded).
+fn hook_runner(manifest: &Manifest) -> Result<Arc<HookRunner>, AgentError> {
+    HookRunner::new(&manifest.agent.name, &manifest.hooks)
+        .map(Arc::new)
+        .map_err(|source| {
+            let location = hook_location(manifest, &source);
+            AgentError::Hook {
+                path: manifest.path.clone(),
+                location,
+                source,
+            }
+        })
+}
+
+fn hook_location(manifest: &Manifest, e: &HookError) -> super::manifest::Location {
+    manifest
+        .hook(e.hook())
+        .map_or(super::manifest::Location { line: 1, column: 1 }, |h| {
+            h.location
+        })
+}
+
 fn apply_options(mut manifest: Manifest, opts: &RunOptions) -> Manifest {
     if let Some(endpoints) = &opts.endpoints {
         manifest.etcd.endpoints = endpoints.clone();
@@ -139,6 +171,7 @@ pub async fn run(
         manifest = %path.display(),
         "Agent starting."
     );
+    let mut hooks = hook_runner(&manifest)?;
     let mut connected = Connected::start(&manifest, &started_at).await?;
     loop {
         let request = tokio::select! {
@@ -167,6 +200,17 @@ pub async fn run(
             info!(manifest = %path.display(), reason = ?request, "Manifest unchanged.");
             continue;
         }
+        let next_hooks = if next.hooks == manifest.hooks {
+            None
+        } else {
+            match hook_runner(&next) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    error!(manifest = %path.display(), reason = ?request, "Manifest reload rejected; keeping the last good one.\n{e}");
+                    continue;
+                }
+            }
+        };
         if next.agent != manifest.agent || next.etcd != manifest.etcd {
             info!(manifest = %path.display(), "[agent] or [etcd] changed; reconnecting with a new session.");
             match Connected::start(&next, &started_at).await {
@@ -184,9 +228,15 @@ pub async fn run(
                 .desired
                 .send_replace(desired_state(&next, &started_at));
         }
+        if let Some(h) = next_hooks {
+            // Runs in progress on the old hooks are stopped; new events go
+            // to the new ones.
+            std::mem::replace(&mut hooks, h).shutdown();
+        }
         info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
         manifest = next;
     }
+    hooks.shutdown();
     info!("Shutting down: revoking the session lease.");
     connected.stop().await;
     info!("Agent stopped.");

@@ -5,6 +5,7 @@ mod agents;
 mod check;
 mod connection;
 mod dev;
+mod hook;
 mod run;
 
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     Agents(agents::AgentsArgs),
     /// Start a throw-away local etcd and run the agent on the example manifest.
     Dev(dev::DevArgs),
+    /// Run one hook of a manifest on an event given as JSON, and show what it did.
+    Hook(hook::HookArgs),
 }
 
 impl Cli {
@@ -44,6 +47,7 @@ impl Cli {
             Command::Check(args) => check::check(args),
             Command::Agents(args) => agents::agents(args).await,
             Command::Dev(args) => dev::dev(args).await,
+            Command::Hook(args) => hook::hook(args).await,
         };
         match result {
             Ok(code) => code,

@@ -152,3 +152,54 @@ async fn dev_runs_the_example_against_its_own_etcd_and_stops_cleanly() {
         "etcd data kept for the next run"
     );
 }
+
+#[test]
+fn hook_runs_one_hook_by_hand_and_reports_a_veto() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let manifest = dir.path().join("agent.toml");
+    std::fs::write(
+        &manifest,
+        "[agent]\nname = \"web-01\"\n[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\n\
+         [[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"cat > \\\"$OUT\\\"\"]\nenv = { OUT = \"out.json\" }\n\
+         [[hook]]\nname = \"deny\"\nexec = [\"sh\", \"-c\", \"echo 'not today' >&2; exit 1\"]\n",
+    )
+    .expect("manifest");
+    let event = dir.path().join("event.json");
+    std::fs::write(
+        &event,
+        r#"{"type":"lock-acquired","lock":"reports","fencing_token":7}"#,
+    )
+    .expect("event");
+    let m = manifest.to_str().expect("utf-8");
+    let e = event.to_str().expect("utf-8");
+    let (status, out, err) = coord(
+        &["hook", "note", "--event", e, "--manifest", m],
+        Some(dir.path()),
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("hook `note`: done"), "{out}");
+    let seen: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out.json")).expect("hook output"),
+    )
+    .expect("JSON");
+    assert_eq!(seen["agent"], "web-01");
+    assert_eq!(seen["fencing_token"], 7);
+
+    let validate = dir.path().join("validate.json");
+    std::fs::write(
+        &validate,
+        r#"{"type":"validate-file","path":"/etc/x","staged_path":"/tmp/x","content":"x"}"#,
+    )
+    .expect("event");
+    let v = validate.to_str().expect("utf-8");
+    let (status, out, _) = coord(&["hook", "deny", "--event", v, "--manifest", m], None);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("vetoed") && out.contains("not today"), "{out}");
+
+    let (status, _, err) = coord(&["hook", "nope", "--event", v, "--manifest", m], None);
+    assert!(!status.success());
+    assert!(
+        err.contains("no hook `nope`") && err.contains("note, deny"),
+        "{err}"
+    );
+}

@@ -158,3 +158,87 @@ fn a_password_never_shows_in_debug_output() {
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("redacted"), "{shown}");
 }
+
+#[test]
+fn hook_mistakes_are_each_reported_where_they_are() {
+    let text = format!(
+        "{GOOD_ETCD}
+[[hook]]
+name = \"reload\"
+exec = [\"systemctl\", \"reload\", \"nginx\"]
+
+[[hook]]
+name = \"reload\"
+exec = [\"true\"]
+
+[[hook]]
+name = \"both\"
+exec = [\"true\"]
+wasm = \"x.wasm\"
+
+[[hook]]
+name = \"neither\"
+
+[[hook]]
+name = \"shell\"
+exec = [\"true\"]
+max_memory_mib = 4
+"
+    );
+    let errs = errors(&text);
+    let found: Vec<(usize, &str)> = errs.iter().map(|(l, _, m)| (*l, m.as_str())).collect();
+    assert_eq!(found.len(), 4, "{errs:#?}");
+    assert_eq!(found[0].0, 9);
+    assert!(
+        found[0]
+            .1
+            .contains("hook `reload` is defined twice (first at line 4)"),
+        "{errs:#?}"
+    );
+    assert_eq!(found[1].0, 15);
+    assert!(found[1].1.contains("either `exec` or `wasm`"), "{errs:#?}");
+    assert_eq!(found[2].0, 17);
+    assert!(found[2].1.contains("missing `exec` or `wasm`"), "{errs:#?}");
+    assert_eq!(found[3].0, 23);
+    assert!(
+        found[3].1.contains("`max_memory_mib` is for `wasm` hooks"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn a_hook_gets_defaults_by_kind_and_resolves_its_paths() {
+    let text = format!(
+        "{GOOD_ETCD}
+[[hook]]
+name = \"reload\"
+exec = [\"systemctl\", \"reload\", \"nginx\"]
+
+[[hook]]
+name = \"audit\"
+wasm = \"plugins/audit.wasm\"
+config = {{ level = \"info\", limits = [1, 2] }}
+read_prefixes = [\"/app/\"]
+"
+    );
+    let m = Manifest::parse(Path::new("/etc/coord/agent.toml"), &text).expect("valid");
+    let reload = m.hook("reload").expect("reload");
+    assert_eq!(reload.timeout, Duration::from_secs(30));
+    assert_eq!(reload.retries, 3);
+    let audit = m.hook("audit").expect("audit");
+    assert_eq!(audit.timeout, Duration::from_secs(1));
+    let coord::agent::manifest::HookAction::Wasm(w) = &audit.action else {
+        panic!("wasm hook")
+    };
+    assert_eq!(w.path, Path::new("/etc/coord/plugins/audit.wasm"));
+    let config: serde_json::Value = serde_json::from_str(&w.config).expect("JSON config");
+    assert_eq!(
+        config,
+        serde_json::json!({"level": "info", "limits": [1, 2]})
+    );
+    assert_eq!(w.max_memory, 64 * 1024 * 1024);
+    assert!(
+        !w.network && w.dirs.is_empty(),
+        "nothing granted by default"
+    );
+}

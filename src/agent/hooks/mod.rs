@@ -5,10 +5,14 @@
 //! caller logs and retries with backoff.
 
 mod event;
+mod exec;
+mod runner;
 
 use std::time::Duration;
 
 pub use event::{Envelope, Event, Health, SCHEMA_VERSION};
+pub use exec::ExecHook;
+pub use runner::{HookRunner, HookStats, Runnable};
 
 /// What a successful hook run said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +49,21 @@ pub enum HookError {
         path: String,
         message: String,
     },
+}
+
+impl HookError {
+    /// The name of the hook that failed.
+    pub fn hook(&self) -> &str {
+        match self {
+            HookError::Spawn { hook, .. }
+            | HookError::Timeout { hook, .. }
+            | HookError::Failed { hook, .. }
+            | HookError::Trap { hook, .. }
+            | HookError::MemoryLimit { hook, .. }
+            | HookError::Plugin { hook, .. }
+            | HookError::Load { hook, .. } => hook,
+        }
+    }
 }
 
 /// Read access to the agent's cache for WASM plugins, limited by the

@@ -1,0 +1,296 @@
+//! Runs hooks for the agent: never two runs of one hook for one resource at
+//! once, bursts coalesced to the latest event, failures retried with backoff,
+//! and nothing a hook does can stop the agent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::exec::ExecHook;
+use super::{Envelope, Event, HookError, Outcome};
+use crate::agent::manifest::{HookAction, HookSpec};
+use crate::etcd::Backoff;
+
+/// A hook ready to run.
+#[derive(Debug, Clone)]
+pub enum Runnable {
+    Exec(ExecHook),
+}
+
+impl Runnable {
+    async fn run(&self, envelope: &Envelope) -> Result<Outcome, HookError> {
+        match self {
+            Runnable::Exec(h) => h.run(envelope).await,
+        }
+    }
+}
+
+/// Counters per hook, for status and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HookStats {
+    pub runs: u64,
+    pub failures: u64,
+    /// Events dropped because a newer one for the same resource came first.
+    pub coalesced: u64,
+}
+
+struct Hook {
+    spec: HookSpec,
+    runnable: Runnable,
+}
+
+/// One (hook, resource) pair: a lock so runs never overlap, and the latest
+/// event waiting to run (a newer one replaces it: bursts coalesce).
+struct Slot {
+    gate: tokio::sync::Mutex<()>,
+    pending: watch::Sender<Option<Envelope>>,
+}
+
+impl Slot {
+    fn take(&self) -> Option<Envelope> {
+        let mut taken = None;
+        // Taking is not news: only `fire` wakes the worker.
+        self.pending.send_if_modified(|p| {
+            taken = p.take();
+            false
+        });
+        taken
+    }
+}
+
+/// The agent's hooks.
+pub struct HookRunner {
+    agent: String,
+    hooks: HashMap<String, Hook>,
+    slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
+    stats: watch::Sender<HashMap<String, HookStats>>,
+    stop: CancellationToken,
+    /// First retry delay after a failed run (doubles each time).
+    retry_base: Duration,
+}
+
+impl std::fmt::Debug for HookRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookRunner")
+            .field("agent", &self.agent)
+            .field("hooks", &self.hooks.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HookRunner {
+    /// Prepares every hook of a manifest.
+    pub fn new(agent: &str, specs: &[HookSpec]) -> Result<HookRunner, HookError> {
+        let mut hooks = HashMap::new();
+        for spec in specs {
+            let runnable = match &spec.action {
+                HookAction::Exec { argv } => Runnable::Exec(ExecHook {
+                    name: spec.name.clone(),
+                    argv: argv.clone(),
+                    env: spec.env.clone(),
+                    timeout: spec.timeout,
+                }),
+                HookAction::Wasm(w) => {
+                    return Err(HookError::Load {
+                        hook: spec.name.clone(),
+                        path: w.path.display().to_string(),
+                        message: "WASM hooks are not supported by this build".into(),
+                    });
+                }
+            };
+            hooks.insert(
+                spec.name.clone(),
+                Hook {
+                    spec: spec.clone(),
+                    runnable,
+                },
+            );
+        }
+        Ok(HookRunner {
+            agent: agent.to_owned(),
+            hooks,
+            slots: Mutex::default(),
+            stats: watch::Sender::new(HashMap::new()),
+            stop: CancellationToken::new(),
+            retry_base: Duration::from_millis(500),
+        })
+    }
+
+    /// Makes retries come sooner or later than the default 500 ms first
+    /// delay (tests use a short one).
+    pub fn with_retry_base(mut self, base: Duration) -> Self {
+        self.retry_base = base;
+        self
+    }
+
+    /// Whether a hook of that name exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.hooks.contains_key(name)
+    }
+
+    /// Counters per hook name.
+    pub fn stats(&self) -> watch::Receiver<HashMap<String, HookStats>> {
+        self.stats.subscribe()
+    }
+
+    /// Runs hook `name` on `event` now and returns what it said, waiting
+    /// for any run of the same hook on the same resource to finish first.
+    /// No retries: the caller decides (a validate step fails closed).
+    pub async fn run_now(&self, name: &str, event: Event) -> Result<Outcome, HookError> {
+        let hook = self.hooks.get(name).ok_or_else(|| HookError::Failed {
+            hook: name.to_owned(),
+            status: "no such hook in the manifest".into(),
+        })?;
+        let (slot, _) = self.slot(name, &event.resource());
+        let envelope = Envelope::new(self.agent.clone(), event);
+        let _running = slot.gate.lock().await;
+        let result = hook.runnable.run(&envelope).await;
+        self.record(name, &result);
+        result
+    }
+
+    /// Queues `event` for each hook in `names` and returns at once. A burst
+    /// for one resource is coalesced: a hook that is busy runs once more,
+    /// with the latest event. Failures are retried with backoff up to the
+    /// hook's `retries`; a newer event replaces a failing one.
+    pub fn fire(self: &Arc<Self>, names: &[String], event: &Event) {
+        for name in names {
+            if !self.hooks.contains_key(name) {
+                // The manifest checks references, so this is a bug, not an
+                // operator's mistake.
+                warn!(hook = %name, "Event for an unknown hook ignored.");
+                continue;
+            }
+            let (slot, created) = self.slot(name, &event.resource());
+            if created {
+                self.spawn_worker(name, slot.clone());
+            }
+            let envelope = Envelope::new(self.agent.clone(), event.clone());
+            let mut coalesced = false;
+            slot.pending
+                .send_modify(|p| coalesced = p.replace(envelope).is_some());
+            if coalesced {
+                self.count(name, |s| s.coalesced += 1);
+            }
+        }
+    }
+
+    /// Stops the workers; runs in progress are dropped (their processes
+    /// killed).
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    fn slot(&self, name: &str, resource: &str) -> (Arc<Slot>, bool) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (name.to_owned(), resource.to_owned());
+        if let Some(slot) = slots.get(&key) {
+            return (slot.clone(), false);
+        }
+        let slot = Arc::new(Slot {
+            gate: tokio::sync::Mutex::new(()),
+            pending: watch::Sender::new(None),
+        });
+        slots.insert(key, slot.clone());
+        (slot, true)
+    }
+
+    fn record(&self, name: &str, result: &Result<Outcome, HookError>) {
+        self.count(name, |s| {
+            s.runs += 1;
+            if result.is_err() {
+                s.failures += 1;
+            }
+        });
+    }
+
+    fn count(&self, name: &str, f: impl FnOnce(&mut HookStats)) {
+        self.stats
+            .send_modify(|all| f(all.entry(name.to_owned()).or_default()));
+    }
+
+    /// The worker of one slot: waits for an event, runs it with retries.
+    fn spawn_worker(self: &Arc<Self>, name: &str, slot: Arc<Slot>) {
+        let weak = Arc::downgrade(self);
+        let stop = self.stop.clone();
+        let name = name.to_owned();
+        let mut news = slot.pending.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = news.changed() => if changed.is_err() { return },
+                }
+                news.borrow_and_update();
+                let Some(runner) = weak.upgrade() else { return };
+                runner.drain(&name, &slot, &mut news, &stop).await;
+            }
+        });
+    }
+
+    async fn drain(
+        &self,
+        name: &str,
+        slot: &Slot,
+        news: &mut watch::Receiver<Option<Envelope>>,
+        stop: &CancellationToken,
+    ) {
+        let Some(hook) = self.hooks.get(name) else {
+            return;
+        };
+        let mut backoff = Backoff::new(self.retry_base, Duration::from_secs(60));
+        let mut attempt = 0u32;
+        let mut current: Option<Envelope> = None;
+        loop {
+            if let Some(newer) = slot.take() {
+                current = Some(newer);
+                attempt = 0;
+                backoff.reset();
+            }
+            let Some(envelope) = current.take() else {
+                return;
+            };
+            let result = {
+                let _running = slot.gate.lock().await;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = hook.runnable.run(&envelope) => r,
+                }
+            };
+            self.record(name, &result);
+            match result {
+                Ok(Outcome::Done) => {
+                    info!(hook = %name, event = envelope.event.name(), resource = %envelope.event.resource(), "Hook ran.");
+                }
+                Ok(Outcome::Vetoed(reason)) => {
+                    info!(hook = %name, event = envelope.event.name(), reason = %reason, "Hook vetoed.");
+                }
+                Err(e) if attempt < hook.spec.retries => {
+                    attempt += 1;
+                    let wait = backoff.next_delay();
+                    warn!(hook = %name, event = envelope.event.name(), error = %e, attempt, retry_in = ?wait, "Hook failed; retrying.");
+                    current = Some(envelope);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                        // A newer event replaces the failing one at once.
+                        _ = news.changed() => { news.borrow_and_update(); }
+                    }
+                }
+                Err(e) => {
+                    error!(hook = %name, event = envelope.event.name(), error = %e, attempts = attempt + 1, "Hook failed; giving up on this event.");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for HookRunner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,100 @@
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use coord::agent::hooks::{Envelope, HookRunner, Outcome, SCHEMA_VERSION};
+use coord::agent::manifest::Manifest;
+
+#[derive(Debug, Args)]
+pub struct HookArgs {
+    /// The hook's name in the manifest.
+    name: String,
+    /// The event as JSON (`-` for stdin): at least `type` and its fields;
+    /// `agent`, `time` and `schema` are filled in when missing.
+    #[arg(long, value_name = "FILE|-")]
+    event: String,
+    /// The manifest that declares the hook.
+    #[arg(
+        long,
+        env = "COORD_MANIFEST",
+        value_name = "FILE",
+        default_value = "agent.toml"
+    )]
+    manifest: PathBuf,
+}
+
+pub async fn hook(args: HookArgs) -> anyhow::Result<ExitCode> {
+    let manifest = Manifest::load(&args.manifest)?;
+    if manifest.hook(&args.name).is_none() {
+        let known: Vec<&str> = manifest.hooks.iter().map(|h| h.name.as_str()).collect();
+        bail!(
+            "no hook `{}` in `{}` (hooks there: {})",
+            args.name,
+            args.manifest.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    let text = if args.event == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("failed to read the event from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(&args.event)
+            .with_context(|| format!("failed to read the event from `{}`", args.event))?
+    };
+    let envelope = parse_event(&text, &manifest.agent.name)
+        .with_context(|| format!("invalid event in `{}`", args.event))?;
+    let runner = HookRunner::new(&manifest.agent.name, &manifest.hooks)?;
+    eprintln!(
+        "coord hook: running `{}` on {}",
+        args.name,
+        envelope.to_json()
+    );
+    let started = Instant::now();
+    let result = runner.run_now(&args.name, envelope.event).await;
+    let took = humantime::format_duration(round_ms(started.elapsed()));
+    match result {
+        Ok(Outcome::Done) => {
+            println!("hook `{}`: done in {took}", args.name);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Outcome::Vetoed(reason)) => {
+            println!("hook `{}`: vetoed in {took}: {reason}", args.name);
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => {
+            println!("hook `{}`: failed in {took}: {e}", args.name);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn round_ms(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(d.as_millis() as u64)
+}
+
+/// An event as JSON, with `agent`, `time` and `schema` filled in if absent.
+fn parse_event(text: &str, agent: &str) -> anyhow::Result<Envelope> {
+    let mut value: serde_json::Value = serde_json::from_str(text)?;
+    let Some(fields) = value.as_object_mut() else {
+        bail!("an event is a JSON object with a `type` field");
+    };
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    fields.entry("schema").or_insert(SCHEMA_VERSION.into());
+    fields.entry("agent").or_insert(agent.into());
+    fields.entry("time").or_insert(now.into());
+    if fields.get("schema") != Some(&SCHEMA_VERSION.into()) {
+        bail!("this coord speaks event schema {SCHEMA_VERSION}");
+    }
+    Ok(serde_json::from_value(value)?)
+}
