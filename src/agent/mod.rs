@@ -2,6 +2,7 @@
 //! reconciler makes etcd agree and keeps it so. It uses the library
 //! ([`crate::etcd`], [`crate::presence`], …) and never etcd directly.
 
+pub mod files;
 pub mod hooks;
 pub mod manifest;
 pub mod reconciler;

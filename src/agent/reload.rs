@@ -1,6 +1,7 @@
-//! Noticing that the manifest changed: file events (after a quiet period)
-//! and SIGHUP.
+//! Noticing that files the agent reads (the manifest, templates) changed:
+//! file events after a quiet period, and SIGHUP.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,30 +18,35 @@ pub enum ReloadRequest {
     FileChanged,
 }
 
-/// Watches the manifest's directory (editors and config management replace
-/// files by rename, which a watch on the file itself would miss) and reports
-/// a change once writes have stopped for the quiet period.
-pub struct ManifestWatcher {
+/// Watches a set of files through their directories (editors and config
+/// management replace files by rename, which a watch on the file itself
+/// would miss) and reports which changed once writes have stopped for the
+/// quiet period.
+pub struct PathWatcher {
     _watcher: notify::RecommendedWatcher,
-    events: mpsc::UnboundedReceiver<()>,
+    events: mpsc::UnboundedReceiver<PathBuf>,
     quiet: Duration,
 }
 
-impl std::fmt::Debug for ManifestWatcher {
+impl std::fmt::Debug for PathWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ManifestWatcher")
+        f.debug_struct("PathWatcher")
             .field("quiet", &self.quiet)
             .finish_non_exhaustive()
     }
 }
 
-impl ManifestWatcher {
-    pub fn start(path: &Path, quiet: Duration) -> Result<Self, notify::Error> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let name = path.file_name().map(|n| n.to_owned());
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+impl PathWatcher {
+    pub fn start(paths: &[PathBuf], quiet: Duration) -> Result<Self, notify::Error> {
+        let wanted: BTreeSet<PathBuf> = paths.iter().cloned().collect();
+        let dirs: BTreeSet<PathBuf> = paths.iter().map(|p| dir_of(p)).collect();
         let (tx, events) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -48,30 +54,45 @@ impl ManifestWatcher {
                 if event.kind.is_access() {
                     return;
                 }
-                if event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
-                    let _ = tx.send(());
+                for path in event.paths {
+                    // Events name paths inside the watched directory; match
+                    // by directory and file name, however the path was given.
+                    if let Some(hit) = wanted.iter().find(|w| {
+                        w.file_name() == path.file_name()
+                            && (dir_of(w) == dir_of(&path) || path.ends_with(w))
+                    }) {
+                        let _ = tx.send(hit.clone());
+                    }
                 }
             })?;
-        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-        Ok(ManifestWatcher {
+        for dir in &dirs {
+            watcher.watch(dir, RecursiveMode::NonRecursive)?;
+        }
+        Ok(PathWatcher {
             _watcher: watcher,
             events,
             quiet,
         })
     }
 
-    /// Waits for a change followed by the quiet period.
-    pub async fn changed(&mut self) -> ReloadRequest {
-        if self.events.recv().await.is_none() {
-            std::future::pending::<()>().await;
-        }
+    /// Waits for changes followed by the quiet period; returns the files
+    /// that changed.
+    pub async fn changed(&mut self) -> BTreeSet<PathBuf> {
+        let mut changed = BTreeSet::new();
+        match self.events.recv().await {
+            Some(p) => changed.insert(p),
+            None => std::future::pending().await,
+        };
         let mut deadline = Instant::now() + self.quiet;
         loop {
             tokio::select! {
-                _ = sleep_until(deadline) => return ReloadRequest::FileChanged,
+                _ = sleep_until(deadline) => return changed,
                 e = self.events.recv() => match e {
-                    Some(()) => deadline = Instant::now() + self.quiet,
-                    None => return ReloadRequest::FileChanged,
+                    Some(p) => {
+                        changed.insert(p);
+                        deadline = Instant::now() + self.quiet;
+                    }
+                    None => return changed,
                 },
             }
         }

@@ -8,10 +8,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::files::FilesController;
 use super::hooks::{HookError, HookRunner};
-use super::manifest::{Manifest, PasswordError};
+use super::manifest::{FileSpec, Manifest, PasswordError};
 use super::reconciler::{Desired, Reconciler};
-use super::reload::{ManifestWatcher, ReloadRequest};
+use super::reload::{PathWatcher, ReloadRequest};
 use crate::etcd::{Cache, Client, Session};
 use crate::presence::AgentRecord;
 
@@ -65,11 +66,22 @@ struct Connected {
     session: Session,
     desired: watch::Sender<Desired>,
     reconciler: tokio::task::JoinHandle<()>,
+    files: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
 }
 
+/// What the resource controllers follow across reloads.
+struct Shared {
+    hooks: watch::Sender<Arc<HookRunner>>,
+    files: watch::Sender<Vec<FileSpec>>,
+}
+
 impl Connected {
-    async fn start(manifest: &Manifest, started_at: &str) -> Result<Connected, AgentError> {
+    async fn start(
+        manifest: &Manifest,
+        started_at: &str,
+        shared: &Shared,
+    ) -> Result<Connected, AgentError> {
         let opts = manifest.connect_options()?;
         let client = Client::connect(&opts)
             .await
@@ -80,13 +92,20 @@ impl Connected {
         let session = Session::start(client.clone(), manifest.agent.ttl);
         let cache = Cache::new(client.clone());
         let (desired, desired_rx) = watch::channel(desired_state(manifest, started_at));
-        let reconciler = Reconciler::new(client, cache, session.subscribe(), desired_rx);
+        let reconciler = Reconciler::new(client, cache.clone(), session.subscribe(), desired_rx);
         let stop = CancellationToken::new();
         let reconciler = tokio::spawn(reconciler.run(stop.clone()));
+        let files = tokio::spawn(FilesController::new().run(
+            cache,
+            shared.files.subscribe(),
+            shared.hooks.subscribe(),
+            stop.clone(),
+        ));
         Ok(Connected {
             session,
             desired,
             reconciler,
+            files,
             stop,
         })
     }
@@ -96,6 +115,7 @@ impl Connected {
     async fn stop(self) {
         self.stop.cancel();
         let _ = self.reconciler.await;
+        let _ = self.files.await;
         self.session.close().await;
     }
 }
@@ -155,12 +175,12 @@ pub async fn run(
     let path = manifest.path.clone();
     let mut file_watcher = if opts.watch_manifest {
         Some(
-            ManifestWatcher::start(&path, Duration::from_millis(300)).map_err(|source| {
-                AgentError::Watch {
+            PathWatcher::start(std::slice::from_ref(&path), Duration::from_millis(300)).map_err(
+                |source| AgentError::Watch {
                     path: path.clone(),
                     source,
-                }
-            })?,
+                },
+            )?,
         )
     } else {
         None
@@ -171,8 +191,11 @@ pub async fn run(
         manifest = %path.display(),
         "Agent starting."
     );
-    let mut hooks = hook_runner(&manifest)?;
-    let mut connected = Connected::start(&manifest, &started_at).await?;
+    let shared = Shared {
+        hooks: watch::Sender::new(hook_runner(&manifest)?),
+        files: watch::Sender::new(manifest.files.clone()),
+    };
+    let mut connected = Connected::start(&manifest, &started_at, &shared).await?;
     loop {
         let request = tokio::select! {
             _ = control.shutdown.cancelled() => break,
@@ -180,12 +203,12 @@ pub async fn run(
                 Some(r) => r,
                 None => { control.shutdown.cancelled().await; break }
             },
-            r = async {
+            _ = async {
                 match file_watcher.as_mut() {
                     Some(w) => w.changed().await,
                     None => std::future::pending().await,
                 }
-            } => r,
+            } => ReloadRequest::FileChanged,
         };
         let next = match Manifest::load(&path) {
             Ok(m) => apply_options(m, &opts),
@@ -213,7 +236,7 @@ pub async fn run(
         };
         if next.agent != manifest.agent || next.etcd != manifest.etcd {
             info!(manifest = %path.display(), "[agent] or [etcd] changed; reconnecting with a new session.");
-            match Connected::start(&next, &started_at).await {
+            match Connected::start(&next, &started_at, &shared).await {
                 Ok(fresh) => {
                     let old = std::mem::replace(&mut connected, fresh);
                     old.stop().await;
@@ -231,12 +254,15 @@ pub async fn run(
         if let Some(h) = next_hooks {
             // Runs in progress on the old hooks are stopped; new events go
             // to the new ones.
-            std::mem::replace(&mut hooks, h).shutdown();
+            shared.hooks.send_replace(h).shutdown();
+        }
+        if next.files != manifest.files {
+            shared.files.send_replace(next.files.clone());
         }
         info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
         manifest = next;
     }
-    hooks.shutdown();
+    shared.hooks.borrow().shutdown();
     info!("Shutting down: revoking the session lease.");
     connected.stop().await;
     info!("Agent stopped.");

@@ -6,6 +6,7 @@ mod check;
 mod connection;
 mod dev;
 mod hook;
+mod render;
 mod run;
 
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run one hook of a manifest on an event given as JSON, and show what it did.
     Hook(hook::HookArgs),
+    /// Render a manifest's [[file]]s once, or show what they would become.
+    Render(render::RenderArgs),
 }
 
 impl Cli {
@@ -48,6 +51,7 @@ impl Cli {
             Command::Agents(args) => agents::agents(args).await,
             Command::Dev(args) => dev::dev(args).await,
             Command::Hook(args) => hook::hook(args).await,
+            Command::Render(args) => render::render(args).await,
         };
         match result {
             Ok(code) => code,

@@ -1,9 +1,11 @@
 //! A read cache fed by one watcher per distinct prefix, shared by every
 //! consumer of that prefix.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
+use imbl::OrdMap;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -56,11 +58,45 @@ struct Shared {
     stats: Arc<WatchStats>,
 }
 
-#[derive(Debug, Default)]
-struct Store {
+/// The keys under a prefix at one revision. Cloning is O(1) (a persistent
+/// map), so a reader takes a snapshot and reads at leisure while the watcher
+/// applies newer changes: every read of one snapshot sees one revision.
+#[derive(Debug, Clone, Default)]
+pub struct CacheSnapshot {
     revision: i64,
-    kvs: BTreeMap<String, KeyValue>,
+    kvs: OrdMap<String, KeyValue>,
 }
+
+impl CacheSnapshot {
+    /// The revision the snapshot is at.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&KeyValue> {
+        self.kvs.get(key)
+    }
+
+    /// Every key starting with `prefix`, in key order.
+    pub fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a KeyValue> + 'a {
+        self.kvs
+            .range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(_, kv)| kv)
+    }
+
+    /// How many keys the snapshot holds.
+    pub fn len(&self) -> usize {
+        self.kvs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kvs.is_empty()
+    }
+}
+
+type Store = CacheSnapshot;
 
 #[derive(Debug)]
 struct Entry {
@@ -170,6 +206,11 @@ impl Subscription {
         self.store().revision
     }
 
+    /// A consistent view of the prefix at one revision.
+    pub fn snapshot(&self) -> CacheSnapshot {
+        self.store().clone()
+    }
+
     /// Watch stream reconnects and compaction re-lists so far.
     pub fn stats(&self) -> &WatchStats {
         &self.entry.shared.stats
@@ -201,7 +242,7 @@ async fn feed(mut watcher: PrefixWatcher, shared: Arc<Shared>) {
             let mut store = shared.store.write().unwrap_or_else(|p| p.into_inner());
             match event {
                 WatchEvent::Reset(snapshot) => {
-                    let fresh: BTreeMap<String, KeyValue> = snapshot
+                    let fresh: OrdMap<String, KeyValue> = snapshot
                         .kvs
                         .into_iter()
                         .map(|kv| (kv.key.clone(), kv))
@@ -240,8 +281,8 @@ async fn feed(mut watcher: PrefixWatcher, shared: Arc<Shared>) {
 
 /// What changed between two listings, as puts and deletes.
 fn diff(
-    old: &BTreeMap<String, KeyValue>,
-    new: &BTreeMap<String, KeyValue>,
+    old: &OrdMap<String, KeyValue>,
+    new: &OrdMap<String, KeyValue>,
     revision: i64,
 ) -> Vec<Change> {
     let deleted = old
@@ -275,11 +316,11 @@ mod tests {
 
     #[test]
     fn relist_diff_reports_deleted_changed_and_new_keys_only() {
-        let old: BTreeMap<_, _> = [kv("a", "1", 1), kv("b", "1", 2), kv("c", "1", 3)]
+        let old: OrdMap<_, _> = [kv("a", "1", 1), kv("b", "1", 2), kv("c", "1", 3)]
             .into_iter()
             .map(|kv| (kv.key.clone(), kv))
             .collect();
-        let new: BTreeMap<_, _> = [kv("b", "1", 2), kv("c", "2", 5), kv("d", "1", 6)]
+        let new: OrdMap<_, _> = [kv("b", "1", 2), kv("c", "2", 5), kv("d", "1", 6)]
             .into_iter()
             .map(|kv| (kv.key.clone(), kv))
             .collect();

@@ -13,7 +13,7 @@ mod session;
 mod watcher;
 
 pub use backoff::Backoff;
-pub use cache::{Cache, CacheEvent, Subscription};
+pub use cache::{Cache, CacheEvent, CacheSnapshot, Subscription};
 pub use connection::{
     Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KeyValue, LeaseId,
     Password, Snapshot, TlsFiles,

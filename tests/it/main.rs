@@ -9,6 +9,7 @@ mod support;
 mod architecture;
 mod cache;
 mod cli;
+mod files;
 mod hooks;
 mod manifest;
 mod presence;

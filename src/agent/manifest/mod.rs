@@ -5,6 +5,7 @@
 //! half-valid file.
 
 mod diagnostics;
+mod file;
 mod hook;
 mod reader;
 
@@ -17,13 +18,14 @@ use toml::de::{DeTable, DeValue};
 
 use diagnostics::Diagnostics;
 pub use diagnostics::{Diagnostic, ManifestError};
+pub use file::{FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
 use reader::{TableReader, suggest};
 
 use crate::etcd::{ConnectOptions, Password, TlsFiles};
 
 /// Sections a manifest may have. Others are rejected.
-const SECTIONS: &[&str] = &["agent", "etcd", "hook"];
+const SECTIONS: &[&str] = &["agent", "etcd", "hook", "file"];
 
 /// A validated manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct Manifest {
     pub etcd: EtcdSettings,
     /// `[[hook]]`s, in file order, names unique.
     pub hooks: Vec<HookSpec>,
+    /// `[[file]]`s, in file order, paths unique.
+    pub files: Vec<FileSpec>,
 }
 
 /// A place in the manifest.
@@ -147,6 +151,7 @@ impl Manifest {
             }
         };
         let hooks = hooks(&mut d, root, base);
+        let files = files(&mut d, root, base, &hooks);
         match (agent, etcd) {
             (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
                 path: path.to_owned(),
@@ -154,6 +159,7 @@ impl Manifest {
                 agent,
                 etcd,
                 hooks,
+                files,
             }),
             _ => Err(d.into_error(path)),
         }
@@ -302,6 +308,35 @@ fn hooks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, base: &Path) -> Vec<HookSp
         hooks.push(h);
     }
     hooks
+}
+
+fn files(
+    d: &mut Diagnostics<'_>,
+    root: &DeTable<'_>,
+    base: &Path,
+    hooks: &[HookSpec],
+) -> Vec<FileSpec> {
+    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
+    let mut files: Vec<FileSpec> = Vec::new();
+    for t in tables(d, root, "file") {
+        let span = t.span_of("path");
+        let Some(f) = file::file(d, t, base, &names) else {
+            continue;
+        };
+        if let Some(first) = files.iter().find(|o| o.path == f.path) {
+            d.error(
+                span,
+                format!(
+                    "file `{}` is declared twice (first at line {}): two sources would fight over it",
+                    f.path.display(),
+                    first.location.line
+                ),
+            );
+            continue;
+        }
+        files.push(f);
+    }
+    files
 }
 
 fn agent_settings(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option<AgentSettings> {
@@ -477,6 +512,17 @@ impl fmt::Display for Summary<'_> {
             if m.etcd.endpoints.len() == 1 { "" } else { "s" },
             m.etcd.endpoints.join(", ")
         )?;
+        for file in &m.files {
+            let from = match &file.source {
+                FileSource::Template(p) => format!("template {}", p.display()),
+                FileSource::Inline(_) => "inline template".to_owned(),
+                FileSource::Key(k) => format!("key {k}"),
+                FileSource::Prefix { prefix, format } => {
+                    format!("prefix {prefix} as {}", format.name())
+                }
+            };
+            write!(f, "\n  file   {} from {from}", file.path.display())?;
+        }
         for h in &m.hooks {
             let what = match &h.action {
                 HookAction::Exec { argv } => format!("exec {}", argv.join(" ")),

@@ -1,0 +1,10 @@
+//! `[[file]]`: etcd data rendered into files, replaced only whole, only
+//! after checks pass, and only when the content really changed.
+
+mod controller;
+mod render;
+mod write;
+
+pub use controller::{FileStats, FilesController};
+pub use render::{Deps, RenderData, RenderError, Rendered, Renderer};
+pub use write::{WriteError, WriteOutcome, hash, write};

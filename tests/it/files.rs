@@ -1,0 +1,383 @@
+//! Rendered files against real etcd: whole replacements only, never a
+//! blank or half file, only when the content changed.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use coord::agent::files::FilesController;
+use coord::agent::hooks::HookRunner;
+use coord::agent::manifest::Manifest;
+use coord::etcd::{Cache, Client};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{CoordProcess, LocalEtcd, etcd, eventually};
+
+/// A manifest for agent `files` against `etcd` with `files` appended.
+fn manifest(etcd: &LocalEtcd, rest: &str) -> String {
+    format!(
+        "[agent]\nname = \"files\"\nttl = \"5s\"\n[etcd]\nendpoints = [\"{}\"]\nrequest_timeout = \"2s\"\n{rest}",
+        etcd.endpoint()
+    )
+}
+
+async fn file_is(path: &Path, want: &str) {
+    let what = format!("`{}` to read {want:?}", path.display());
+    eventually(&what, || async {
+        (std::fs::read_to_string(path).ok()? == want).then_some(())
+    })
+    .await;
+}
+
+async fn log_says(agent: &CoordProcess, words: &str) -> String {
+    eventually(&format!("the agent to log {words:?}"), || {
+        let log = agent.log();
+        async move { log.contains(words).then_some(log) }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_key_change_updates_the_file() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/db", "pg://one", None).await.expect("put");
+    client
+        .put("/app/upstreams/a", "10.0.0.1:80", None)
+        .await
+        .expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("app.conf");
+    let template = dir.path().join("app.conf.j2");
+    std::fs::write(
+        &template,
+        "db = {{ key(\"/app/db\") }}\n{% for name in ls(\"/app/upstreams/\") %}\nserver {{ name }} {{ key(\"/app/upstreams/\" ~ name) }};\n{% endfor %}\n",
+    )
+    .expect("template");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[file]]\npath = \"{}\"\ntemplate = \"{}\"\n",
+            out.display(),
+            template.display()
+        ),
+    ));
+    file_is(&out, "db = pg://one\nserver a 10.0.0.1:80;\n").await;
+    client
+        .put("/app/upstreams/b", "10.0.0.2:80", None)
+        .await
+        .expect("put");
+    file_is(
+        &out,
+        "db = pg://one\nserver a 10.0.0.1:80;\nserver b 10.0.0.2:80;\n",
+    )
+    .await;
+    client.put("/app/db", "pg://two", None).await.expect("put");
+    file_is(
+        &out,
+        "db = pg://two\nserver a 10.0.0.1:80;\nserver b 10.0.0.2:80;\n",
+    )
+    .await;
+    // Editing the template re-renders.
+    std::fs::write(&template, "db={{ key(\"/app/db\") }}\n").expect("edit template");
+    file_is(&out, "db=pg://two\n").await;
+    drop(agent);
+}
+
+#[tokio::test]
+async fn unchanged_content_leaves_the_inode_and_mtime_alone_and_fires_no_hook() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/x", "1", None).await.expect("put");
+    client.put("/app/y", "unrelated", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("x.txt");
+    let hook_log = dir.path().join("hook.log");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_NEW_HASH >> {}\"]\n\
+             [[file]]\npath = \"{}\"\nsource = \"x={{{{ key('/app/x') }}}} y={{{{ key('/app/y')[:0] }}}}\"\non_change = [\"note\"]\n",
+            hook_log.display(),
+            out.display()
+        ),
+    ));
+    file_is(&out, "x=1 y=").await;
+    eventually("the hook's first run", || async {
+        std::fs::read_to_string(&hook_log)
+            .ok()
+            .filter(|l| l.lines().count() == 1)
+    })
+    .await;
+    let before = std::fs::metadata(&out).expect("stat");
+    // Same value again, and a change that renders the same content.
+    client.put("/app/x", "1", None).await.expect("put");
+    client.put("/app/y", "changed", None).await.expect("put");
+    log_says(&agent, "Rendered file unchanged").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = std::fs::metadata(&out).expect("stat");
+    assert_eq!(
+        (before.ino(), before.mtime_nsec(), before.mtime()),
+        (after.ino(), after.mtime_nsec(), after.mtime())
+    );
+    let runs = std::fs::read_to_string(&hook_log).expect("hook log");
+    assert_eq!(
+        runs.lines().count(),
+        1,
+        "the hook ran again without a change:\n{runs}"
+    );
+    // A real change fires it again.
+    client.put("/app/x", "2", None).await.expect("put");
+    file_is(&out, "x=2 y=").await;
+    eventually("the hook's second run", || async {
+        std::fs::read_to_string(&hook_log)
+            .ok()
+            .filter(|l| l.lines().count() == 2)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_check_command_keeps_the_old_file() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/conf", "good;", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("conf");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[file]]\npath = \"{}\"\nkey = \"/app/conf\"\ncheck = [\"grep\", \"-q\", \";\", \"{{staged}}\"]\n",
+            out.display()
+        ),
+    ));
+    file_is(&out, "good;").await;
+    client.put("/app/conf", "bad", None).await.expect("put");
+    let log = log_says(&agent, "its check").await;
+    assert!(log.contains(&out.display().to_string()), "{log}");
+    assert_eq!(std::fs::read_to_string(&out).expect("file"), "good;");
+    client.put("/app/conf", "fixed;", None).await.expect("put");
+    file_is(&out, "fixed;").await;
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".coord-"))
+        })
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "staging files left behind: {leftovers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_key_keeps_the_old_file_and_names_file_and_key() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/a", "1", None).await.expect("put");
+    client.put("/app/b", "2", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("ab");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[file]]\npath = \"{}\"\nsource = \"{{{{ key('/app/a') }}}}{{{{ key('/app/b') }}}}\"\n",
+            out.display()
+        ),
+    ));
+    file_is(&out, "12").await;
+    client.delete("/app/b").await.expect("delete");
+    let log = log_says(&agent, "key `/app/b` is missing").await;
+    assert!(log.contains(&out.display().to_string()), "{log}");
+    assert_eq!(std::fs::read_to_string(&out).expect("file"), "12");
+    // When the key comes back, the file follows.
+    client.put("/app/b", "3", None).await.expect("put");
+    file_is(&out, "13").await;
+}
+
+#[tokio::test]
+async fn etcd_stopped_and_restarted_leaves_the_file_intact_and_the_agent_catches_up() {
+    let mut etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/v", "before", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("v");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!("[[file]]\npath = \"{}\"\nkey = \"/app/v\"\n", out.display()),
+    ));
+    file_is(&out, "before").await;
+    etcd.member().kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(std::fs::read_to_string(&out).expect("file"), "before");
+    etcd.member().restart().expect("restart");
+    etcd.member().wait_healthy().await.expect("healthy");
+    eventually("a write after the restart", || async {
+        client.put("/app/v", "after", None).await.ok()
+    })
+    .await;
+    file_is(&out, "after").await;
+    drop(agent);
+}
+
+#[tokio::test]
+async fn a_prefix_emptied_by_accident_does_not_blank_the_file_unless_allowed() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/env/A", "1", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let guarded = dir.path().join("guarded.env");
+    let allowed = dir.path().join("allowed.env");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[file]]\npath = \"{}\"\nprefix = \"/app/env/\"\nformat = \"env\"\n\
+             [[file]]\npath = \"{}\"\nprefix = \"/app/env/\"\nformat = \"env\"\nallow_empty = true\n",
+            guarded.display(),
+            allowed.display()
+        ),
+    ));
+    file_is(&guarded, "A='1'\n").await;
+    file_is(&allowed, "A='1'\n").await;
+    client.delete_prefix("/app/env/").await.expect("delete");
+    file_is(&allowed, "").await;
+    log_says(&agent, "had keys and is now empty").await;
+    assert_eq!(std::fs::read_to_string(&guarded).expect("file"), "A='1'\n");
+}
+
+#[tokio::test]
+async fn the_four_prefix_formats_render_as_their_own_parsers_read_them_back() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let values = [
+        ("/cfg/NAME", "web 01"),
+        ("/cfg/QUOTE", "it's \"quoted\" $HOME `x`"),
+        ("/cfg/UNICODE", "zürich ✓"),
+        ("/cfg/EMPTY", ""),
+    ];
+    for (k, v) in values {
+        client.put(k, v, None).await.expect("put");
+    }
+    client.put("/nested/db/host", "h", None).await.expect("put");
+    client
+        .put("/nested/db/port", "5432", None)
+        .await
+        .expect("put");
+    client.put("/nested/name", "n", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = |ext: &str| dir.path().join(format!("out.{ext}"));
+    let mut files = format!(
+        "[[file]]\npath = \"{}\"\nprefix = \"/cfg/\"\nformat = \"env\"\n",
+        path("env").display()
+    );
+    for ext in ["json", "yaml", "toml"] {
+        files.push_str(&format!(
+            "[[file]]\npath = \"{}\"\nprefix = \"/nested/\"\nformat = \"{ext}\"\n",
+            path(ext).display()
+        ));
+    }
+    let _agent = CoordProcess::run(&manifest(&etcd, &files));
+    for ext in ["env", "json", "yaml", "toml"] {
+        let p = path(ext);
+        eventually(&format!("{} rendered", p.display()), || async {
+            p.exists().then_some(())
+        })
+        .await;
+    }
+    let env: std::collections::BTreeMap<String, String> = dotenvy::from_path_iter(path("env"))
+        .expect("dotenv parses")
+        .map(|r| r.expect("dotenv entry"))
+        .collect();
+    for (k, v) in values {
+        assert_eq!(env.get(&k[5..]).map(String::as_str), Some(v), "env {k}");
+    }
+    let want = serde_json::json!({"db": {"host": "h", "port": "5432"}, "name": "n"});
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path("json")).expect("json"))
+            .expect("JSON parses");
+    assert_eq!(json, want);
+    let yaml: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(path("yaml")).expect("yaml"))
+            .expect("YAML parses");
+    assert_eq!(yaml, want);
+    let toml_value: serde_json::Value =
+        toml::from_str(&std::fs::read_to_string(path("toml")).expect("toml")).expect("TOML parses");
+    assert_eq!(toml_value, want);
+}
+
+#[tokio::test]
+async fn a_validate_hook_veto_keeps_the_old_file() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client
+        .put("/app/doc", "{\"ok\": true}", None)
+        .await
+        .expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("doc.json");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[hook]]\nname = \"starts-with-brace\"\nexec = [\"sh\", \"-c\", \"head -c1 \\\"$COORD_STAGED_PATH\\\" | grep -q '{{' || {{ echo 'not a JSON object' >&2; exit 1; }}\"]\n\
+             [[file]]\npath = \"{}\"\nkey = \"/app/doc\"\nvalidate = [\"starts-with-brace\"]\n",
+            out.display()
+        ),
+    ));
+    file_is(&out, "{\"ok\": true}").await;
+    client.put("/app/doc", "oops", None).await.expect("put");
+    let log = log_says(&agent, "vetoed").await;
+    assert!(log.contains("not a JSON object"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("file"),
+        "{\"ok\": true}"
+    );
+}
+
+/// Invariant: a change re-renders only the files that read it.
+#[tokio::test]
+async fn one_changed_key_re_renders_only_the_files_that_depend_on_it() {
+    let etcd = etcd().await;
+    let client: Client = etcd.client().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut text = manifest(&etcd, "");
+    for i in 0..20 {
+        client
+            .put(&format!("/k/{i}"), "v", None)
+            .await
+            .expect("put");
+        text.push_str(&format!(
+            "[[file]]\npath = \"{}\"\nsource = \"{{{{ key('/k/{i}') }}}}\"\n",
+            dir.path().join(format!("f{i}")).display()
+        ));
+    }
+    let m = Manifest::parse(&dir.path().join("agent.toml"), &text).expect("manifest");
+    let controller = FilesController::new();
+    let stats = controller.stats();
+    let (_specs_tx, specs) = watch::channel(m.files.clone());
+    let runner = Arc::new(HookRunner::new("files", &[]).expect("hooks"));
+    let (_hooks_tx, hooks) = watch::channel(runner);
+    let cancel = CancellationToken::new();
+    let task =
+        tokio::spawn(controller.run(Cache::new(client.clone()), specs, hooks, cancel.clone()));
+    eventually("the first render of every file", || {
+        let n = stats.borrow().replaced;
+        async move { (n == 20).then_some(()) }
+    })
+    .await;
+    let before = stats.borrow().clone();
+    client.put("/k/7", "changed", None).await.expect("put");
+    file_is(&dir.path().join("f7"), "changed").await;
+    let after = stats.borrow().clone();
+    assert_eq!(
+        after.total_renders(),
+        before.total_renders() + 1,
+        "{after:?}"
+    );
+    assert_eq!(after.renders[&dir.path().join("f7")], 2);
+    cancel.cancel();
+    task.await.expect("controller stops");
+}
