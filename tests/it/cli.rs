@@ -203,3 +203,42 @@ fn hook_runs_one_hook_by_hand_and_reports_a_veto() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn render_dry_run_shows_a_diff_and_once_renders_and_reports_failures() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/port", "8080", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let good = dir.path().join("good.conf");
+    let bad = dir.path().join("bad.conf");
+    std::fs::write(&good, "port = 80\n").expect("old content");
+    let manifest = dir.path().join("agent.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[etcd]\nendpoints = [\"{}\"]\n\
+             [[file]]\npath = \"{}\"\nsource = \"port = {{{{ key('/app/port') }}}}\\n\"\n\
+             [[file]]\npath = \"{}\"\nkey = \"/app/missing\"\n",
+            etcd.endpoint(),
+            good.display(),
+            bad.display()
+        ),
+    )
+    .expect("manifest");
+    let m = manifest.to_str().expect("utf-8");
+    let (status, out, err) = coord(&["render", m, "--dry-run"], None);
+    assert!(!status.success(), "a failed file fails the dry run too: {out}{err}");
+    assert!(out.contains("-port = 80") && out.contains("+port = 8080"), "{out}");
+    assert!(out.contains("key `/app/missing` is missing"), "{out}");
+    assert_eq!(std::fs::read_to_string(&good).expect("good"), "port = 80\n", "dry run wrote");
+    let (status, out, _) = coord(&["render", m, "--once"], None);
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(out.contains(&format!("replaced   {}", good.display())), "{out}");
+    assert_eq!(std::fs::read_to_string(&good).expect("good"), "port = 8080\n");
+    assert!(!bad.exists());
+    client.put("/app/missing", "x", None).await.expect("put");
+    let (status, out, _) = coord(&["render", m, "--once"], None);
+    assert!(status.success(), "{out}");
+    assert!(out.contains(&format!("unchanged  {}", good.display())), "{out}");
+}
