@@ -242,3 +242,44 @@ async fn render_dry_run_shows_a_diff_and_once_renders_and_reports_failures() {
     assert!(status.success(), "{out}");
     assert!(out.contains(&format!("unchanged  {}", good.display())), "{out}");
 }
+
+/// Needs `unshare` (util-linux) and the right to make a mount namespace
+/// (root here).
+#[tokio::test]
+async fn a_bind_mounted_destination_is_written_in_place_and_says_so() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/v", "new content", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let source = dir.path().join("source.conf");
+    let dest = dir.path().join("dest.conf");
+    std::fs::write(&source, "old").expect("source");
+    std::fs::write(&dest, "").expect("mount point");
+    let manifest = dir.path().join("agent.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[etcd]\nendpoints = [\"{}\"]\n[[file]]\npath = \"{}\"\nkey = \"/app/v\"\n",
+            etcd.endpoint(),
+            dest.display()
+        ),
+    )
+    .expect("manifest");
+    let script = format!(
+        "mount --bind '{}' '{}' && exec '{}' render '{}' --once",
+        source.display(),
+        dest.display(),
+        env!("CARGO_BIN_EXE_coord"),
+        manifest.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux) must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("writing in place"), "{stderr}");
+    // The bind mount shared the inode: the source now holds the new content.
+    assert_eq!(std::fs::read_to_string(&source).expect("source"), "new content");
+}
