@@ -73,7 +73,7 @@ struct Controller {
 
 fn start_controller(client: &Client, manifest_text: &str, dir: &Path) -> Controller {
     let m = Manifest::parse(&dir.join("agent.toml"), manifest_text).expect("bench manifest");
-    let controller = FilesController::new();
+    let controller = FilesController::new("/coord");
     let stats = controller.stats();
     let (specs_tx, specs) = watch::channel(m.files.clone());
     let (hooks_tx, hooks) = watch::channel(Arc::new(HookRunner::new("bench", &[]).expect("hooks")));

@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod reconciler;
 mod reload;
 mod runtime;
+pub mod services;
 
 pub use reload::ReloadRequest;
 pub use runtime::{AgentError, Control, RunOptions, run};

@@ -10,9 +10,10 @@ use tracing::{error, info, warn};
 
 use super::files::FilesController;
 use super::hooks::{HookError, HookRunner};
-use super::manifest::{FileSpec, Manifest, PasswordError};
+use super::manifest::{FileSpec, Manifest, PasswordError, ServiceSpec};
 use super::reconciler::{Desired, Reconciler};
 use super::reload::{PathWatcher, ReloadRequest};
+use super::services::ServicesController;
 use crate::etcd::{Cache, Client, Session};
 use crate::presence::AgentRecord;
 
@@ -67,6 +68,7 @@ struct Connected {
     desired: watch::Sender<Desired>,
     reconciler: tokio::task::JoinHandle<()>,
     files: tokio::task::JoinHandle<()>,
+    services: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
 }
 
@@ -74,6 +76,7 @@ struct Connected {
 struct Shared {
     hooks: watch::Sender<Arc<HookRunner>>,
     files: watch::Sender<Vec<FileSpec>>,
+    services: watch::Sender<Vec<ServiceSpec>>,
 }
 
 impl Connected {
@@ -92,10 +95,22 @@ impl Connected {
         let session = Session::start(client.clone(), manifest.agent.ttl);
         let cache = Cache::new(client.clone());
         let (desired, desired_rx) = watch::channel(desired_state(manifest, started_at));
+        let services = ServicesController::new(
+            client.clone(),
+            cache.clone(),
+            &manifest.agent.namespace,
+            &manifest.agent.name,
+        );
         let reconciler = Reconciler::new(client, cache.clone(), session.subscribe(), desired_rx);
         let stop = CancellationToken::new();
         let reconciler = tokio::spawn(reconciler.run(stop.clone()));
-        let files = tokio::spawn(FilesController::new().run(
+        let services = tokio::spawn(services.run(
+            session.subscribe(),
+            shared.services.subscribe(),
+            shared.hooks.subscribe(),
+            stop.clone(),
+        ));
+        let files = tokio::spawn(FilesController::new(&manifest.agent.namespace).run(
             cache,
             shared.files.subscribe(),
             shared.hooks.subscribe(),
@@ -106,6 +121,7 @@ impl Connected {
             desired,
             reconciler,
             files,
+            services,
             stop,
         })
     }
@@ -116,6 +132,7 @@ impl Connected {
         self.stop.cancel();
         let _ = self.reconciler.await;
         let _ = self.files.await;
+        let _ = self.services.await;
         self.session.close().await;
     }
 }
@@ -194,6 +211,7 @@ pub async fn run(
     let shared = Shared {
         hooks: watch::Sender::new(hook_runner(&manifest)?),
         files: watch::Sender::new(manifest.files.clone()),
+        services: watch::Sender::new(manifest.services.clone()),
     };
     let mut connected = Connected::start(&manifest, &started_at, &shared).await?;
     loop {
@@ -258,6 +276,9 @@ pub async fn run(
         }
         if next.files != manifest.files {
             shared.files.send_replace(next.files.clone());
+        }
+        if next.services != manifest.services {
+            shared.services.send_replace(next.services.clone());
         }
         info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
         manifest = next;

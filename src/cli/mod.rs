@@ -6,8 +6,10 @@ mod check;
 mod connection;
 mod dev;
 mod hook;
+mod maint;
 mod render;
 mod run;
+mod services;
 
 use std::process::ExitCode;
 
@@ -40,6 +42,10 @@ enum Command {
     Hook(hook::HookArgs),
     /// Render a manifest's [[file]]s once, or show what they would become.
     Render(render::RenderArgs),
+    /// List services and their instances; report TTL checks.
+    Services(Box<services::ServicesArgs>),
+    /// Put an agent or one of its services in maintenance (withdrawn from discovery), or take it out.
+    Maint(maint::MaintArgs),
 }
 
 impl Cli {
@@ -52,6 +58,8 @@ impl Cli {
             Command::Dev(args) => dev::dev(args).await,
             Command::Hook(args) => hook::hook(args).await,
             Command::Render(args) => render::render(args).await,
+            Command::Services(args) => services::services(*args).await,
+            Command::Maint(args) => maint::maint(args).await,
         };
         match result {
             Ok(code) => code,

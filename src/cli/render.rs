@@ -51,7 +51,7 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
         })?;
     let snapshot = sub.snapshot();
     let hooks = HookRunner::new(&manifest.agent.name, &manifest.hooks)?;
-    let mut renderer = Renderer::new();
+    let mut renderer = Renderer::new(&manifest.agent.namespace);
     let mut failed = 0;
     for spec in &manifest.files {
         let path = spec.path.display();

@@ -121,6 +121,23 @@ impl KeyValue {
     }
 }
 
+/// Operations per transaction in [`Client::apply`]: etcd refuses more than
+/// 128 by default (`--max-txn-ops`), and a key may appear only once.
+pub const BATCH: usize = 64;
+
+/// One write of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
 /// The keys under a prefix at one revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -381,6 +398,31 @@ impl Client {
             _ => None,
         });
         Ok(existing)
+    }
+
+    /// Applies many writes in as few round trips as etcd allows: batches of
+    /// [`BATCH`] operations, each batch one transaction (so atomic).
+    pub async fn apply(&self, ops: &[Op]) -> Result<(), Error> {
+        for chunk in ops.chunks(BATCH) {
+            self.unary("batch", |mut c| {
+                let txn = Txn::new().and_then(
+                    chunk
+                        .iter()
+                        .map(|op| match op {
+                            Op::Put { key, value, lease } => TxnOp::put(
+                                key.as_str(),
+                                value.clone(),
+                                lease.map(|l| PutOptions::new().with_lease(l.0)),
+                            ),
+                            Op::Delete { key } => TxnOp::delete(key.as_str(), None),
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Deletes one key; returns how many keys were deleted (0 or 1).

@@ -15,8 +15,8 @@ mod watcher;
 pub use backoff::Backoff;
 pub use cache::{Cache, CacheEvent, CacheSnapshot, Subscription};
 pub use connection::{
-    Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KeyValue, LeaseId,
-    Password, Snapshot, TlsFiles,
+    BATCH, Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KeyValue,
+    LeaseId, Op, Password, Snapshot, TlsFiles,
 };
 pub use error::Error;
 pub use session::{Session, SessionState};

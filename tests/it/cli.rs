@@ -228,19 +228,38 @@ async fn render_dry_run_shows_a_diff_and_once_renders_and_reports_failures() {
     .expect("manifest");
     let m = manifest.to_str().expect("utf-8");
     let (status, out, err) = coord(&["render", m, "--dry-run"], None);
-    assert!(!status.success(), "a failed file fails the dry run too: {out}{err}");
-    assert!(out.contains("-port = 80") && out.contains("+port = 8080"), "{out}");
+    assert!(
+        !status.success(),
+        "a failed file fails the dry run too: {out}{err}"
+    );
+    assert!(
+        out.contains("-port = 80") && out.contains("+port = 8080"),
+        "{out}"
+    );
     assert!(out.contains("key `/app/missing` is missing"), "{out}");
-    assert_eq!(std::fs::read_to_string(&good).expect("good"), "port = 80\n", "dry run wrote");
+    assert_eq!(
+        std::fs::read_to_string(&good).expect("good"),
+        "port = 80\n",
+        "dry run wrote"
+    );
     let (status, out, _) = coord(&["render", m, "--once"], None);
     assert_eq!(status.code(), Some(1), "{out}");
-    assert!(out.contains(&format!("replaced   {}", good.display())), "{out}");
-    assert_eq!(std::fs::read_to_string(&good).expect("good"), "port = 8080\n");
+    assert!(
+        out.contains(&format!("replaced   {}", good.display())),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&good).expect("good"),
+        "port = 8080\n"
+    );
     assert!(!bad.exists());
     client.put("/app/missing", "x", None).await.expect("put");
     let (status, out, _) = coord(&["render", m, "--once"], None);
     assert!(status.success(), "{out}");
-    assert!(out.contains(&format!("unchanged  {}", good.display())), "{out}");
+    assert!(
+        out.contains(&format!("unchanged  {}", good.display())),
+        "{out}"
+    );
 }
 
 /// Needs `unshare` (util-linux) and the right to make a mount namespace
@@ -249,7 +268,10 @@ async fn render_dry_run_shows_a_diff_and_once_renders_and_reports_failures() {
 async fn a_bind_mounted_destination_is_written_in_place_and_says_so() {
     let etcd = etcd().await;
     let client = etcd.client().await;
-    client.put("/app/v", "new content", None).await.expect("put");
+    client
+        .put("/app/v", "new content", None)
+        .await
+        .expect("put");
     let dir = tempfile::tempdir().expect("tmp");
     let source = dir.path().join("source.conf");
     let dest = dir.path().join("dest.conf");
@@ -281,5 +303,8 @@ async fn a_bind_mounted_destination_is_written_in_place_and_says_so() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stderr.contains("writing in place"), "{stderr}");
     // The bind mount shared the inode: the source now holds the new content.
-    assert_eq!(std::fs::read_to_string(&source).expect("source"), "new content");
+    assert_eq!(
+        std::fs::read_to_string(&source).expect("source"),
+        "new content"
+    );
 }

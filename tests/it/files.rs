@@ -355,7 +355,7 @@ async fn one_changed_key_re_renders_only_the_files_that_depend_on_it() {
         ));
     }
     let m = Manifest::parse(&dir.path().join("agent.toml"), &text).expect("manifest");
-    let controller = FilesController::new();
+    let controller = FilesController::new("/coord");
     let stats = controller.stats();
     let (_specs_tx, specs) = watch::channel(m.files.clone());
     let runner = Arc::new(HookRunner::new("files", &[]).expect("hooks"));
@@ -401,7 +401,9 @@ async fn a_file_gets_its_mode_owner_backup_and_directories() {
     file_is(&out, "one").await;
     let meta = std::fs::metadata(&out).expect("stat");
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
-    let nobody = nix::unistd::User::from_name("nobody").expect("lookup").expect("user nobody");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("lookup")
+        .expect("user nobody");
     assert_eq!(meta.uid(), nobody.uid.as_raw());
     client.put("/app/secret", "two", None).await.expect("put");
     file_is(&out, "two").await;
@@ -424,19 +426,28 @@ async fn a_burst_of_changes_within_the_quiet_time_renders_once() {
         ),
     );
     let m = Manifest::parse(&dir.path().join("agent.toml"), &text).expect("manifest");
-    let controller = FilesController::new();
+    let controller = FilesController::new("/coord");
     let stats = controller.stats();
     let (_specs_tx, specs) = watch::channel(m.files.clone());
-    let (_hooks_tx, hooks) = watch::channel(Arc::new(HookRunner::new("files", &[]).expect("hooks")));
+    let (_hooks_tx, hooks) =
+        watch::channel(Arc::new(HookRunner::new("files", &[]).expect("hooks")));
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(controller.run(Cache::new(client.clone()), specs, hooks, cancel.clone()));
+    let task =
+        tokio::spawn(controller.run(Cache::new(client.clone()), specs, hooks, cancel.clone()));
     file_is(&out, "0").await;
     let before = stats.borrow().total_renders();
     for i in 1..=10 {
-        client.put("/burst/v", i.to_string(), None).await.expect("put");
+        client
+            .put("/burst/v", i.to_string(), None)
+            .await
+            .expect("put");
     }
     file_is(&out, "10").await;
-    assert_eq!(stats.borrow().total_renders(), before + 1, "ten quick changes, one render");
+    assert_eq!(
+        stats.borrow().total_renders(),
+        before + 1,
+        "ten quick changes, one render"
+    );
     cancel.cancel();
     task.await.expect("controller stops");
 }

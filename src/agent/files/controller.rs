@@ -74,18 +74,13 @@ impl std::fmt::Debug for FilesController {
     }
 }
 
-impl Default for FilesController {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl FilesController {
-    pub fn new() -> Self {
+    /// Files of an agent in `namespace` (templates' `service()` reads there).
+    pub fn new(namespace: &str) -> Self {
         FilesController {
             specs: Vec::new(),
             states: BTreeMap::new(),
-            renderer: Renderer::new(),
+            renderer: Renderer::new(namespace),
             stats: watch::Sender::new(FileStats::default()),
         }
     }

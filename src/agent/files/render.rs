@@ -65,6 +65,7 @@ pub struct Rendered {
 /// and kept until their source changes.
 pub struct Renderer {
     env: Environment<'static>,
+    namespace: String,
     /// Template source per destination, to recompile only on change.
     sources: HashMap<PathBuf, String>,
 }
@@ -77,18 +78,13 @@ impl std::fmt::Debug for Renderer {
     }
 }
 
-impl Default for Renderer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// The name under which the per-render data is passed to templates.
 const DATA: &str = "__coord_data";
 
 impl Renderer {
-    /// An engine with `key`, `key_or`, `keys`, `ls` and `json`.
-    pub fn new() -> Self {
+    /// An engine with `key`, `key_or`, `keys`, `ls`, `json` and
+    /// `service`, for an agent in `namespace`.
+    pub fn new(namespace: &str) -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         // Config files: a `{% for %}` on its own line leaves no blank line,
@@ -106,8 +102,10 @@ impl Renderer {
         env.add_function("keys", keys);
         env.add_function("ls", ls);
         env.add_function("json", json);
+        env.add_function("service", crate::agent::services::template_service);
         Renderer {
             env,
+            namespace: namespace.to_owned(),
             sources: HashMap::new(),
         }
     }
@@ -128,6 +126,7 @@ impl Renderer {
     ) -> Result<Rendered, RenderError> {
         let data = Arc::new(RenderData {
             snapshot: snapshot.clone(),
+            namespace: self.namespace.clone(),
             missing: spec.missing,
             deps: Mutex::default(),
             missing_key: Mutex::default(),
@@ -239,6 +238,7 @@ fn template_error(file: &Path, e: &minijinja::Error) -> RenderError {
 #[derive(Debug)]
 pub struct RenderData {
     snapshot: CacheSnapshot,
+    namespace: String,
     missing: MissingKeys,
     deps: Mutex<Deps>,
     missing_key: Mutex<Option<String>>,
@@ -258,6 +258,11 @@ impl RenderData {
                     "coord data is not available here",
                 )
             })
+    }
+
+    /// The agent's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     fn deps(&self) -> std::sync::MutexGuard<'_, Deps> {

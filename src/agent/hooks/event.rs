@@ -12,15 +12,7 @@ use serde::{Deserialize, Serialize};
 /// The schema version of [`Envelope`].
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// The health of a service instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Health {
-    Passing,
-    Warning,
-    Critical,
-    Maintenance,
-}
+pub use crate::registry::Health;
 
 /// Something that happened to one resource.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ mod diagnostics;
 mod file;
 mod hook;
 mod reader;
+mod service;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,14 +22,15 @@ pub use diagnostics::{Diagnostic, ManifestError};
 pub use file::{FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
 use reader::{TableReader, suggest};
+pub use service::{CheckKind, CheckSpec, ServiceSpec};
 
 use crate::etcd::{ConnectOptions, Password, TlsFiles};
 
 /// Sections a manifest may have. Others are rejected.
-const SECTIONS: &[&str] = &["agent", "etcd", "hook", "file"];
+const SECTIONS: &[&str] = &["agent", "etcd", "hook", "file", "service"];
 
 /// A validated manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
     /// Where it was read from (relative paths inside resolve against its
     /// directory).
@@ -41,6 +43,8 @@ pub struct Manifest {
     pub hooks: Vec<HookSpec>,
     /// `[[file]]`s, in file order, paths unique.
     pub files: Vec<FileSpec>,
+    /// `[[service]]`s, in file order, (name, id) unique.
+    pub services: Vec<ServiceSpec>,
 }
 
 /// A place in the manifest.
@@ -152,6 +156,8 @@ impl Manifest {
         };
         let hooks = hooks(&mut d, root, base);
         let files = files(&mut d, root, base, &hooks);
+        let agent_name = agent.as_ref().map_or_else(host_name, |a| a.name.clone());
+        let services = services(&mut d, root, &agent_name, &hooks);
         match (agent, etcd) {
             (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
                 path: path.to_owned(),
@@ -160,6 +166,7 @@ impl Manifest {
                 etcd,
                 hooks,
                 files,
+                services,
             }),
             _ => Err(d.into_error(path)),
         }
@@ -339,6 +346,34 @@ fn files(
     files
 }
 
+fn services(
+    d: &mut Diagnostics<'_>,
+    root: &DeTable<'_>,
+    agent: &str,
+    hooks: &[HookSpec],
+) -> Vec<ServiceSpec> {
+    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
+    let mut services: Vec<ServiceSpec> = Vec::new();
+    for t in tables(d, root, "service") {
+        let span = t.span_of("name");
+        let Some(s) = service::service(d, t, agent, &names) else {
+            continue;
+        };
+        if let Some(first) = services.iter().find(|o| o.name == s.name && o.id == s.id) {
+            d.error(
+                span,
+                format!(
+                    "instance `{}` of service `{}` is declared twice (first at line {}); give one an `id`",
+                    s.id, s.name, first.location.line
+                ),
+            );
+            continue;
+        }
+        services.push(s);
+    }
+    services
+}
+
 fn agent_settings(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option<AgentSettings> {
     let before = d.len();
     let name = t.optional::<String>(d, "name");
@@ -512,6 +547,20 @@ impl fmt::Display for Summary<'_> {
             if m.etcd.endpoints.len() == 1 { "" } else { "s" },
             m.etcd.endpoints.join(", ")
         )?;
+        for s in &m.services {
+            let check = match s.check.as_ref().map(|c| &c.kind) {
+                None => "no check".to_owned(),
+                Some(CheckKind::Http(u)) => format!("http {u}"),
+                Some(CheckKind::Tcp(a)) => format!("tcp {a}"),
+                Some(CheckKind::Exec(argv)) => format!("exec {}", argv.join(" ")),
+                Some(CheckKind::Ttl(t)) => format!("ttl {}", humantime::format_duration(*t)),
+            };
+            write!(
+                f,
+                "\n  service {}/{} at {} ({check})",
+                s.name, s.id, s.address
+            )?;
+        }
         for file in &m.files {
             let from = match &file.source {
                 FileSource::Template(p) => format!("template {}", p.display()),

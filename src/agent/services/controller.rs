@@ -1,0 +1,443 @@
+//! Keeps the host's service instances registered, with their health.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::check::{CheckResult, run as run_check};
+use crate::agent::hooks::{Event, HookRunner};
+use crate::agent::manifest::{CheckKind, ServiceSpec};
+use crate::etcd::{Backoff, Cache, Client, LeaseId, Op, SessionState, Subscription};
+use crate::registry::{self, Endpoint, Health, HealthRecord};
+
+type Key = (String, String);
+
+/// Counters for status and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Effective health per `service/instance`.
+    pub health: BTreeMap<String, Health>,
+    /// Batches written to etcd.
+    pub writes: u64,
+}
+
+struct Instance {
+    spec: ServiceSpec,
+    /// What the checks say (maintenance is applied on top).
+    check: Health,
+    output: String,
+    passes: u32,
+    fails: u32,
+    /// The published status and since when.
+    effective: Option<Health>,
+    since: String,
+    /// When a TTL check last heard from its reporter, and the revision of
+    /// that report.
+    ttl_seen: Instant,
+    report_revision: i64,
+    checker: Option<JoinHandle<()>>,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(task) = self.checker.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Instance {
+    fn new(spec: ServiceSpec, results: &mpsc::UnboundedSender<(Key, CheckResult)>) -> Self {
+        let check = spec.check.as_ref().map_or(Health::Passing, |c| c.initial);
+        let checker = spec.check.as_ref().and_then(|c| {
+            if matches!(c.kind, CheckKind::Ttl(_)) {
+                return None;
+            }
+            let key = (spec.name.clone(), spec.id.clone());
+            let (kind, interval, timeout) = (c.kind.clone(), c.interval, c.timeout);
+            let tx = results.clone();
+            Some(tokio::spawn(async move {
+                loop {
+                    let result = run_check(&kind, timeout).await;
+                    if tx.send((key.clone(), result)).is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+            }))
+        });
+        Instance {
+            spec,
+            check,
+            output: String::new(),
+            passes: 0,
+            fails: 0,
+            effective: None,
+            since: now(),
+            ttl_seen: Instant::now(),
+            report_revision: 0,
+            checker,
+        }
+    }
+
+    /// Applies a result with the thresholds: `successes` good results in a
+    /// row to recover from critical, `failures` bad ones to become critical.
+    fn apply(&mut self, result: CheckResult) {
+        let (successes, failures) = self
+            .spec
+            .check
+            .as_ref()
+            .map_or((1, 1), |c| (c.successes, c.failures));
+        match result.status {
+            Health::Critical => {
+                self.passes = 0;
+                self.fails += 1;
+                if self.check == Health::Critical || self.fails >= failures {
+                    self.check = Health::Critical;
+                }
+            }
+            good => {
+                self.fails = 0;
+                self.passes += 1;
+                if self.check != Health::Critical || self.passes >= successes {
+                    self.check = good;
+                }
+            }
+        }
+        self.output = result.output;
+    }
+
+    fn ttl_deadline(&self) -> Option<Instant> {
+        match self.spec.check.as_ref().map(|c| &c.kind) {
+            Some(CheckKind::Ttl(ttl)) if self.check != Health::Critical => {
+                Some(self.ttl_seen + *ttl)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// The services resource kind.
+pub struct ServicesController {
+    client: Client,
+    cache: Cache,
+    namespace: String,
+    agent: String,
+    stats: watch::Sender<ServiceStats>,
+}
+
+impl std::fmt::Debug for ServicesController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServicesController")
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cache views the controller needs, present while there are services.
+struct Views {
+    endpoints: Subscription,
+    health: Subscription,
+    maint: Subscription,
+    checks: Subscription,
+}
+
+impl Views {
+    fn ready(&self) -> bool {
+        self.endpoints.is_ready()
+            && self.health.is_ready()
+            && self.maint.is_ready()
+            && self.checks.is_ready()
+    }
+}
+
+impl ServicesController {
+    pub fn new(client: Client, cache: Cache, namespace: &str, agent: &str) -> Self {
+        ServicesController {
+            client,
+            cache,
+            namespace: namespace.to_owned(),
+            agent: agent.to_owned(),
+            stats: watch::Sender::new(ServiceStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> watch::Receiver<ServiceStats> {
+        self.stats.subscribe()
+    }
+
+    fn maint_prefix(&self) -> String {
+        registry::maintenance_key(&self.namespace, &self.agent, None)
+    }
+
+    pub async fn run(
+        self,
+        mut session: watch::Receiver<SessionState>,
+        mut specs: watch::Receiver<Vec<ServiceSpec>>,
+        hooks: watch::Receiver<Arc<HookRunner>>,
+        cancel: CancellationToken,
+    ) {
+        let (results_tx, mut results) = mpsc::unbounded_channel::<(Key, CheckResult)>();
+        let mut instances: BTreeMap<Key, Instance> = BTreeMap::new();
+        let mut views: Option<Views> = None;
+        let mut lease = session.borrow_and_update().lease();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut retry_at: Option<Instant> = None;
+        let mut removed: Vec<Key> = Vec::new();
+        let mut wanted = specs.borrow_and_update().clone();
+        loop {
+            // Bring the instances in line with the manifest.
+            let keep: BTreeMap<Key, &ServiceSpec> = wanted
+                .iter()
+                .map(|s| ((s.name.clone(), s.id.clone()), s))
+                .collect();
+            let gone: Vec<Key> = instances
+                .keys()
+                .filter(|k| !keep.contains_key(*k))
+                .cloned()
+                .collect();
+            for k in gone {
+                instances.remove(&k);
+                removed.push(k);
+            }
+            for (k, spec) in &keep {
+                if instances.get(k).is_none_or(|i| &i.spec != *spec) {
+                    instances.insert(k.clone(), Instance::new((*spec).clone(), &results_tx));
+                }
+            }
+            if instances.is_empty() && removed.is_empty() {
+                views = None;
+            } else if views.is_none() {
+                views = Some(Views {
+                    endpoints: self
+                        .cache
+                        .subscribe(&registry::services_prefix(&self.namespace)),
+                    health: self
+                        .cache
+                        .subscribe(&registry::health_prefix(&self.namespace)),
+                    maint: self.cache.subscribe(&self.maint_prefix()),
+                    checks: self
+                        .cache
+                        .subscribe(&registry::checks_prefix(&self.namespace)),
+                });
+            }
+            // Invariant 1: nothing is written before every view has been read.
+            let ready = views.as_ref().is_some_and(Views::ready);
+            if ready
+                && let (Some(v), Some(l)) = (&views, lease)
+                && retry_at.is_none_or(|at| at <= Instant::now())
+            {
+                let runner = hooks.borrow().clone();
+                match self
+                    .reconcile(v, l, &mut instances, &removed, &runner)
+                    .await
+                {
+                    Ok(()) => {
+                        removed.clear();
+                        retry_at = None;
+                        backoff.reset();
+                    }
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        warn!(error = %e, retry_in = ?wait, "Could not register services.");
+                        retry_at = Some(Instant::now() + wait);
+                    }
+                }
+            }
+            let ttl_due = instances.values().filter_map(Instance::ttl_deadline).min();
+            let wake = [ttl_due, retry_at].into_iter().flatten().min();
+            let view_ready = views.as_ref().map(|v| {
+                let futs = [
+                    v.endpoints.ready(),
+                    v.health.ready(),
+                    v.maint.ready(),
+                    v.checks.ready(),
+                ];
+                async move {
+                    for f in futs {
+                        f.await;
+                    }
+                }
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = session.changed() => {
+                    if changed.is_err() { return; }
+                    lease = session.borrow_and_update().lease();
+                }
+                changed = specs.changed() => {
+                    if changed.is_err() { return; }
+                    wanted = specs.borrow_and_update().clone();
+                }
+                Some((key, result)) = results.recv() => {
+                    if let Some(inst) = instances.get_mut(&key) {
+                        inst.apply(result);
+                    }
+                }
+                _ = async { match view_ready { Some(f) => f.await, None => std::future::pending().await } }, if !ready => {}
+                _ = async { sleep_until(wake.unwrap_or_else(Instant::now)).await }, if wake.is_some() => {
+                    let now = Instant::now();
+                    for inst in instances.values_mut() {
+                        if inst.ttl_deadline().is_some_and(|d| d <= now) {
+                            inst.apply(CheckResult { status: Health::Critical, output: "TTL expired: no report in time".into() });
+                            inst.check = Health::Critical;
+                        }
+                    }
+                }
+                reports = next_change(views.as_mut()) => {
+                    if reports && let Some(v) = &views {
+                        self.take_reports(&v.checks, &mut instances);
+                    }
+                }
+            }
+        }
+    }
+
+    /// TTL reports from `coord services pass|warn|fail`.
+    fn take_reports(&self, checks: &Subscription, instances: &mut BTreeMap<Key, Instance>) {
+        for inst in instances.values_mut() {
+            if !matches!(
+                inst.spec.check.as_ref().map(|c| &c.kind),
+                Some(CheckKind::Ttl(_))
+            ) {
+                continue;
+            }
+            let key = registry::check_key(&self.namespace, &inst.spec.name, &inst.spec.id);
+            let Some(kv) = checks.get(&key) else { continue };
+            if kv.mod_revision <= inst.report_revision {
+                continue;
+            }
+            inst.report_revision = kv.mod_revision;
+            let Some(report) = registry::parse_report(&kv) else {
+                continue;
+            };
+            inst.ttl_seen = Instant::now();
+            // The reporter is authoritative: no thresholds.
+            inst.check = report.status;
+            inst.output = report.output;
+        }
+    }
+
+    async fn reconcile(
+        &self,
+        views: &Views,
+        lease: LeaseId,
+        instances: &mut BTreeMap<Key, Instance>,
+        removed: &[Key],
+        hooks: &Arc<HookRunner>,
+    ) -> Result<(), crate::etcd::Error> {
+        let ns = &self.namespace;
+        let agent_maint = views.maint.get(&self.maint_prefix()).is_some();
+        let mut ops = Vec::new();
+        for ((service, id), inst) in instances.iter_mut() {
+            let maint = agent_maint
+                || views
+                    .maint
+                    .get(&registry::maintenance_key(ns, &self.agent, Some(service)))
+                    .is_some();
+            let effective = if maint {
+                Health::Maintenance
+            } else {
+                inst.check
+            };
+            if inst.effective != Some(effective) {
+                let old = inst.effective;
+                inst.effective = Some(effective);
+                inst.since = now();
+                info!(service = %service, instance = %id, old = ?old, new = effective.name(), output = %inst.output, "Service health changed.");
+                if !inst.spec.on_change.is_empty() {
+                    hooks.fire(
+                        &inst.spec.on_change,
+                        &Event::ServiceHealthChanged {
+                            service: service.clone(),
+                            instance: id.clone(),
+                            old,
+                            new: effective,
+                        },
+                    );
+                }
+                self.stats.send_modify(|s| {
+                    s.health.insert(format!("{service}/{id}"), effective);
+                });
+            }
+            let record = HealthRecord {
+                status: effective,
+                output: inst.output.clone(),
+                agent: self.agent.clone(),
+                addr: inst.spec.address.clone(),
+                metadata: inst.spec.metadata.clone(),
+                since: inst.since.clone(),
+            };
+            let health_key = registry::health_key(ns, service, id);
+            let value = serde_json::to_vec(&record).unwrap_or_default();
+            if views
+                .health
+                .get(&health_key)
+                .is_none_or(|kv| kv.value != value || kv.lease != Some(lease))
+            {
+                ops.push(Op::Put {
+                    key: health_key,
+                    value,
+                    lease: Some(lease),
+                });
+            }
+            let endpoint_key = registry::endpoint_key(ns, service, id);
+            let observed = views.endpoints.get(&endpoint_key);
+            if effective.serves() {
+                let endpoint = Endpoint {
+                    addr: inst.spec.address.clone(),
+                    metadata: inst.spec.metadata.clone(),
+                };
+                let value = serde_json::to_vec(&endpoint).unwrap_or_default();
+                if observed.is_none_or(|kv| kv.value != value || kv.lease != Some(lease)) {
+                    ops.push(Op::Put {
+                        key: endpoint_key,
+                        value,
+                        lease: Some(lease),
+                    });
+                }
+            } else if observed.is_some() {
+                ops.push(Op::Delete { key: endpoint_key });
+            }
+        }
+        for (service, id) in removed {
+            info!(service = %service, instance = %id, "Service instance removed from the manifest; deregistering.");
+            ops.push(Op::Delete {
+                key: registry::endpoint_key(ns, service, id),
+            });
+            ops.push(Op::Delete {
+                key: registry::health_key(ns, service, id),
+            });
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        debug!(writes = ops.len(), lease = %lease, "Registering services.");
+        self.client.apply(&ops).await?;
+        self.stats.send_modify(|s| s.writes += 1);
+        Ok(())
+    }
+}
+
+/// Waits for a change in any view; `true` when it is a TTL report.
+async fn next_change(views: Option<&mut Views>) -> bool {
+    let Some(v) = views else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = v.checks.recv() => true,
+        _ = v.maint.recv() => false,
+        _ = v.endpoints.recv() => false,
+        _ = v.health.recv() => false,
+    }
+}

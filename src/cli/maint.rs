@@ -1,0 +1,54 @@
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+
+use super::connection::EtcdArgs;
+use coord::registry;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Debug, Args)]
+pub struct MaintArgs {
+    /// `on` withdraws the instances from discovery, `off` restores them.
+    #[arg(value_enum)]
+    switch: Switch,
+    /// `agent` (all its services) or `agent/service`.
+    target: String,
+    /// Why, shown to whoever looks.
+    #[arg(long, default_value = "")]
+    reason: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+pub async fn maint(args: MaintArgs) -> anyhow::Result<ExitCode> {
+    let (client, namespace) = args.etcd.connect().await?;
+    let (agent, service) = match args.target.split_once('/') {
+        Some((a, s)) => (a, Some(s)),
+        None => (args.target.as_str(), None),
+    };
+    match args.switch {
+        Switch::On => {
+            registry::start_maintenance(&client, &namespace, agent, service, &args.reason)
+                .await
+                .with_context(|| format!("failed to put `{}` in maintenance", args.target))?;
+            println!("{}: maintenance on", args.target);
+        }
+        Switch::Off => {
+            let was = registry::end_maintenance(&client, &namespace, agent, service)
+                .await
+                .with_context(|| format!("failed to end maintenance of `{}`", args.target))?;
+            println!(
+                "{}: maintenance off{}",
+                args.target,
+                if was { "" } else { " (it was not on)" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

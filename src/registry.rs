@@ -1,0 +1,445 @@
+//! Service registry and discovery.
+//!
+//! An instance that may receive traffic is listed under
+//! `<namespace>/services/<service>/<instance>` with the value
+//! `{"Addr": "host:port", "Metadata": {…}}` — the format of gRPC-go's etcd
+//! resolver, so Go clients dialling `etcd:///coord/services/<service>`
+//! discover coord services unchanged. Its health lives beside it under
+//! `<namespace>/health/<service>/<instance>`, so an instance withdrawn from
+//! discovery (critical, or in maintenance) stays visible. Both hang off the
+//! registering agent's session lease.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::etcd::{CacheSnapshot, Client, Error, KeyValue, LeaseId};
+
+/// The health of a service instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    Passing,
+    Warning,
+    Critical,
+    Maintenance,
+}
+
+impl Health {
+    /// Whether an instance in this state is listed for discovery.
+    pub fn serves(self) -> bool {
+        matches!(self, Health::Passing | Health::Warning)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+            Health::Maintenance => "maintenance",
+        }
+    }
+}
+
+/// An instance as listed for discovery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Endpoint {
+    #[serde(rename = "Addr")]
+    pub addr: String,
+    #[serde(
+        rename = "Metadata",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// An instance's health record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    pub status: Health,
+    /// What the last check said (HTTP status, command output, …).
+    #[serde(default)]
+    pub output: String,
+    /// The agent that runs the instance.
+    pub agent: String,
+    /// The instance's address (also when withdrawn from discovery).
+    pub addr: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+    /// When the status last changed, RFC 3339.
+    pub since: String,
+}
+
+/// One instance with everything known about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub service: String,
+    pub id: String,
+    /// Present while the instance is listed for discovery.
+    pub endpoint: Option<Endpoint>,
+    pub health: Option<HealthRecord>,
+}
+
+impl Instance {
+    /// The address, from discovery or from the health record.
+    pub fn addr(&self) -> Option<&str> {
+        self.endpoint
+            .as_ref()
+            .map(|e| e.addr.as_str())
+            .or_else(|| self.health.as_ref().map(|h| h.addr.as_str()))
+    }
+
+    /// The instance's metadata, from discovery or from the health record.
+    pub fn metadata(&self) -> Option<&BTreeMap<String, serde_json::Value>> {
+        self.endpoint
+            .as_ref()
+            .map(|e| &e.metadata)
+            .or_else(|| self.health.as_ref().map(|h| &h.metadata))
+    }
+
+    /// `weight` from the metadata (a number, or a string holding one), 1
+    /// when absent.
+    pub fn weight(&self) -> u32 {
+        self.metadata()
+            .and_then(|m| m.get("weight"))
+            .and_then(|w| match w {
+                serde_json::Value::Number(n) => n.as_u64(),
+                serde_json::Value::String(s) => s.parse().ok(),
+                _ => None,
+            })
+            .map_or(1, |w| w.min(u64::from(u32::MAX)) as u32)
+    }
+
+    /// Whether it is listed for discovery.
+    pub fn is_listed(&self) -> bool {
+        self.endpoint.is_some()
+    }
+}
+
+/// `<namespace>/services/`.
+pub fn services_prefix(namespace: &str) -> String {
+    format!("{}/services/", namespace.trim_end_matches('/'))
+}
+
+/// `<namespace>/health/`.
+pub fn health_prefix(namespace: &str) -> String {
+    format!("{}/health/", namespace.trim_end_matches('/'))
+}
+
+/// `<namespace>/services/<service>/<instance>`.
+pub fn endpoint_key(namespace: &str, service: &str, id: &str) -> String {
+    format!("{}{service}/{id}", services_prefix(namespace))
+}
+
+/// `<namespace>/health/<service>/<instance>`.
+pub fn health_key(namespace: &str, service: &str, id: &str) -> String {
+    format!("{}{service}/{id}", health_prefix(namespace))
+}
+
+/// `<namespace>/checks/`: where TTL checks are reported.
+pub fn checks_prefix(namespace: &str) -> String {
+    format!("{}/checks/", namespace.trim_end_matches('/'))
+}
+
+/// `<namespace>/checks/<service>/<instance>`.
+pub fn check_key(namespace: &str, service: &str, id: &str) -> String {
+    format!("{}{service}/{id}", checks_prefix(namespace))
+}
+
+/// `<namespace>/maint/<agent>` (the whole agent) or
+/// `<namespace>/maint/<agent>/<service>`.
+pub fn maintenance_key(namespace: &str, agent: &str, service: Option<&str>) -> String {
+    let base = format!("{}/maint/{agent}", namespace.trim_end_matches('/'));
+    match service {
+        Some(s) => format!("{base}/{s}"),
+        None => base,
+    }
+}
+
+/// A TTL check's report, written by whoever watches the instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub status: Health,
+    #[serde(default)]
+    pub output: String,
+}
+
+/// Parses a TTL report.
+pub fn parse_report(kv: &KeyValue) -> Option<CheckReport> {
+    serde_json::from_slice(&kv.value).ok()
+}
+
+/// Reports a TTL check's result (no lease: the reporter may be a cron job).
+pub async fn report_check(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    id: &str,
+    report: &CheckReport,
+) -> Result<(), Error> {
+    client
+        .put(&check_key(namespace, service, id), json(report), None)
+        .await
+        .map(|_| ())
+}
+
+/// Why an agent or one of its services is in maintenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Maintenance {
+    pub reason: String,
+    /// When it was set, RFC 3339.
+    pub since: String,
+}
+
+/// Puts an agent (or one service on it) in maintenance: its instances are
+/// withdrawn from discovery until [`end_maintenance`].
+pub async fn start_maintenance(
+    client: &Client,
+    namespace: &str,
+    agent: &str,
+    service: Option<&str>,
+    reason: &str,
+) -> Result<(), Error> {
+    let record = Maintenance {
+        reason: reason.to_owned(),
+        since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    client
+        .put(
+            &maintenance_key(namespace, agent, service),
+            json(&record),
+            None,
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Ends maintenance; returns whether it was on.
+pub async fn end_maintenance(
+    client: &Client,
+    namespace: &str,
+    agent: &str,
+    service: Option<&str>,
+) -> Result<bool, Error> {
+    Ok(client
+        .delete(&maintenance_key(namespace, agent, service))
+        .await?
+        > 0)
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Maps of strings and JSON values always serialise.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Lists `endpoint` for discovery on `lease`.
+pub async fn list(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    id: &str,
+    endpoint: &Endpoint,
+    lease: LeaseId,
+) -> Result<(), Error> {
+    client
+        .put(
+            &endpoint_key(namespace, service, id),
+            json(endpoint),
+            Some(lease),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Withdraws an instance from discovery (its health record stays).
+pub async fn unlist(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    id: &str,
+) -> Result<(), Error> {
+    client
+        .delete(&endpoint_key(namespace, service, id))
+        .await
+        .map(|_| ())
+}
+
+/// Writes an instance's health record on `lease`.
+pub async fn report(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    id: &str,
+    record: &HealthRecord,
+    lease: LeaseId,
+) -> Result<(), Error> {
+    client
+        .put(
+            &health_key(namespace, service, id),
+            json(record),
+            Some(lease),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Removes an instance entirely: discovery entry and health record.
+pub async fn deregister(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    id: &str,
+) -> Result<(), Error> {
+    client.delete(&endpoint_key(namespace, service, id)).await?;
+    client.delete(&health_key(namespace, service, id)).await?;
+    Ok(())
+}
+
+/// Parses a discovery value; `None` for values coord cannot read.
+pub fn parse_endpoint(kv: &KeyValue) -> Option<Endpoint> {
+    serde_json::from_slice(&kv.value).ok()
+}
+
+/// Parses a health value.
+pub fn parse_health(kv: &KeyValue) -> Option<HealthRecord> {
+    serde_json::from_slice(&kv.value).ok()
+}
+
+/// `(service, instance)` of a key under `prefix`.
+fn split<'a>(key: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    let rest = key.strip_prefix(prefix)?;
+    let (service, id) = rest.split_once('/')?;
+    (!service.is_empty() && !id.is_empty() && !id.contains('/')).then_some((service, id))
+}
+
+/// Every instance of every service (or of `service`), from the discovery
+/// and health prefixes.
+pub fn instances(
+    namespace: &str,
+    service: Option<&str>,
+    endpoints: impl IntoIterator<Item = KeyValue>,
+    health: impl IntoIterator<Item = KeyValue>,
+) -> Vec<Instance> {
+    let sp = services_prefix(namespace);
+    let hp = health_prefix(namespace);
+    let mut out: BTreeMap<(String, String), Instance> = BTreeMap::new();
+    let wanted = |s: &str| service.is_none_or(|w| w == s);
+    for kv in endpoints {
+        if let Some((s, id)) = split(&kv.key, &sp).filter(|(s, _)| wanted(s)) {
+            out.entry((s.to_owned(), id.to_owned()))
+                .or_insert_with(|| blank(s, id))
+                .endpoint = parse_endpoint(&kv);
+        }
+    }
+    for kv in health {
+        if let Some((s, id)) = split(&kv.key, &hp).filter(|(s, _)| wanted(s)) {
+            out.entry((s.to_owned(), id.to_owned()))
+                .or_insert_with(|| blank(s, id))
+                .health = parse_health(&kv);
+        }
+    }
+    out.into_values().collect()
+}
+
+fn blank(service: &str, id: &str) -> Instance {
+    Instance {
+        service: service.to_owned(),
+        id: id.to_owned(),
+        endpoint: None,
+        health: None,
+    }
+}
+
+/// Every instance, read from etcd (`service` limits it to one service).
+pub async fn read(
+    client: &Client,
+    namespace: &str,
+    service: Option<&str>,
+) -> Result<Vec<Instance>, Error> {
+    let scope = |prefix: String| match service {
+        Some(s) => format!("{prefix}{s}/"),
+        None => prefix,
+    };
+    let endpoints = client
+        .get_prefix(&scope(services_prefix(namespace)))
+        .await?;
+    let health = client.get_prefix(&scope(health_prefix(namespace))).await?;
+    Ok(instances(namespace, service, endpoints.kvs, health.kvs))
+}
+
+/// The instances listed for discovery of `service` in a cache snapshot of
+/// the whole namespace (or keyspace).
+pub fn listed_in(snapshot: &CacheSnapshot, namespace: &str, service: &str) -> Vec<Instance> {
+    let sp = format!("{}{service}/", services_prefix(namespace));
+    let hp = format!("{}{service}/", health_prefix(namespace));
+    instances(
+        namespace,
+        Some(service),
+        snapshot.under(&sp).cloned().collect::<Vec<_>>(),
+        snapshot.under(&hp).cloned().collect::<Vec<_>>(),
+    )
+}
+
+/// How a caller picks one instance among the listed ones.
+#[derive(Debug)]
+pub enum Picker {
+    /// Each in turn.
+    RoundRobin(AtomicUsize),
+    /// Uniformly at random.
+    Random,
+    /// At random, in proportion to the `weight` metadata (default 1).
+    Weighted,
+}
+
+impl Picker {
+    pub fn round_robin() -> Self {
+        Picker::RoundRobin(AtomicUsize::new(0))
+    }
+
+    /// One of the listed instances, or `None` when none is.
+    ///
+    /// ```
+    /// use coord::registry::{Endpoint, Instance, Picker};
+    /// let inst = |id: &str| Instance {
+    ///     service: "api".into(),
+    ///     id: id.into(),
+    ///     endpoint: Some(Endpoint { addr: format!("{id}:80"), metadata: Default::default() }),
+    ///     health: None,
+    /// };
+    /// let all = [inst("a"), inst("b")];
+    /// let rr = Picker::round_robin();
+    /// assert_eq!(rr.pick(&all).map(|i| i.id.as_str()), Some("a"));
+    /// assert_eq!(rr.pick(&all).map(|i| i.id.as_str()), Some("b"));
+    /// ```
+    pub fn pick<'a>(&self, instances: &'a [Instance]) -> Option<&'a Instance> {
+        let listed: Vec<&Instance> = instances.iter().filter(|i| i.is_listed()).collect();
+        if listed.is_empty() {
+            return None;
+        }
+        match self {
+            Picker::RoundRobin(next) => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % listed.len();
+                Some(listed[i])
+            }
+            Picker::Random => Some(listed[rand::random_range(0..listed.len())]),
+            Picker::Weighted => {
+                let total: u64 = listed.iter().map(|i| u64::from(i.weight())).sum();
+                if total == 0 {
+                    return None;
+                }
+                let mut ticket = rand::random_range(0..total);
+                listed.into_iter().find(|i| {
+                    let w = u64::from(i.weight());
+                    if ticket < w {
+                        true
+                    } else {
+                        ticket -= w;
+                        false
+                    }
+                })
+            }
+        }
+    }
+}
