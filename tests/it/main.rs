@@ -14,3 +14,4 @@ mod presence;
 mod reconcile;
 mod session;
 mod tls;
+mod wasm;
