@@ -166,7 +166,8 @@ impl WasmHost {
     /// checked before a call is checked here: that the file is a component,
     /// that it implements one of the worlds of `coord:hooks@0.1.0`, that its
     /// imports are ones the agent provides and that the granted directories
-    /// exist.
+    /// exist. A component that exports both worlds' interfaces is taken as
+    /// an event hook.
     ///
     /// Compiling takes tens of milliseconds (far more in a debug build):
     /// from async code, call it on a blocking thread.
@@ -431,6 +432,8 @@ impl WasmPlugin {
     /// `timeout`. An event hook takes every event but `validate-file`; a
     /// validator takes only `validate-file`, whose content it receives as
     /// the staged bytes, and its veto is [`Outcome::Vetoed`].
+    ///
+    /// Runs on the calling task; it needs a tokio runtime with timers.
     pub async fn call(&self, envelope: &Envelope, timeout: Duration) -> Result<Outcome, HookError> {
         let input = match (&self.inner.template, &envelope.event) {
             (Template::Validator(_), Event::ValidateFile { path, content, .. }) => {
