@@ -461,7 +461,12 @@ impl WasmPlugin {
         // Ticks only while some call runs: an idle agent has no timer thread
         // waking up.
         let _ticking = self.inner.host.ticker.active();
-        let deadline = Instant::now() + timeout;
+        let now = Instant::now();
+        // An absurd timeout must not overflow (and panic): a year is forever
+        // for a hook.
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
         // The epoch deadline stops wasm code; the tokio timeout also stops a
         // plugin waiting in a host call (a WASI sleep or socket), where no
         // epoch check runs.
