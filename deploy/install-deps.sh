@@ -4,6 +4,8 @@
 #   etcd     (etcd-server)        the tests, `coord dev` and the quickstart run it
 #   etcdctl  (etcd-client)        the peer side of tests and benchmarks
 #   protoc   (protobuf-compiler)  etcd-client's build compiles etcd's .proto files
+# and, with rustup, the wasm32-wasip2 target (the WASM hook tests build the
+# plugins in plugins/ for it).
 # Rust itself comes from rustup (Debian's rustc is too old); see README.md.
 set -euo pipefail
 
@@ -23,4 +25,13 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "install-deps: cargo not found. Install Rust with rustup (https://rustup.rs), then run this again." >&2
   exit 1
+fi
+
+if [ ! -d "$(rustc --print sysroot)/lib/rustlib/wasm32-wasip2" ]; then
+  if command -v rustup >/dev/null 2>&1; then
+    echo "install-deps: adding the wasm32-wasip2 target" >&2
+    rustup target add wasm32-wasip2
+  else
+    echo "install-deps: the wasm32-wasip2 target is missing and rustup is not here to add it; the WASM hook tests will fail." >&2
+  fi
 fi

@@ -16,3 +16,4 @@ mod presence;
 mod reconcile;
 mod session;
 mod tls;
+mod wasm;

@@ -169,3 +169,65 @@ pub fn coord(args: &[&str], cwd: Option<&Path>) -> (ExitStatus, String, String) 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// The compiled plugins of `plugins/` (components for `wasm32-wasip2`).
+pub struct Plugins {
+    pub log_events: PathBuf,
+    pub validate_config: PathBuf,
+    pub misbehave: PathBuf,
+}
+
+/// Builds the plugins workspace once per test process (release, for
+/// `wasm32-wasip2`) and returns the components, or fails saying how to get
+/// what is missing.
+pub fn plugins() -> &'static Plugins {
+    static PLUGINS: std::sync::OnceLock<Result<Plugins, String>> = std::sync::OnceLock::new();
+    match PLUGINS.get_or_init(build_plugins) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn build_plugins() -> Result<Plugins, String> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("cannot run rustc to find the wasm32-wasip2 target: {e}"))?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if !sysroot.join("lib/rustlib/wasm32-wasip2").is_dir() {
+        return Err(
+            "the wasm32-wasip2 Rust target is not installed; install it with:\n    rustup target add wasm32-wasip2"
+                .to_owned(),
+        );
+    }
+    let root = repo_root();
+    let target_dir = root.join("plugins/target");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--locked",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+        ])
+        .arg("--manifest-path")
+        .arg(root.join("plugins/Cargo.toml"))
+        // Whatever target dir the tests were built in, the plugins have theirs.
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .output()
+        .map_err(|e| format!("cannot run cargo to build the plugins: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the plugins failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let dir = target_dir.join("wasm32-wasip2/release");
+    Ok(Plugins {
+        log_events: dir.join("log_events.wasm"),
+        validate_config: dir.join("validate_config.wasm"),
+        misbehave: dir.join("misbehave.wasm"),
+    })
+}

@@ -7,12 +7,14 @@
 mod event;
 mod exec;
 mod runner;
+mod wasm;
 
 use std::time::Duration;
 
 pub use event::{Envelope, Event, Health, SCHEMA_VERSION};
 pub use exec::ExecHook;
 pub use runner::{HookRunner, HookStats, Runnable};
+pub use wasm::{WIT_VERSION, WasmHost, WasmHostError, WasmPlugin, World};
 
 /// What a successful hook run said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,15 @@ pub enum HookError {
     MemoryLimit { hook: String, limit: u64 },
     #[error("hook `{hook}` returned an error: {message}")]
     Plugin { hook: String, message: String },
+    /// The event is not one this hook takes (a validator given anything
+    /// but `validate-file`, or an event hook given `validate-file`): a
+    /// wiring mistake that retrying cannot fix.
+    #[error("hook `{hook}` takes {takes}, not `{event}`")]
+    WrongEvent {
+        hook: String,
+        event: String,
+        takes: &'static str,
+    },
     #[error("hook `{hook}` could not be loaded from `{path}`: {message}")]
     Load {
         hook: String,
@@ -61,7 +72,8 @@ impl HookError {
             | HookError::Trap { hook, .. }
             | HookError::MemoryLimit { hook, .. }
             | HookError::Plugin { hook, .. }
-            | HookError::Load { hook, .. } => hook,
+            | HookError::Load { hook, .. }
+            | HookError::WrongEvent { hook, .. } => hook,
         }
     }
 }
