@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::files::FilesController;
-use super::hooks::{HookError, HookRunner};
-use super::manifest::{FileSpec, Manifest, PasswordError, ServiceSpec};
+use super::hooks::{CacheKeys, HookError, HookRunner, KeyReader};
+use super::manifest::{FileSpec, HookAction, Manifest, PasswordError, ServiceSpec};
 use super::reconciler::{Desired, Reconciler};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
@@ -65,6 +65,7 @@ pub struct RunOptions {
 /// change has to rebuild.
 struct Connected {
     session: Session,
+    cache: Cache,
     desired: watch::Sender<Desired>,
     reconciler: tokio::task::JoinHandle<()>,
     files: tokio::task::JoinHandle<()>,
@@ -77,6 +78,8 @@ struct Shared {
     hooks: watch::Sender<Arc<HookRunner>>,
     files: watch::Sender<Vec<FileSpec>>,
     services: watch::Sender<Vec<ServiceSpec>>,
+    /// What WASM hooks read, re-pointed at each connection's cache.
+    keys: Arc<CacheKeys>,
 }
 
 impl Connected {
@@ -110,14 +113,16 @@ impl Connected {
             shared.hooks.subscribe(),
             stop.clone(),
         ));
+        shared.keys.follow(&cache, &read_prefixes(manifest));
         let files = tokio::spawn(FilesController::new(&manifest.agent.namespace).run(
-            cache,
+            cache.clone(),
             shared.files.subscribe(),
             shared.hooks.subscribe(),
             stop.clone(),
         ));
         Ok(Connected {
             session,
+            cache,
             desired,
             reconciler,
             files,
@@ -152,18 +157,47 @@ fn desired_state(manifest: &Manifest, started_at: &str) -> Desired {
 }
 
 /// Prepares the manifest's hooks (WASM components are compiled and checked
-/// here, so a bad plugin is found when the manifest is loaded).
-fn hook_runner(manifest: &Manifest) -> Result<Arc<HookRunner>, AgentError> {
-    HookRunner::new(&manifest.agent.name, &manifest.hooks)
-        .map(Arc::new)
-        .map_err(|source| {
-            let location = hook_location(manifest, &source);
-            AgentError::Hook {
-                path: manifest.path.clone(),
-                location,
-                source,
-            }
+/// here, on a blocking thread, so a bad plugin is found when the manifest is
+/// loaded).
+async fn hook_runner(
+    manifest: &Manifest,
+    keys: &Arc<CacheKeys>,
+) -> Result<Arc<HookRunner>, AgentError> {
+    let m = manifest.clone();
+    let keys: Arc<dyn KeyReader> = keys.clone();
+    let built = tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, keys))
+        .await
+        .unwrap_or_else(|e| {
+            Err(HookError::Load {
+                hook: String::new(),
+                path: manifest.path.display().to_string(),
+                message: format!("loading the hooks panicked: {e}"),
+            })
+        });
+    built.map(Arc::new).map_err(|source| {
+        let location = hook_location(manifest, &source);
+        AgentError::Hook {
+            path: manifest.path.clone(),
+            location,
+            source,
+        }
+    })
+}
+
+/// Every prefix a WASM hook may read.
+fn read_prefixes(manifest: &Manifest) -> Vec<String> {
+    let mut prefixes: Vec<String> = manifest
+        .hooks
+        .iter()
+        .filter_map(|h| match &h.action {
+            HookAction::Wasm(w) => Some(w.read_prefixes.clone()),
+            HookAction::Exec { .. } => None,
         })
+        .flatten()
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    prefixes
 }
 
 fn hook_location(manifest: &Manifest, e: &HookError) -> super::manifest::Location {
@@ -208,8 +242,10 @@ pub async fn run(
         manifest = %path.display(),
         "Agent starting."
     );
+    let keys = Arc::new(CacheKeys::new());
     let shared = Shared {
-        hooks: watch::Sender::new(hook_runner(&manifest)?),
+        hooks: watch::Sender::new(hook_runner(&manifest, &keys).await?),
+        keys,
         files: watch::Sender::new(manifest.files.clone()),
         services: watch::Sender::new(manifest.services.clone()),
     };
@@ -244,7 +280,7 @@ pub async fn run(
         let next_hooks = if next.hooks == manifest.hooks {
             None
         } else {
-            match hook_runner(&next) {
+            match hook_runner(&next, &shared.keys).await {
                 Ok(h) => Some(h),
                 Err(e) => {
                     error!(manifest = %path.display(), reason = ?request, "Manifest reload rejected; keeping the last good one.\n{e}");
@@ -273,6 +309,7 @@ pub async fn run(
             // Runs in progress on the old hooks are stopped; new events go
             // to the new ones.
             shared.hooks.send_replace(h).shutdown();
+            shared.keys.follow(&connected.cache, &read_prefixes(&next));
         }
         if next.files != manifest.files {
             shared.files.send_replace(next.files.clone());

@@ -1,13 +1,16 @@
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
 
-use coord::agent::hooks::{Envelope, HookRunner, Outcome, SCHEMA_VERSION};
-use coord::agent::manifest::Manifest;
+use coord::agent::hooks::{Envelope, HookRunner, KeyReader, Outcome, SCHEMA_VERSION};
+use coord::agent::manifest::{HookAction, Manifest};
+use coord::etcd::Client;
 
 #[derive(Debug, Args)]
 pub struct HookArgs {
@@ -54,7 +57,10 @@ pub async fn hook(args: HookArgs) -> anyhow::Result<ExitCode> {
     };
     let envelope = parse_event(&text, &manifest.agent.name)
         .with_context(|| format!("invalid event in `{}`", args.event))?;
-    let runner = HookRunner::new(&manifest.agent.name, &manifest.hooks)?;
+    let keys = fetch_keys(&manifest).await;
+    let m = manifest.clone();
+    let runner =
+        tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, Arc::new(keys))).await??;
     eprintln!(
         "coord hook: running `{}` on {}",
         args.name,
@@ -76,6 +82,49 @@ pub async fn hook(args: HookArgs) -> anyhow::Result<ExitCode> {
             println!("hook `{}`: failed in {took}: {e}", args.name);
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// The keys WASM hooks may read, fetched once from etcd. Without etcd the
+/// hook still runs, reading nothing.
+async fn fetch_keys(manifest: &Manifest) -> Fetched {
+    let mut keys = BTreeMap::new();
+    let prefixes: Vec<&String> = manifest
+        .hooks
+        .iter()
+        .filter_map(|h| match &h.action {
+            HookAction::Wasm(w) => Some(&w.read_prefixes),
+            HookAction::Exec { .. } => None,
+        })
+        .flatten()
+        .collect();
+    if prefixes.is_empty() {
+        return Fetched(keys);
+    }
+    let client = match manifest.connect_options() {
+        Ok(opts) => Client::connect(&opts).await.ok(),
+        Err(_) => None,
+    };
+    for prefix in prefixes {
+        let got = match &client {
+            Some(c) => c.get_prefix(prefix).await,
+            None => continue,
+        };
+        match got {
+            Ok(snapshot) => keys.extend(snapshot.kvs.into_iter().map(|kv| (kv.key, kv.value))),
+            Err(e) => eprintln!(
+                "coord hook: cannot read `{prefix}` from etcd ({e}); the plugin reads nothing there"
+            ),
+        }
+    }
+    Fetched(keys)
+}
+
+struct Fetched(BTreeMap<String, Vec<u8>>);
+
+impl KeyReader for Fetched {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.get(key).cloned()
     }
 }
 

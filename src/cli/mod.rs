@@ -53,7 +53,7 @@ impl Cli {
     pub async fn run(self) -> ExitCode {
         let result = match self.command {
             Command::Run(args) => run::run(args).await,
-            Command::Check(args) => check::check(args),
+            Command::Check(args) => check::check(args).await,
             Command::Agents(args) => agents::agents(args).await,
             Command::Dev(args) => dev::dev(args).await,
             Command::Hook(args) => hook::hook(args).await,

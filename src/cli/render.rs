@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -50,7 +51,9 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
     let snapshot = sub.snapshot();
-    let hooks = HookRunner::new(&manifest.agent.name, &manifest.hooks)?;
+    let m = manifest.clone();
+    let keys = Arc::new(snapshot.clone());
+    let hooks = tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, keys)).await??;
     let mut renderer = Renderer::new(&manifest.agent.namespace);
     let mut failed = 0;
     for spec in &manifest.files {

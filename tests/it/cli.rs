@@ -308,3 +308,90 @@ async fn a_bind_mounted_destination_is_written_in_place_and_says_so() {
         "new content"
     );
 }
+
+#[test]
+fn check_loads_wasm_plugins_and_locates_one_that_is_not_a_component() {
+    let plugins = crate::support::plugins();
+    let dir = tempfile::tempdir().expect("tmp");
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm at all").expect("junk");
+    let manifest = dir.path().join("agent.toml");
+    let text = |plugin: &std::path::Path| {
+        format!(
+            "[agent]\nstate_dir = \"{}\"\n[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n\n[[hook]]\nname = \"audit\"\nwasm = \"{}\"\n",
+            dir.path().join("state").display(),
+            plugin.display()
+        )
+    };
+    std::fs::write(&manifest, text(&junk)).expect("manifest");
+    let m = manifest.to_str().expect("utf-8");
+    let (status, _, err) = coord(&["check", m], None);
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(err.contains("agent.toml:6:1: error: hook `audit`"), "{err}");
+    std::fs::write(&manifest, text(&plugins.log_events)).expect("manifest");
+    let (status, out, err) = coord(&["check", m], None);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("hook   audit: wasm"), "{out}");
+}
+
+#[test]
+fn hook_runs_a_wasm_plugin_by_hand() {
+    let plugins = crate::support::plugins();
+    let dir = tempfile::tempdir().expect("tmp");
+    let manifest = dir.path().join("agent.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[agent]\nname = \"web-01\"\nstate_dir = \"{}\"\n[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\n\
+             [[hook]]\nname = \"audit\"\nwasm = \"{}\"\n\
+             [[hook]]\nname = \"json\"\nwasm = \"{}\"\n",
+            dir.path().join("state").display(),
+            plugins.log_events.display(),
+            plugins.validate_config.display()
+        ),
+    )
+    .expect("manifest");
+    let m = manifest.to_str().expect("utf-8");
+    let event = dir.path().join("event.json");
+    std::fs::write(
+        &event,
+        r#"{"type":"lock-acquired","lock":"reports","fencing_token":7}"#,
+    )
+    .expect("event");
+    let (status, out, err) = coord(
+        &[
+            "hook",
+            "audit",
+            "--event",
+            event.to_str().expect("utf-8"),
+            "--manifest",
+            m,
+        ],
+        None,
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("hook `audit`: done"), "{out}");
+    assert!(
+        err.contains("reports"),
+        "the plugin's log line names the lock:\n{err}"
+    );
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"type":"validate-file","path":"/etc/app.json","staged_path":"/tmp/x","content":"{\"a\": }"}"#,
+    )
+    .expect("event");
+    let (status, out, _) = coord(
+        &[
+            "hook",
+            "json",
+            "--event",
+            bad.to_str().expect("utf-8"),
+            "--manifest",
+            m,
+        ],
+        None,
+    );
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("vetoed"), "{out}");
+}

@@ -18,7 +18,8 @@ use crate::support::{CoordProcess, LocalEtcd, etcd, eventually};
 /// A manifest for agent `files` against `etcd` with `files` appended.
 fn manifest(etcd: &LocalEtcd, rest: &str) -> String {
     format!(
-        "[agent]\nname = \"files\"\nttl = \"5s\"\n[etcd]\nendpoints = [\"{}\"]\nrequest_timeout = \"2s\"\n{rest}",
+        "[agent]\nname = \"files\"\nttl = \"5s\"\nstate_dir = \"{}\"\n[etcd]\nendpoints = [\"{}\"]\nrequest_timeout = \"2s\"\n{rest}",
+        std::env::temp_dir().join("coord-test-state").display(),
         etcd.endpoint()
     )
 }
@@ -450,4 +451,44 @@ async fn a_burst_of_changes_within_the_quiet_time_renders_once() {
     );
     cancel.cancel();
     task.await.expect("controller stops");
+}
+
+/// The agent end to end with a WASM validator: the `validate-config`
+/// plugin vetoes bad JSON, so the file keeps its last good content.
+#[tokio::test]
+async fn a_wasm_validator_vetoes_bad_content_and_the_file_keeps_its_old_one() {
+    let plugins = crate::support::plugins();
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client
+        .put("/app/settings", "{\"port\": 80}", None)
+        .await
+        .expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("settings.json");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[hook]]\nname = \"json\"\nwasm = \"{}\"\ntimeout = \"2s\"\n\
+             [[file]]\npath = \"{}\"\nkey = \"/app/settings\"\nvalidate = [\"json\"]\n",
+            plugins.validate_config.display(),
+            out.display()
+        ),
+    ));
+    file_is(&out, "{\"port\": 80}").await;
+    client
+        .put("/app/settings", "{\"port\": 80,}", None)
+        .await
+        .expect("put");
+    let log = log_says(&agent, "vetoed").await;
+    assert!(log.contains("hook `json`"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("file"),
+        "{\"port\": 80}"
+    );
+    client
+        .put("/app/settings", "{\"port\": 8080}", None)
+        .await
+        .expect("put");
+    file_is(&out, "{\"port\": 8080}").await;
 }

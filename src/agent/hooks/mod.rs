@@ -6,6 +6,7 @@
 
 mod event;
 mod exec;
+mod keys;
 mod runner;
 mod wasm;
 
@@ -13,7 +14,8 @@ use std::time::Duration;
 
 pub use event::{Envelope, Event, Health, SCHEMA_VERSION};
 pub use exec::ExecHook;
-pub use runner::{HookRunner, HookStats, Runnable};
+pub use keys::CacheKeys;
+pub use runner::{HookRunner, HookStats, Plugins, Runnable};
 pub use wasm::{WIT_VERSION, WasmHost, WasmHostError, WasmPlugin, World};
 
 /// What a successful hook run said.

@@ -11,21 +11,55 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::exec::ExecHook;
-use super::{Envelope, Event, HookError, Outcome};
-use crate::agent::manifest::{HookAction, HookSpec};
+use super::{Envelope, Event, HookError, KeyReader, Outcome, WasmHost, WasmPlugin};
+use crate::agent::manifest::{HookAction, HookSpec, Manifest};
 use crate::etcd::Backoff;
 
 /// A hook ready to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Runnable {
     Exec(ExecHook),
+    Wasm {
+        plugin: WasmPlugin,
+        timeout: Duration,
+    },
+}
+
+impl std::fmt::Debug for Runnable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Runnable::Exec(h) => f.debug_tuple("Exec").field(h).finish(),
+            Runnable::Wasm { plugin, timeout } => f
+                .debug_struct("Wasm")
+                .field("plugin", &plugin.name())
+                .field("world", &plugin.world())
+                .field("timeout", timeout)
+                .finish(),
+        }
+    }
 }
 
 impl Runnable {
     async fn run(&self, envelope: &Envelope) -> Result<Outcome, HookError> {
         match self {
             Runnable::Exec(h) => h.run(envelope).await,
+            Runnable::Wasm { plugin, timeout } => plugin.call(envelope, *timeout).await,
         }
+    }
+}
+
+/// What WASM hooks need: the engine, and where their reads come from.
+#[derive(Clone)]
+pub struct Plugins {
+    pub host: WasmHost,
+    pub keys: Arc<dyn KeyReader>,
+}
+
+impl std::fmt::Debug for Plugins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugins")
+            .field("cache_dir", &self.host.cache_dir())
+            .finish_non_exhaustive()
     }
 }
 
@@ -83,22 +117,38 @@ impl std::fmt::Debug for HookRunner {
 }
 
 impl HookRunner {
-    /// Prepares every hook of a manifest.
+    /// Prepares every hook of a manifest that has only `exec` hooks.
     pub fn new(agent: &str, specs: &[HookSpec]) -> Result<HookRunner, HookError> {
+        Self::with_plugins(agent, specs, None)
+    }
+
+    /// Prepares every hook of a manifest. WASM components are compiled (or
+    /// loaded from the cache) and checked here, so a bad plugin is found
+    /// when the manifest is loaded; this blocks for as long as compiling
+    /// takes — call it from a blocking thread in async code.
+    pub fn with_plugins(
+        agent: &str,
+        specs: &[HookSpec],
+        plugins: Option<&Plugins>,
+    ) -> Result<HookRunner, HookError> {
         let mut hooks = HashMap::new();
         for spec in specs {
-            let runnable = match &spec.action {
-                HookAction::Exec { argv } => Runnable::Exec(ExecHook {
+            let runnable = match (&spec.action, plugins) {
+                (HookAction::Exec { argv }, _) => Runnable::Exec(ExecHook {
                     name: spec.name.clone(),
                     argv: argv.clone(),
                     env: spec.env.clone(),
                     timeout: spec.timeout,
                 }),
-                HookAction::Wasm(w) => {
+                (HookAction::Wasm(_), Some(p)) => Runnable::Wasm {
+                    plugin: p.host.load(spec, p.keys.clone())?,
+                    timeout: spec.timeout,
+                },
+                (HookAction::Wasm(w), None) => {
                     return Err(HookError::Load {
                         hook: spec.name.clone(),
                         path: w.path.display().to_string(),
-                        message: "WASM hooks are not supported by this build".into(),
+                        message: "no WASM engine was set up for this runner".into(),
                     });
                 }
             };
@@ -118,6 +168,38 @@ impl HookRunner {
             stop: CancellationToken::new(),
             retry_base: Duration::from_millis(500),
         })
+    }
+
+    /// Prepares the hooks of `manifest`: WASM components are compiled with
+    /// their compilation cache in `<state_dir>/wasm-cache` (without a cache
+    /// if that cannot be created), reading keys through `keys`. Blocks while
+    /// compiling.
+    pub fn for_manifest(
+        manifest: &Manifest,
+        keys: Arc<dyn KeyReader>,
+    ) -> Result<HookRunner, HookError> {
+        let wasm = manifest
+            .hooks
+            .iter()
+            .find(|h| matches!(h.action, HookAction::Wasm(_)));
+        let plugins = match wasm {
+            None => None,
+            Some(first) => {
+                let dir = manifest.agent.state_dir.join("wasm-cache");
+                let host = WasmHost::new(Some(&dir))
+                    .or_else(|e| {
+                        warn!(dir = %dir.display(), error = %e, "No compilation cache for WASM hooks; compiling at every start.");
+                        WasmHost::new(None)
+                    })
+                    .map_err(|e| HookError::Load {
+                        hook: first.name.clone(),
+                        path: dir.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                Some(Plugins { host, keys })
+            }
+        };
+        Self::with_plugins(&manifest.agent.name, &manifest.hooks, plugins.as_ref())
     }
 
     /// Makes retries come sooner or later than the default 500 ms first
@@ -269,7 +351,11 @@ impl HookRunner {
                 Ok(Outcome::Vetoed(reason)) => {
                     info!(hook = %name, event = envelope.event.name(), reason = %reason, "Hook vetoed.");
                 }
-                Err(e) if attempt < hook.spec.retries => {
+                // A wiring mistake (wrong kind of event) will not heal.
+                Err(e)
+                    if attempt < hook.spec.retries
+                        && !matches!(e, HookError::WrongEvent { .. }) =>
+                {
                     attempt += 1;
                     let wait = backoff.next_delay();
                     warn!(hook = %name, event = envelope.event.name(), error = %e, attempt, retry_in = ?wait, "Hook failed; retrying.");

@@ -33,6 +33,20 @@ impl ManifestError {
     }
 }
 
+impl ManifestError {
+    /// One problem found after parsing (a plugin that does not load).
+    pub fn at(file: &Path, location: super::Location, message: impl Into<String>) -> Self {
+        ManifestError {
+            file: file.to_owned(),
+            diagnostics: vec![Diagnostic {
+                line: location.line,
+                column: location.column,
+                message: message.into(),
+            }],
+        }
+    }
+}
+
 impl fmt::Display for ManifestError {
     /// `file:line:col: error: message`, one per line: the format compilers
     /// use, so editors and CI annotate the right place.

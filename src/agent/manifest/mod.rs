@@ -69,6 +69,9 @@ pub struct AgentSettings {
     pub namespace: String,
     /// The session lease's TTL.
     pub ttl: Duration,
+    /// Where the agent keeps what must survive a restart (compiled plugins,
+    /// the last instance ids).
+    pub state_dir: PathBuf,
 }
 
 /// `[etcd]`.
@@ -104,6 +107,7 @@ pub enum PasswordError {
 
 pub const DEFAULT_NAMESPACE: &str = "/coord";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/coord";
 
 impl Manifest {
     /// Reads and validates the manifest at `path`.
@@ -141,7 +145,7 @@ impl Manifest {
             }
         }
         let agent = match section(&mut d, root, "agent") {
-            Some(t) => agent_settings(&mut d, t),
+            Some(t) => agent_settings(&mut d, t, base),
             None => Some(AgentSettings::defaults()),
         };
         let etcd = match section(&mut d, root, "etcd") {
@@ -194,6 +198,7 @@ impl AgentSettings {
             name: host_name(),
             namespace: DEFAULT_NAMESPACE.to_owned(),
             ttl: DEFAULT_TTL,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
@@ -374,7 +379,11 @@ fn services(
     services
 }
 
-fn agent_settings(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option<AgentSettings> {
+fn agent_settings(
+    d: &mut Diagnostics<'_>,
+    mut t: TableReader<'_, '_>,
+    base: &Path,
+) -> Option<AgentSettings> {
     let before = d.len();
     let name = t.optional::<String>(d, "name");
     if let Some(name) = &name
@@ -394,6 +403,7 @@ fn agent_settings(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option
             format!("invalid `namespace` in [agent]: `{ns}` must start with `/` and not end with one, like \"/coord\""),
         );
     }
+    let state_dir = t.optional::<PathBuf>(d, "state_dir");
     let ttl = t.optional::<Duration>(d, "ttl");
     if let Some(ttl) = ttl
         && (ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0)
@@ -408,6 +418,7 @@ fn agent_settings(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option
         name: name.unwrap_or_else(host_name),
         namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
         ttl: ttl.unwrap_or(DEFAULT_TTL),
+        state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| base.join(p)),
     })
 }
 
