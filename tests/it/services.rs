@@ -1,0 +1,360 @@
+//! Services against real etcd: registration in the gRPC resolver format,
+//! health checks withdrawing and restoring, maintenance, lifecycle.
+
+use std::path::Path;
+use std::time::Duration;
+
+use coord::etcd::Client;
+use nix::sys::signal::Signal;
+
+use crate::support::{CoordProcess, LocalEtcd, coord, etcd, eventually};
+
+const LISTED: &str = "/coord/services/api/web-01-api";
+const HEALTH: &str = "/coord/health/api/web-01-api";
+
+fn manifest(etcd_endpoints: &[String], ttl: u64, rest: &str) -> String {
+    let eps = etcd_endpoints
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[agent]\nname = \"web-01\"\nttl = \"{ttl}s\"\n[etcd]\nendpoints = [{eps}]\nrequest_timeout = \"2s\"\n{rest}"
+    )
+}
+
+async fn listed(client: &Client, key: &str, want: bool) {
+    let what = format!(
+        "`{key}` to be {}",
+        if want { "listed" } else { "withdrawn" }
+    );
+    eventually(&what, || async {
+        let present = client.get(key).await.ok()?.is_some();
+        (present == want).then_some(())
+    })
+    .await;
+}
+
+async fn health_is(client: &Client, want: &str) -> serde_json::Value {
+    eventually(&format!("health `{want}`"), || async {
+        let kv = client.get(HEALTH).await.ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+        (v["status"] == want).then_some(v)
+    })
+    .await
+}
+
+fn endpoint(etcd: &LocalEtcd) -> Vec<String> {
+    vec![etcd.endpoint()]
+}
+
+#[tokio::test]
+async fn an_instance_is_listed_in_the_grpc_resolver_format() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        "[[service]]\nname = \"api\"\naddress = \"10.0.0.5:8080\"\nmetadata = { zone = \"eu-1\" }\nweight = 5\n",
+    ));
+    listed(&client, LISTED, true).await;
+    let kv = client.get(LISTED).await.expect("etcd").expect("listed");
+    let v: serde_json::Value = serde_json::from_slice(&kv.value).expect("JSON");
+    assert_eq!(v["Addr"], "10.0.0.5:8080");
+    assert_eq!(v["Metadata"]["zone"], "eu-1");
+    assert_eq!(v["Metadata"]["weight"], 5);
+    assert!(kv.lease.is_some(), "on the session lease");
+    let h = health_is(&client, "passing").await;
+    assert_eq!(h["agent"], "web-01");
+}
+
+#[tokio::test]
+async fn a_failing_check_withdraws_the_instance_after_its_threshold_and_a_passing_one_restores_it()
+{
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let flag = dir.path().join("healthy");
+    std::fs::write(&flag, "").expect("flag");
+    let hook_log = dir.path().join("hook.log");
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        &format!(
+            "[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_OLD-$COORD_NEW >> {}\"]\n\
+             [[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\non_change = [\"note\"]\n\
+             check = {{ exec = [\"sh\", \"-c\", \"test -f {} || exit 2\"], interval = \"100ms\", failures = 3, successes = 2, initial = \"passing\" }}\n",
+            hook_log.display(),
+            flag.display()
+        ),
+    ));
+    listed(&client, LISTED, true).await;
+    std::fs::remove_file(&flag).expect("unhealthy");
+    listed(&client, LISTED, false).await;
+    let h = health_is(&client, "critical").await;
+    assert_eq!(
+        h["addr"], "127.0.0.1:1",
+        "a withdrawn instance stays visible"
+    );
+    std::fs::write(&flag, "").expect("healthy again");
+    listed(&client, LISTED, true).await;
+    health_is(&client, "passing").await;
+    let log = eventually("the hook to see both changes", || async {
+        let l = std::fs::read_to_string(&hook_log).ok()?;
+        l.contains("passing-critical").then_some(l)
+    })
+    .await;
+    assert!(
+        log.lines().any(|l| l == "-passing"),
+        "first registration: {log}"
+    );
+}
+
+/// A tiny HTTP server whose answer the test switches.
+async fn http_server(status: std::sync::Arc<std::sync::atomic::AtomicU16>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let code = status.load(std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let reply =
+                    format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn an_http_check_passes_on_2xx_and_withdraws_on_an_error_status() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let port = http_server(status.clone()).await;
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        &format!(
+            "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:{port}\"\n\
+             check = {{ http = \"http://127.0.0.1:{port}/healthz\", interval = \"100ms\" }}\n"
+        ),
+    ));
+    listed(&client, LISTED, true).await;
+    status.store(503, std::sync::atomic::Ordering::Relaxed);
+    listed(&client, LISTED, false).await;
+    let h = health_is(&client, "critical").await;
+    assert!(
+        h["output"].as_str().is_some_and(|o| o.contains("503")),
+        "{h}"
+    );
+}
+
+#[tokio::test]
+async fn maintenance_mode_withdraws_and_restores_from_anywhere() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\n",
+    ));
+    listed(&client, LISTED, true).await;
+    let ep = etcd.endpoint();
+    let (status, out, err) = coord(
+        &[
+            "maint",
+            "on",
+            "web-01/api",
+            "--reason",
+            "deploy",
+            "--endpoints",
+            &ep,
+        ],
+        None,
+    );
+    assert!(status.success(), "{out}{err}");
+    listed(&client, LISTED, false).await;
+    health_is(&client, "maintenance").await;
+    let (status, out, _) = coord(&["services", "api", "--all", "--endpoints", &ep], None);
+    assert!(status.success());
+    assert!(
+        out.contains("web-01-api") && out.contains("maintenance"),
+        "{out}"
+    );
+    let (status, out, _) = coord(&["services", "api", "--endpoints", &ep], None);
+    assert!(status.success());
+    assert!(
+        !out.contains("web-01-api"),
+        "withdrawn instances are hidden without --all: {out}"
+    );
+    coord(&["maint", "off", "web-01/api", "--endpoints", &ep], None);
+    listed(&client, LISTED, true).await;
+    // The whole agent.
+    coord(&["maint", "on", "web-01", "--endpoints", &ep], None);
+    listed(&client, LISTED, false).await;
+    coord(&["maint", "off", "web-01", "--endpoints", &ep], None);
+    listed(&client, LISTED, true).await;
+}
+
+#[tokio::test]
+async fn a_ttl_check_follows_reports_and_goes_critical_without_them() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\ncheck = { ttl = \"2s\" }\n",
+    ));
+    health_is(&client, "critical").await;
+    let ep = etcd.endpoint();
+    let (status, out, err) = coord(
+        &[
+            "services",
+            "pass",
+            "web-01-api",
+            "--note",
+            "batch ok",
+            "--endpoints",
+            &ep,
+        ],
+        None,
+    );
+    assert!(status.success(), "{out}{err}");
+    listed(&client, LISTED, true).await;
+    let h = health_is(&client, "passing").await;
+    assert_eq!(h["output"], "batch ok");
+    // No further report: the TTL runs out.
+    listed(&client, LISTED, false).await;
+    health_is(&client, "critical").await;
+}
+
+#[tokio::test]
+async fn kill_9_leaves_the_instance_until_the_ttl_and_a_clean_stop_removes_it_at_once() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let text = manifest(
+        &endpoint(&etcd),
+        3,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\n",
+    );
+    let agent = CoordProcess::run(&text);
+    listed(&client, LISTED, true).await;
+    agent.signal(Signal::SIGKILL);
+    // Still there right after: only the TTL removes it.
+    assert!(client.get(LISTED).await.expect("etcd").is_some());
+    listed(&client, LISTED, false).await;
+    assert!(client.get(HEALTH).await.expect("etcd").is_none());
+
+    let mut agent = CoordProcess::run(&text);
+    listed(&client, LISTED, true).await;
+    agent.signal(Signal::SIGTERM);
+    agent.wait().await;
+    assert!(
+        client.get(LISTED).await.expect("etcd").is_none(),
+        "gone at once on a clean stop"
+    );
+    assert!(client.get(HEALTH).await.expect("etcd").is_none());
+}
+
+#[tokio::test]
+async fn an_instance_removed_from_the_manifest_is_deregistered_on_reload() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let with = manifest(
+        &endpoint(&etcd),
+        30,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\n",
+    );
+    let agent = CoordProcess::run(&with);
+    listed(&client, LISTED, true).await;
+    std::fs::write(agent.manifest_path(), manifest(&endpoint(&etcd), 30, "")).expect("rewrite");
+    agent.signal(Signal::SIGHUP);
+    listed(&client, LISTED, false).await;
+    eventually("the health record to go too", || async {
+        client.get(HEALTH).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_instance_comes_back_after_etcd_loses_everything() {
+    let mut etcd = etcd().await;
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        2,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\n",
+    ));
+    listed(&etcd.client().await, LISTED, true).await;
+    etcd.member().wipe_data().expect("wipe");
+    etcd.member().restart().expect("restart");
+    etcd.member().wait_healthy().await.expect("healthy");
+    listed(&etcd.client().await, LISTED, true).await;
+}
+
+#[tokio::test]
+async fn killing_one_member_of_three_never_deregisters_anything() {
+    let mut cluster = crate::support::cluster().await;
+    let _agent = CoordProcess::run(&manifest(
+        &cluster.endpoints(),
+        5,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\n",
+    ));
+    let client = cluster.client().await;
+    listed(&client, LISTED, true).await;
+    let before = client.get(LISTED).await.expect("etcd").expect("listed");
+    cluster.member(0).kill();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let after = client
+        .get(LISTED)
+        .await
+        .expect("etcd")
+        .expect("still listed");
+    assert_eq!(
+        after.create_revision, before.create_revision,
+        "never withdrawn and re-listed"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_file_rendered_from_service_follows_instances_joining_and_leaving() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("upstreams.conf");
+    let _lb = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        &format!(
+            "[[service]]\nname = \"api\"\naddress = \"10.0.0.1:80\"\nmetadata = {{ zone = \"eu\" }}\n\
+             [[file]]\npath = \"{}\"\nallow_empty = true\nsource = \"\"\"\n\
+             {{% for i in service('api', zone='eu') %}}server {{{{ i.addr }}}};\n{{% endfor %}}\"\"\"\n",
+            out.display()
+        ),
+    ));
+    file_is(&out, "server 10.0.0.1:80;\n").await;
+    let other = "[agent]\nname = \"web-02\"\nttl = \"10s\"\n[etcd]\nendpoints = [\"EP\"]\n\
+                 [[service]]\nname = \"api\"\naddress = \"10.0.0.2:80\"\nmetadata = { zone = \"eu\" }\n\
+                 [[service]]\nname = \"api\"\nid = \"web-02-api-us\"\naddress = \"10.9.9.9:80\"\nmetadata = { zone = \"us\" }\n"
+        .replace("EP", &etcd.endpoint());
+    let mut second = CoordProcess::run(&other);
+    file_is(&out, "server 10.0.0.1:80;\nserver 10.0.0.2:80;\n").await;
+    second.signal(Signal::SIGTERM);
+    second.wait().await;
+    file_is(&out, "server 10.0.0.1:80;\n").await;
+    let _ = client;
+}
+
+async fn file_is(path: &Path, want: &str) {
+    let what = format!("`{}` to read {want:?}", path.display());
+    eventually(&what, || async {
+        (std::fs::read_to_string(path).ok()? == want).then_some(())
+    })
+    .await;
+}
