@@ -443,3 +443,167 @@ impl Picker {
         }
     }
 }
+
+/// A change to a service's instances, as a [`ServiceWatch`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServiceChange {
+    /// Listed for discovery (new, or back from critical or maintenance).
+    Added(Instance),
+    /// No longer listed (gone, critical, or in maintenance).
+    Removed(Instance),
+    /// Its health record's status changed.
+    HealthChanged {
+        instance: Instance,
+        old: Option<Health>,
+    },
+}
+
+/// What a [`ServiceWatch`] yields: the changes, and the whole current set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceUpdate {
+    pub changes: Vec<ServiceChange>,
+    /// Every instance (listed or not), sorted by id.
+    pub current: Vec<Instance>,
+}
+
+/// Follows one service's instances through the cache.
+///
+/// ```no_run
+/// # async fn demo(cache: coord::etcd::Cache) {
+/// let mut watch = coord::registry::ServiceWatch::new(&cache, "/coord", "api");
+/// loop {
+///     let update = watch.next().await; // first: everything as Added
+///     for change in &update.changes {
+///         println!("{change:?}");
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct ServiceWatch {
+    namespace: String,
+    service: String,
+    endpoints: crate::etcd::Subscription,
+    health: crate::etcd::Subscription,
+    last: Option<Vec<Instance>>,
+}
+
+impl ServiceWatch {
+    pub fn new(cache: &crate::etcd::Cache, namespace: &str, service: &str) -> Self {
+        ServiceWatch {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            endpoints: cache.subscribe(&format!("{}{service}/", services_prefix(namespace))),
+            health: cache.subscribe(&format!("{}{service}/", health_prefix(namespace))),
+            last: None,
+        }
+    }
+
+    fn current(&self) -> Vec<Instance> {
+        instances(
+            &self.namespace,
+            Some(&self.service),
+            self.endpoints.list(),
+            self.health.list(),
+        )
+    }
+
+    /// The next change. The first call waits for the first full read and
+    /// reports every listed instance as added (and may report no change,
+    /// for a service without instances).
+    pub async fn next(&mut self) -> ServiceUpdate {
+        if self.last.is_none() {
+            self.endpoints.ready().await;
+            self.health.ready().await;
+            let current = self.current();
+            self.last = Some(current.clone());
+            return ServiceUpdate {
+                changes: diff_instances(&[], &current),
+                current,
+            };
+        }
+        loop {
+            tokio::select! {
+                _ = self.endpoints.recv() => {}
+                _ = self.health.recv() => {}
+            }
+            let current = self.current();
+            let previous = self.last.replace(current.clone()).unwrap_or_default();
+            let changes = diff_instances(&previous, &current);
+            if !changes.is_empty() {
+                return ServiceUpdate { changes, current };
+            }
+        }
+    }
+}
+
+fn diff_instances(old: &[Instance], new: &[Instance]) -> Vec<ServiceChange> {
+    let find = |set: &[Instance], i: &Instance| set.iter().find(|o| o.id == i.id).cloned();
+    let mut changes = Vec::new();
+    for i in old {
+        let now = find(new, i);
+        if i.is_listed() && !now.as_ref().is_some_and(Instance::is_listed) {
+            changes.push(ServiceChange::Removed(now.unwrap_or_else(|| i.clone())));
+        }
+    }
+    for i in new {
+        let before = find(old, i);
+        if i.is_listed() && !before.as_ref().is_some_and(Instance::is_listed) {
+            changes.push(ServiceChange::Added(i.clone()));
+        }
+        let old_status = before
+            .as_ref()
+            .and_then(|b| b.health.as_ref().map(|h| h.status));
+        let new_status = i.health.as_ref().map(|h| h.status);
+        if new_status.is_some() && old_status != new_status {
+            changes.push(ServiceChange::HealthChanged {
+                instance: i.clone(),
+                old: old_status,
+            });
+        }
+    }
+    changes
+}
+
+/// A gRPC channel balanced over a service's listed instances, following
+/// discovery: instances join and leave the channel as they are listed and
+/// withdrawn. The Rust counterpart of dialling `etcd:///coord/services/api`
+/// from Go. Drop the returned task handle's abort guard to stop following.
+///
+/// Requests fail with UNAVAILABLE while no instance is listed.
+pub fn grpc_channel(
+    cache: &crate::etcd::Cache,
+    namespace: &str,
+    service: &str,
+) -> (tonic::transport::Channel, tokio::task::JoinHandle<()>) {
+    use tonic::transport::Endpoint as GrpcEndpoint;
+    use tonic::transport::channel::Change;
+    let (channel, tx) = tonic::transport::Channel::balance_channel::<String>(64);
+    let mut watch = ServiceWatch::new(cache, namespace, service);
+    let task = tokio::spawn(async move {
+        loop {
+            let update = watch.next().await;
+            for change in update.changes {
+                let sent = match change {
+                    ServiceChange::Added(i) => {
+                        let Some(addr) = i.addr() else { continue };
+                        match GrpcEndpoint::from_shared(format!("http://{addr}")) {
+                            Ok(ep) => tx.send(Change::Insert(i.id.clone(), ep)).await,
+                            Err(e) => {
+                                tracing::warn!(instance = %i.id, addr, error = %e, "Instance address is not usable for gRPC; skipped.");
+                                continue;
+                            }
+                        }
+                    }
+                    ServiceChange::Removed(i) => tx.send(Change::Remove(i.id.clone())).await,
+                    ServiceChange::HealthChanged { .. } => continue,
+                };
+                if sent.is_err() {
+                    // The channel was dropped: nobody to follow for.
+                    return;
+                }
+            }
+        }
+    });
+    (channel, task)
+}

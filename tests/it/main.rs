@@ -14,6 +14,7 @@ mod hooks;
 mod manifest;
 mod presence;
 mod reconcile;
+mod registry;
 mod services;
 mod session;
 mod tls;
