@@ -358,3 +358,24 @@ async fn file_is(path: &Path, want: &str) {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_tcp_check_follows_whether_the_port_accepts_connections() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        &format!(
+            "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:{port}\"\n\
+             check = {{ tcp = \"127.0.0.1:{port}\", interval = \"100ms\" }}\n"
+        ),
+    ));
+    listed(&client, LISTED, true).await;
+    drop(listener);
+    listed(&client, LISTED, false).await;
+    let h = health_is(&client, "critical").await;
+    assert!(h["output"].as_str().is_some_and(|o| o.contains("cannot connect")), "{h}");
+}
