@@ -7,5 +7,6 @@
 
 pub mod agent;
 pub mod etcd;
+pub mod lock;
 pub mod presence;
 pub mod registry;

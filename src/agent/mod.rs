@@ -9,6 +9,7 @@ pub mod reconciler;
 mod reload;
 mod runtime;
 pub mod services;
+pub mod supervise;
 
 pub use reload::ReloadRequest;
 pub use runtime::{AgentError, Control, RunOptions, run};

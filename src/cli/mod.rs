@@ -6,6 +6,7 @@ mod check;
 mod connection;
 mod dev;
 mod hook;
+mod lock;
 mod maint;
 mod render;
 mod run;
@@ -46,6 +47,11 @@ enum Command {
     Services(Box<services::ServicesArgs>),
     /// Put an agent or one of its services in maintenance (withdrawn from discovery), or take it out.
     Maint(maint::MaintArgs),
+    /// Run a command while holding a lock; it never outlives the lock.
+    Lock(Box<lock::LockArgs>),
+    /// (internal) Run a command that must die before its lock's deadline.
+    #[command(hide = true)]
+    Supervise(lock::SuperviseArgs),
 }
 
 impl Cli {
@@ -60,6 +66,8 @@ impl Cli {
             Command::Render(args) => render::render(args).await,
             Command::Services(args) => services::services(*args).await,
             Command::Maint(args) => maint::maint(args).await,
+            Command::Lock(args) => lock::lock(*args).await,
+            Command::Supervise(args) => lock::supervise_command(args).await,
         };
         match result {
             Ok(code) => code,

@@ -9,6 +9,7 @@ mod cache;
 mod connection;
 mod error;
 pub mod local;
+mod ordering;
 mod session;
 mod watcher;
 

@@ -11,6 +11,7 @@ mod cache;
 mod cli;
 mod files;
 mod hooks;
+mod locks;
 mod manifest;
 mod presence;
 mod reconcile;

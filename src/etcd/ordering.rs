@@ -1,0 +1,218 @@
+//! Reads and waits ordered by create revision: what queue-like primitives
+//! (locks, semaphores) are made of.
+
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+
+use super::{Client, Error, KeyValue, LeaseId};
+
+impl Client {
+    /// Creates `key` on `lease` unless it exists, and returns it either way
+    /// (with `true` when this call created it) — the first step of etcd's
+    /// own mutex.
+    pub async fn create_or_get(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        lease: LeaseId,
+    ) -> Result<(KeyValue, bool), Error> {
+        let value = value.into();
+        let resp = self
+            .unary("create or get", |mut c| {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                    .and_then([
+                        TxnOp::put(
+                            key,
+                            value.clone(),
+                            Some(PutOptions::new().with_lease(lease.0)),
+                        ),
+                        TxnOp::get(key, None),
+                    ])
+                    .or_else([TxnOp::get(key, None)]);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        let created = resp.succeeded();
+        let kv = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(KeyValue::from_raw),
+                _ => None,
+            })
+            .ok_or(Error::Config(format!(
+                "etcd returned no key for `{key}` right after creating it"
+            )))?;
+        Ok((kv, created))
+    }
+
+    /// The key under `prefix` created first, if any.
+    pub async fn first_created(&self, prefix: &str) -> Result<Option<KeyValue>, Error> {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        self.get_with("first created", prefix, opts)
+            .await
+            .map(|mut v| v.pop())
+    }
+
+    /// The key under `prefix` created last before `revision`, if any: the
+    /// one a queued waiter at `revision` watches.
+    pub async fn last_created_before(
+        &self,
+        prefix: &str,
+        revision: i64,
+    ) -> Result<Option<KeyValue>, Error> {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_max_create_revision(revision - 1)
+            .with_limit(1);
+        self.get_with("last created before", prefix, opts)
+            .await
+            .map(|mut v| v.pop())
+    }
+
+    /// Every key under `prefix` created before `revision`, oldest first,
+    /// and the revision of the read.
+    pub async fn created_before(
+        &self,
+        prefix: &str,
+        revision: i64,
+    ) -> Result<(Vec<KeyValue>, i64), Error> {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_max_create_revision(revision - 1);
+        self.get_at("created before", prefix, opts).await
+    }
+
+    async fn get_with(
+        &self,
+        op: &'static str,
+        key: &str,
+        opts: GetOptions,
+    ) -> Result<Vec<KeyValue>, Error> {
+        self.get_at(op, key, opts).await.map(|(kvs, _)| kvs)
+    }
+
+    async fn get_at(
+        &self,
+        op: &'static str,
+        key: &str,
+        opts: GetOptions,
+    ) -> Result<(Vec<KeyValue>, i64), Error> {
+        let resp = self
+            .unary(op, |mut c| {
+                let opts = opts.clone();
+                async move { c.get(key, Some(opts)).await }
+            })
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok((
+            resp.kvs().iter().map(KeyValue::from_raw).collect(),
+            revision,
+        ))
+    }
+
+    /// Waits for any key under `prefix` to be deleted after `revision`.
+    pub async fn wait_prefix_delete(&self, prefix: &str, revision: i64) -> Result<(), Error> {
+        let mut stream = self
+            .unary("watch", |mut c| async move {
+                c.watch(
+                    prefix,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                )
+                .await
+            })
+            .await?;
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.compact_revision() > 0
+                        || resp.canceled()
+                        || resp
+                            .events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Delete)
+                    {
+                        // Compacted or cancelled: the caller reads again anyway.
+                        return Ok(());
+                    }
+                }
+                // A broken stream: the caller reads again.
+                Ok(None) | Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// Waits until `key` (seen at `revision`) is deleted, resuming the
+    /// watch after errors. Returns at once if it is already gone.
+    pub async fn wait_deleted(&self, key: &str, revision: i64) -> Result<(), Error> {
+        loop {
+            let mut stream = self
+                .unary("watch", |mut c| async move {
+                    c.watch(
+                        key,
+                        Some(WatchOptions::new().with_start_revision(revision + 1)),
+                    )
+                    .await
+                })
+                .await?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(resp)) => {
+                        if resp.compact_revision() > 0 {
+                            // History is gone: look at the key itself.
+                            if self
+                                .get(key)
+                                .await?
+                                .is_none_or(|kv| kv.create_revision != revision)
+                            {
+                                return Ok(());
+                            }
+                            break;
+                        }
+                        if resp
+                            .events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Delete)
+                        {
+                            return Ok(());
+                        }
+                        if resp.canceled() {
+                            break;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            // The stream broke: the key may have gone meanwhile.
+            if self
+                .get(key)
+                .await?
+                .is_none_or(|kv| kv.create_revision != revision)
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The seconds left on `lease`, or `None` when it no longer exists.
+    pub async fn lease_ttl(&self, lease: LeaseId) -> Result<Option<i64>, Error> {
+        let resp = self
+            .unary("lease time to live", |mut c| async move {
+                c.lease_time_to_live(lease.0, None).await
+            })
+            .await?;
+        Ok((resp.ttl() > 0).then_some(resp.ttl()))
+    }
+}

@@ -1,0 +1,296 @@
+//! Distributed locks: mutex, semaphore and read/write, with fencing tokens.
+//!
+//! The mutex uses the key layout and algorithm of etcd's own concurrency
+//! package, so coord, `etcdctl lock <namespace>/locks/<name>` and Go
+//! services contend for the same lock correctly: every contender creates
+//! `<namespace>/locks/<name>/<lease-hex>` on its session lease; the key with
+//! the lowest create revision holds the lock; each waiter watches only the
+//! key created just before its own (no thundering herd), and re-reads its
+//! own key after waiting, since its lease may have expired meanwhile.
+//!
+//! The **fencing token** is the holder key's create revision: it grows with
+//! every new holder of a lock name, so a resource that remembers the
+//! highest token it has seen can refuse a stale holder.
+//!
+//! Read/write locks keep their keys under `…/<name>/read/` and
+//! `…/<name>/write/`, queued in one order by create revision (FIFO, so a
+//! writer is not starved by a stream of readers). Semaphores put up to
+//! `limit` holders under the mutex layout.
+
+use serde::{Deserialize, Serialize};
+
+use crate::etcd::{Client, Error as EtcdError, KeyValue, LeaseId};
+
+/// How a lock is shared. A closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One holder.
+    Mutex,
+    /// Up to this many holders.
+    Semaphore(u32),
+    /// Shared with other readers, excluded by writers.
+    Read,
+    /// Exclusive, queued with readers in arrival order.
+    Write,
+}
+
+/// Who holds a lock, stored as the holder key's value (etcd's own tools
+/// ignore it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub agent: String,
+    pub host: String,
+    pub pid: u32,
+}
+
+/// Why a lock could not be taken or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("failed to take lock `{name}`: {source}")]
+    Etcd {
+        name: String,
+        #[source]
+        source: EtcdError,
+    },
+    #[error("lost lock `{name}` while waiting for it: the session lease expired")]
+    SessionExpired { name: String },
+    #[error("invalid lock `{name}`: {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+/// `<namespace>/locks/<name>/`: what `etcdctl lock <namespace>/locks/<name>`
+/// contends on.
+pub fn prefix(namespace: &str, name: &str) -> String {
+    format!("{}/locks/{name}/", namespace.trim_end_matches('/'))
+}
+
+/// A held lock. Dropping it does not release it (that needs etcd); call
+/// [`Guard::release`], or let the session lease go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub name: String,
+    /// The holder key.
+    pub key: String,
+    /// The fencing token: the holder key's create revision.
+    pub token: i64,
+    pub mode: Mode,
+}
+
+impl Guard {
+    /// Releases the lock by deleting the holder key.
+    pub async fn release(&self, client: &Client) -> Result<(), LockError> {
+        client
+            .delete(&self.key)
+            .await
+            .map(|_| ())
+            .map_err(|source| LockError::Etcd {
+                name: self.name.clone(),
+                source,
+            })
+    }
+
+    /// Whether the holder key is still there (the lock is still held).
+    pub async fn is_held(&self, client: &Client) -> Result<bool, LockError> {
+        client
+            .get(&self.key)
+            .await
+            .map(|kv| kv.is_some_and(|kv| kv.create_revision == self.token))
+            .map_err(|source| LockError::Etcd {
+                name: self.name.clone(),
+                source,
+            })
+    }
+}
+
+/// The holder key of `lease` for `name` in `mode`.
+fn holder_key(namespace: &str, name: &str, mode: Mode, lease: LeaseId) -> String {
+    let base = prefix(namespace, name);
+    match mode {
+        Mode::Read => format!("{base}read/{:x}", lease.0),
+        Mode::Write => format!("{base}write/{:x}", lease.0),
+        Mode::Mutex | Mode::Semaphore(_) => format!("{base}{:x}", lease.0),
+    }
+}
+
+/// Whether a key queued before ours keeps us waiting in `mode`.
+fn blocks(mode: Mode, namespace: &str, name: &str, other: &KeyValue) -> bool {
+    match mode {
+        Mode::Read => other
+            .key
+            .starts_with(&format!("{}write/", prefix(namespace, name))),
+        _ => true,
+    }
+}
+
+/// Takes the lock, waiting as long as it takes (wrap the future in a
+/// timeout to bound it). On error, or if the future is dropped while
+/// waiting, the caller should delete the holder key or let the lease go —
+/// [`acquire`] does the former on its own errors.
+///
+/// ```no_run
+/// # async fn demo(client: coord::etcd::Client, lease: coord::etcd::LeaseId) -> Result<(), coord::lock::LockError> {
+/// use coord::lock::{Holder, Mode, acquire};
+/// let me = Holder { agent: "web-01".into(), host: "web-01".into(), pid: std::process::id() };
+/// let guard = acquire(&client, lease, "/coord", "reports", Mode::Mutex, &me).await?;
+/// println!("fencing token {}", guard.token);
+/// guard.release(&client).await?;
+/// # Ok(()) }
+/// ```
+pub async fn acquire(
+    client: &Client,
+    lease: LeaseId,
+    namespace: &str,
+    name: &str,
+    mode: Mode,
+    holder: &Holder,
+) -> Result<Guard, LockError> {
+    let guard = enqueue(client, lease, namespace, name, mode, holder).await?;
+    match wait_turn(client, namespace, name, &guard).await {
+        Ok(()) => Ok(guard),
+        Err(e) => {
+            let _ = guard.release(client).await;
+            Err(e)
+        }
+    }
+}
+
+/// Takes the lock only if that needs no waiting; `None` otherwise (and no
+/// key is left behind).
+pub async fn try_acquire(
+    client: &Client,
+    lease: LeaseId,
+    namespace: &str,
+    name: &str,
+    mode: Mode,
+    holder: &Holder,
+) -> Result<Option<Guard>, LockError> {
+    let guard = enqueue(client, lease, namespace, name, mode, holder).await?;
+    let etcd = |source| LockError::Etcd {
+        name: name.to_owned(),
+        source,
+    };
+    let (ahead, _) = client
+        .created_before(&prefix(namespace, name), guard.token)
+        .await
+        .map_err(etcd)?;
+    if may_hold(mode, namespace, name, &ahead) {
+        Ok(Some(guard))
+    } else {
+        guard.release(client).await?;
+        Ok(None)
+    }
+}
+
+async fn enqueue(
+    client: &Client,
+    lease: LeaseId,
+    namespace: &str,
+    name: &str,
+    mode: Mode,
+    holder: &Holder,
+) -> Result<Guard, LockError> {
+    if name.is_empty() || name.contains('/') && !name.split('/').all(|s| !s.is_empty()) {
+        return Err(LockError::Invalid {
+            name: name.to_owned(),
+            reason: "a lock name is non-empty, without empty path segments".into(),
+        });
+    }
+    if mode == Mode::Semaphore(0) {
+        return Err(LockError::Invalid {
+            name: name.to_owned(),
+            reason: "a semaphore needs a limit of at least 1".into(),
+        });
+    }
+    let key = holder_key(namespace, name, mode, lease);
+    let value = serde_json::to_vec(holder).unwrap_or_default();
+    let (kv, _) = client
+        .create_or_get(&key, value, lease)
+        .await
+        .map_err(|source| LockError::Etcd {
+            name: name.to_owned(),
+            source,
+        })?;
+    Ok(Guard {
+        name: name.to_owned(),
+        key,
+        token: kv.create_revision,
+        mode,
+    })
+}
+
+/// Whether the keys queued before ours (oldest first) let us hold.
+fn may_hold(mode: Mode, namespace: &str, name: &str, ahead: &[KeyValue]) -> bool {
+    match mode {
+        Mode::Semaphore(limit) => ahead.len() < limit as usize,
+        _ => !ahead.iter().any(|kv| blocks(mode, namespace, name, kv)),
+    }
+}
+
+/// Waits until the keys ahead of ours allow us to hold, watching one key
+/// at a time.
+async fn wait_turn(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    guard: &Guard,
+) -> Result<(), LockError> {
+    let etcd = |source| LockError::Etcd {
+        name: name.to_owned(),
+        source,
+    };
+    let pfx = prefix(namespace, name);
+    loop {
+        let (ahead, read_at) = client
+            .created_before(&pfx, guard.token)
+            .await
+            .map_err(etcd)?;
+        if may_hold(guard.mode, namespace, name, &ahead) {
+            break;
+        }
+        match guard.mode {
+            // Any holder's going frees a place: wait for the first delete.
+            Mode::Semaphore(_) => client
+                .wait_prefix_delete(&pfx, read_at)
+                .await
+                .map_err(etcd)?,
+            // A mutex or writer waits for the key just before its own, a
+            // reader for the last writer before it.
+            mode => {
+                if let Some(kv) = ahead
+                    .iter()
+                    .rev()
+                    .find(|kv| blocks(mode, namespace, name, kv))
+                {
+                    client
+                        .wait_deleted(&kv.key, kv.create_revision)
+                        .await
+                        .map_err(etcd)?;
+                }
+            }
+        }
+    }
+    // Our lease may have expired while we waited: then the key is gone and
+    // the lock is not ours.
+    match client.get(&guard.key).await.map_err(etcd)? {
+        Some(kv) if kv.create_revision == guard.token => Ok(()),
+        _ => Err(LockError::SessionExpired {
+            name: name.to_owned(),
+        }),
+    }
+}
+
+/// The holders and waiters of a lock, in queue order.
+pub async fn queue(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<KeyValue>, LockError> {
+    client
+        .created_before(&prefix(namespace, name), i64::MAX)
+        .await
+        .map(|(kvs, _)| kvs)
+        .map_err(|source| LockError::Etcd {
+            name: name.to_owned(),
+            source,
+        })
+}
