@@ -167,35 +167,21 @@ impl Client {
                     .await
                 })
                 .await?;
-            loop {
-                match stream.message().await {
-                    Ok(Some(resp)) => {
-                        if resp.compact_revision() > 0 {
-                            // History is gone: look at the key itself.
-                            if self
-                                .get(key)
-                                .await?
-                                .is_none_or(|kv| kv.create_revision != revision)
-                            {
-                                return Ok(());
-                            }
-                            break;
-                        }
-                        if resp
-                            .events()
-                            .iter()
-                            .any(|e| e.event_type() == EventType::Delete)
-                        {
-                            return Ok(());
-                        }
-                        if resp.canceled() {
-                            break;
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.compact_revision() > 0 || resp.canceled() {
+                    // History is gone or the watch was dropped: the key
+                    // itself tells (below).
+                    break;
+                }
+                if resp
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
+                    return Ok(());
                 }
             }
-            // The stream broke: the key may have gone meanwhile.
+            // The stream ended: the key may have gone meanwhile.
             if self
                 .get(key)
                 .await?
