@@ -321,7 +321,7 @@ async fn a_holder_stopped_with_sigstop_has_its_command_killed_before_the_next_ho
     let dir = tempfile::tempdir().expect("tmp");
     let beats = dir.path().join("beats");
     let next = dir.path().join("next");
-    let holder = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
         .args([
             "lock",
             "x",
@@ -367,6 +367,7 @@ async fn a_holder_stopped_with_sigstop_has_its_command_killed_before_the_next_ho
     assert!(status.success());
     let _ = kill(pid, Signal::SIGKILL);
     let _ = kill(pid, Signal::SIGCONT);
+    let _ = holder.wait();
     let last_beat: u128 = std::fs::read_to_string(&beats)
         .expect("beats")
         .lines()
