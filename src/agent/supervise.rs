@@ -29,6 +29,13 @@ use tokio::time::Instant;
 /// Kill this long before the deadline, for scheduling delays.
 pub const KILL_MARGIN: Duration = Duration::from_millis(300);
 
+/// The longest grace period a lease of `ttl` allows: the deadline is
+/// renewed every TTL/3, so it is normally at least 2/3 TTL away, and TERM
+/// must not come while renewals are still on time.
+pub fn max_grace(ttl: Duration) -> Duration {
+    (ttl / 3).saturating_sub(KILL_MARGIN)
+}
+
 /// Nanoseconds on CLOCK_MONOTONIC, the clock all processes share.
 fn monotonic_ns() -> i64 {
     clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
@@ -79,6 +86,35 @@ impl Supervised {
         Ok(Supervised { child, stdin })
     }
 
+    /// Starts the supervisor ahead of time, before the lock is ours, so that
+    /// taking the lock costs no process start: it waits for
+    /// [`Supervised::go`] before running `argv`.
+    pub fn prepare(coord: &Path, argv: &[String], grace: Duration) -> std::io::Result<Supervised> {
+        let mut cmd = Command::new(coord);
+        cmd.arg("supervise")
+            .arg("--grace")
+            .arg(humantime::format_duration(grace).to_string())
+            .arg("--wait-go")
+            .arg("--")
+            .args(argv)
+            .stdin(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let stdin = child.stdin.take();
+        Ok(Supervised { child, stdin })
+    }
+
+    /// Runs the prepared command with `env` added, to be killed before
+    /// `deadline` unless renewed.
+    pub async fn go(&mut self, deadline: Instant, env: &[(String, String)]) {
+        let env: std::collections::BTreeMap<&str, &str> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env = serde_json::to_string(&env).unwrap_or_else(|_| "{}".into());
+        self.send(&format!("go {} {env}\n", to_monotonic(deadline)))
+            .await;
+    }
+
     /// Hands the supervisor a renewed deadline.
     pub async fn renew(&mut self, deadline: Instant) {
         self.send(&format!("deadline {}\n", to_monotonic(deadline)))
@@ -111,13 +147,39 @@ impl Supervised {
 
 /// The supervisor's end: runs `argv`, keeps the deadline read from stdin,
 /// and exits with the command's status (128 + signal if it was killed).
-pub async fn supervise(argv: &[OsString], grace: Duration, first_deadline: i64) -> i32 {
+/// Without a first deadline it waits for a `go <deadline> <env JSON>` line
+/// first (and exits 0 without running anything on `stop` or EOF).
+pub async fn supervise(argv: &[OsString], grace: Duration, first_deadline: Option<i64>) -> i32 {
     let Some((program, args)) = argv.split_first() else {
         eprintln!("coord supervise: no command given");
         return 64;
     };
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut env: std::collections::BTreeMap<String, String> = Default::default();
+    let first_deadline = match first_deadline {
+        Some(d) => d,
+        None => loop {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    let mut parts = line.splitn(3, ' ');
+                    match (parts.next(), parts.next(), parts.next()) {
+                        (Some("go"), Some(ns), rest) => {
+                            if let Some(json) = rest {
+                                env = serde_json::from_str(json).unwrap_or_default();
+                            }
+                            break ns.parse().unwrap_or(0);
+                        }
+                        (Some("stop"), _, _) => return 0,
+                        _ => {}
+                    }
+                }
+                _ => return 0,
+            }
+        },
+    };
     let mut child = match Command::new(program)
         .args(args)
+        .envs(&env)
         .stdin(Stdio::null())
         .process_group(0)
         .spawn()
@@ -138,7 +200,6 @@ pub async fn supervise(argv: &[OsString], grace: Duration, first_deadline: i64) 
         let deadline = deadline.clone();
         let stop_now = stop_now.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(tokio::io::stdin()).lines();
             // EOF (the agent is gone) leaves the last deadline in force.
             while let Ok(Some(line)) = lines.next_line().await {
                 match line.split_once(' ') {
@@ -164,7 +225,7 @@ pub async fn supervise(argv: &[OsString], grace: Duration, first_deadline: i64) 
         let remaining = Duration::from_nanos(remaining_ns.max(0) as u64);
         if termed_at.is_none() && remaining <= grace + KILL_MARGIN {
             eprintln!(
-                "coord supervise: the lock's lease is about to run out; stopping the command"
+                "coord supervise: the lock's lease runs out in {remaining:?}; stopping the command"
             );
             signal(Signal::SIGTERM);
             termed_at = Some(Instant::now());

@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::connection::EtcdArgs;
 use coord::agent::manifest::host_name;
-use coord::agent::supervise::{Supervised, supervise};
+use coord::agent::supervise::{Supervised, max_grace, supervise};
 use coord::etcd::{Session, SessionState};
 use coord::lock::{self, Holder, Mode};
 
@@ -71,6 +71,16 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
     if args.ttl < Duration::from_secs(2) || args.ttl.subsec_nanos() != 0 {
         bail!("--ttl must be whole seconds, at least 2s (etcd leases count seconds)");
     }
+    let grace = args.grace.min(max_grace(args.ttl));
+    if grace < args.grace {
+        warn!(grace = ?grace, ttl = ?args.ttl, "Grace period shortened to fit the TTL.");
+    }
+    let coord =
+        std::env::current_exe().context("cannot find the coord binary to supervise with")?;
+    // The supervisor starts while we queue, so that taking the lock costs
+    // no process start.
+    let mut supervised = Supervised::prepare(&coord, &args.command, grace)
+        .with_context(|| format!("cannot start `{}` under a supervisor", args.command[0]))?;
     let session = Session::start(client.clone(), args.ttl);
     let me = Holder {
         agent: format!("coord-lock@{}", host_name()),
@@ -87,6 +97,7 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
             Ok(g) => g?,
             Err(_) => {
                 // Revoking the lease removes our place in the queue.
+                supervised.stop().await;
                 session.close().await;
                 eprintln!(
                     "coord lock: `{}` was not ours within {}",
@@ -110,10 +121,7 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
         ("ETCD_LOCK_KEY".to_owned(), guard.key.clone()),
         ("ETCD_LOCK_REV".to_owned(), token),
     ];
-    let coord =
-        std::env::current_exe().context("cannot find the coord binary to supervise with")?;
-    let mut supervised = Supervised::spawn(&coord, &args.command, &env, args.grace, deadline)
-        .with_context(|| format!("cannot start `{}` under a supervisor", args.command[0]))?;
+    supervised.go(deadline, &env).await;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut lost = false;
@@ -170,8 +178,15 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
 pub struct SuperviseArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     grace: Duration,
-    #[arg(long, allow_negative_numbers = true)]
-    deadline_ns: i64,
+    /// The first deadline (CLOCK_MONOTONIC ns); without it, wait for `go`.
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        required_unless_present = "wait_go"
+    )]
+    deadline_ns: Option<i64>,
+    #[arg(long)]
+    wait_go: bool,
     #[arg(last = true, required = true)]
     command: Vec<OsString>,
 }
