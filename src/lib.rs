@@ -6,6 +6,7 @@
 //! The primitives know nothing of the agent.
 
 pub mod agent;
+pub mod config;
 pub mod etcd;
 pub mod presence;
 pub mod registry;

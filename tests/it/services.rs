@@ -377,5 +377,10 @@ async fn a_tcp_check_follows_whether_the_port_accepts_connections() {
     drop(listener);
     listed(&client, LISTED, false).await;
     let h = health_is(&client, "critical").await;
-    assert!(h["output"].as_str().is_some_and(|o| o.contains("cannot connect")), "{h}");
+    assert!(
+        h["output"]
+            .as_str()
+            .is_some_and(|o| o.contains("cannot connect")),
+        "{h}"
+    );
 }
