@@ -6,6 +6,7 @@ mod check;
 mod connection;
 mod dev;
 mod hook;
+mod kv;
 mod maint;
 mod render;
 mod run;
@@ -46,6 +47,8 @@ enum Command {
     Services(Box<services::ServicesArgs>),
     /// Put an agent or one of its services in maintenance (withdrawn from discovery), or take it out.
     Maint(maint::MaintArgs),
+    /// The config center: get, set (compare-and-set by version), delete, list, watch, history, rollback.
+    Kv(kv::KvArgs),
 }
 
 impl Cli {
@@ -60,6 +63,7 @@ impl Cli {
             Command::Render(args) => render::render(args).await,
             Command::Services(args) => services::services(*args).await,
             Command::Maint(args) => maint::maint(args).await,
+            Command::Kv(args) => kv::kv(args).await,
         };
         match result {
             Ok(code) => code,
