@@ -1,11 +1,13 @@
 //! coord: hosts coordinating through etcd.
 //!
 //! The library is the etcd layer ([`etcd`]) and the primitives built on it
-//! ([`presence`], and with their issues registry, lock, config and ids).
+//! ([`presence`], [`registry`], [`config`], and with their issues lock and
+//! ids).
 //! [`agent`] is the declarative layer on top: manifest, reconciler, hooks.
 //! The primitives know nothing of the agent.
 
 pub mod agent;
+pub mod config;
 pub mod etcd;
 pub mod lock;
 pub mod presence;

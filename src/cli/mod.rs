@@ -6,6 +6,7 @@ mod check;
 mod connection;
 mod dev;
 mod hook;
+mod kv;
 mod lock;
 mod maint;
 mod render;
@@ -52,6 +53,8 @@ enum Command {
     /// (internal) Run a command that must die before its lock's deadline.
     #[command(hide = true)]
     Supervise(lock::SuperviseArgs),
+    /// The config center: get, set (compare-and-set by version), delete, list, watch, history, rollback.
+    Kv(kv::KvArgs),
 }
 
 impl Cli {
@@ -68,6 +71,7 @@ impl Cli {
             Command::Maint(args) => maint::maint(args).await,
             Command::Lock(args) => lock::lock(*args).await,
             Command::Supervise(args) => lock::supervise_command(args).await,
+            Command::Kv(args) => kv::kv(args).await,
         };
         match result {
             Ok(code) => code,

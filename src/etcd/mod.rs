@@ -6,19 +6,23 @@
 
 mod backoff;
 mod cache;
+mod changes;
 mod connection;
 mod error;
 pub mod local;
+mod mvcc;
 mod ordering;
 mod session;
 mod watcher;
 
 pub use backoff::Backoff;
 pub use cache::{Cache, CacheEvent, CacheSnapshot, Subscription};
+pub use changes::{ChangeWatcher, ValueChange};
 pub use connection::{
     BATCH, Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KeyValue,
     LeaseId, Op, Password, Snapshot, TlsFiles,
 };
 pub use error::Error;
+pub use mvcc::Guarded;
 pub use session::{Session, SessionState};
 pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};

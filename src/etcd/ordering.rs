@@ -88,7 +88,7 @@ impl Client {
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_max_create_revision(revision - 1);
-        self.get_at("created before", prefix, opts).await
+        self.get_sorted("created before", prefix, opts).await
     }
 
     async fn get_with(
@@ -97,10 +97,10 @@ impl Client {
         key: &str,
         opts: GetOptions,
     ) -> Result<Vec<KeyValue>, Error> {
-        self.get_at(op, key, opts).await.map(|(kvs, _)| kvs)
+        self.get_sorted(op, key, opts).await.map(|(kvs, _)| kvs)
     }
 
-    async fn get_at(
+    async fn get_sorted(
         &self,
         op: &'static str,
         key: &str,

@@ -31,7 +31,13 @@ fn offenders(dir: &str, needle: &str) -> Vec<String> {
 
 #[test]
 fn only_the_etcd_layer_imports_etcd_client() {
-    for dir in ["src/agent", "src/cli", "src/presence.rs"] {
+    for dir in [
+        "src/agent",
+        "src/cli",
+        "src/presence.rs",
+        "src/config.rs",
+        "src/config",
+    ] {
         let found = if dir.ends_with(".rs") {
             let text =
                 std::fs::read_to_string(super::support::repo_root().join(dir)).expect("read");
@@ -60,4 +66,12 @@ fn the_library_knows_nothing_of_the_agent() {
     let presence =
         std::fs::read_to_string(super::support::repo_root().join("src/presence.rs")).expect("read");
     assert!(!presence.contains("crate::agent"));
+    let config =
+        std::fs::read_to_string(super::support::repo_root().join("src/config.rs")).expect("read");
+    assert!(!config.contains("crate::agent"));
+    let found = offenders("src/config", "crate::agent");
+    assert!(
+        found.is_empty(),
+        "the config center reaches into the agent: {found:?}"
+    );
 }

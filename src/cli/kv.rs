@@ -1,0 +1,355 @@
+//! `coord kv`: the config center from the command line.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::connection::EtcdArgs;
+use coord::config::{self, Entry, Expect, Schema};
+use coord::etcd::Client;
+
+/// Exit status when a guarded write was refused because the key is not at
+/// the expected version (nothing was written; re-read and retry).
+pub const EXIT_CONFLICT: u8 = 3;
+/// Exit status when the key (or its value at a revision) does not exist.
+pub const EXIT_NOT_FOUND: u8 = 4;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: 0 done, 1 error, 3 refused (version conflict: nothing written), 4 key not found."
+)]
+pub struct KvArgs {
+    #[command(subcommand)]
+    command: KvCommand,
+    /// Print JSON (one object per line for ls, watch and history). For
+    /// `set`, also refuse a value that is not valid JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum KvCommand {
+    /// Print a key's value (with --json: also its version and revisions).
+    Get {
+        #[arg(id = "KEY", value_name = "KEY")]
+        key: String,
+    },
+    /// Write a key: the value from the argument, --file, or stdin.
+    Set(SetArgs),
+    /// Delete a key.
+    Del {
+        #[arg(id = "KEY", value_name = "KEY")]
+        key: String,
+        /// Only if the key is at this version.
+        #[arg(long, value_name = "N")]
+        if_version: Option<i64>,
+    },
+    /// List the keys under a prefix with their versions and values.
+    Ls {
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Print each change to a key (or every key under it, with --prefix)
+    /// with its old and new value, until interrupted.
+    Watch {
+        #[arg(id = "KEY", value_name = "KEY")]
+        key: String,
+        /// Watch every key under KEY.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// A key's values since it was created, newest first.
+    History {
+        #[arg(id = "KEY", value_name = "KEY")]
+        key: String,
+        /// At most this many values.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// Write back the value a key had at a revision (see `history`), as a
+    /// compare-and-set: refused if the key moves meanwhile.
+    Rollback {
+        #[arg(id = "KEY", value_name = "KEY")]
+        key: String,
+        /// The revision whose value to restore.
+        #[arg(long, value_name = "R")]
+        to_revision: i64,
+        /// Only if the key is still at this version (default: the version
+        /// read just before writing).
+        #[arg(long, value_name = "N")]
+        if_version: Option<i64>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SetArgs {
+    #[arg(id = "KEY", value_name = "KEY")]
+    key: String,
+    /// The value, written as given (without it: --file, else stdin).
+    #[arg(conflicts_with = "file")]
+    value: Option<String>,
+    /// Read the value from this file (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Only if the key is at this version.
+    #[arg(long, value_name = "N", conflicts_with = "create")]
+    if_version: Option<i64>,
+    /// Only if the key does not exist yet.
+    #[arg(long)]
+    create: bool,
+    /// Check the value against this JSON Schema first.
+    #[arg(long, value_name = "FILE")]
+    schema: Option<PathBuf>,
+}
+
+pub async fn kv(args: KvArgs) -> anyhow::Result<ExitCode> {
+    match run(args).await {
+        Ok(code) => Ok(code),
+        Err(e) => match e.downcast_ref::<config::Error>() {
+            Some(config::Error::VersionConflict { .. }) => {
+                eprintln!("error: {e:#}");
+                Ok(ExitCode::from(EXIT_CONFLICT))
+            }
+            Some(config::Error::NotFound { .. } | config::Error::AbsentAt { .. }) => {
+                eprintln!("error: {e:#}");
+                Ok(ExitCode::from(EXIT_NOT_FOUND))
+            }
+            _ => Err(e),
+        },
+    }
+}
+
+async fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    // Read and check the value before connecting: a bad value touches
+    // nothing, whether or not etcd is up.
+    let prepared = match &args.command {
+        KvCommand::Set(set) => Some(prepare(set, json)?),
+        _ => None,
+    };
+    let (client, _) = args.etcd.connect().await?;
+    match args.command {
+        KvCommand::Get { key } => get(&client, &key, json).await?,
+        KvCommand::Set(set) => {
+            let expect = match (set.if_version, set.create) {
+                (Some(v), _) => Expect::Version(v),
+                (None, true) => Expect::ABSENT,
+                (None, false) => Expect::Any,
+            };
+            let raw = prepared.expect("prepared above for set");
+            let written = config::set_raw(&client, &set.key, &raw, expect).await?;
+            print_written("set", &set.key, written, json);
+        }
+        KvCommand::Del { key, if_version } => {
+            let expect = if_version.map_or(Expect::Any, Expect::Version);
+            let existed = config::delete(&client, &key, expect).await?;
+            if json {
+                println!("{}", json!({"key": key, "deleted": existed}));
+            } else if existed {
+                println!("deleted {key}");
+            } else {
+                println!("{key} did not exist; nothing deleted");
+            }
+        }
+        KvCommand::Ls { prefix } => {
+            for entry in config::list(&client, &prefix).await? {
+                if json {
+                    println!("{}", entry_json(&entry));
+                } else {
+                    println!("{}  v{}  {}", entry.key, entry.version, one_line(&entry));
+                }
+            }
+        }
+        KvCommand::Watch { key, prefix } => watch(&client, &key, prefix, json).await?,
+        KvCommand::History { key, limit } => history(&client, &key, limit, json).await?,
+        KvCommand::Rollback {
+            key,
+            to_revision,
+            if_version,
+        } => {
+            let written = config::rollback(&client, &key, to_revision, if_version).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"key": key, "restored_from": to_revision, "version": written.version, "revision": written.revision})
+                );
+            } else {
+                println!(
+                    "rolled {key} back to its value at revision {to_revision}: now version {} (revision {})",
+                    written.version, written.revision
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The bytes to write, read from where the arguments say and checked.
+fn prepare(set: &SetArgs, json: bool) -> anyhow::Result<Vec<u8>> {
+    let raw = match (&set.value, &set.file) {
+        (Some(v), _) => v.clone().into_bytes(),
+        (None, Some(path)) if path.as_os_str() != "-" => std::fs::read(path)
+            .with_context(|| format!("failed to read the value from `{}`", path.display()))?,
+        (None, _) => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("failed to read the value from stdin")?;
+            buf
+        }
+    };
+    if json && let Err(e) = serde_json::from_slice::<serde_json::Value>(&raw) {
+        bail!(
+            "refused to set `{}`: the value is not valid JSON ({e}); nothing was written",
+            set.key
+        );
+    }
+    if let Some(path) = &set.schema {
+        let text = std::fs::read(path)
+            .with_context(|| format!("failed to read the schema `{}`", path.display()))?;
+        let schema: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("the schema `{}` is not JSON", path.display()))?;
+        let schema = Schema::new(&schema)
+            .map_err(|e| anyhow::anyhow!("`{}` is not a valid JSON Schema: {e}", path.display()))?;
+        schema.check(&set.key, &raw)?;
+    }
+    Ok(raw)
+}
+
+async fn get(client: &Client, key: &str, json: bool) -> anyhow::Result<()> {
+    let entry = config::get_entry(client, key).await?;
+    if json {
+        println!("{}", entry_json(&entry));
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&entry.raw)?;
+    if !entry.raw.ends_with(b"\n") {
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+async fn history(
+    client: &Client,
+    key: &str,
+    limit: Option<usize>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let history = config::history(client, key, limit).await?;
+    if json {
+        for entry in &history.entries {
+            println!("{}", entry_json(entry));
+        }
+        if let Some(compacted) = history.truncated_by_compaction {
+            println!(
+                "{}",
+                json!({"key": key, "truncated_by_compaction": compacted})
+            );
+        }
+    } else {
+        println!("{:>10}  {:>7}  VALUE", "REVISION", "VERSION");
+        for entry in &history.entries {
+            println!(
+                "{:>10}  {:>7}  {}",
+                entry.mod_revision,
+                entry.version,
+                one_line(entry)
+            );
+        }
+        if let Some(compacted) = history.truncated_by_compaction {
+            println!(
+                "(incomplete: older values were compacted away; etcd keeps revisions from {compacted} on)"
+            );
+        }
+    }
+    if let Some(compacted) = history.truncated_by_compaction {
+        eprintln!(
+            "warning: the history of `{key}` is incomplete: values before revision {compacted} were compacted away"
+        );
+    }
+    Ok(())
+}
+
+async fn watch(client: &Client, key: &str, prefix: bool, json: bool) -> anyhow::Result<()> {
+    let mut watch = if prefix {
+        config::watch_prefix(client, key).await?
+    } else {
+        config::watch(client, key).await?
+    };
+    if !json {
+        eprintln!(
+            "watching {key}{}; Ctrl-C to stop",
+            if prefix { "*" } else { "" }
+        );
+    }
+    loop {
+        let changes = tokio::select! {
+            changes = watch.next() => changes?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        for c in changes {
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "key": c.key,
+                        "revision": c.revision,
+                        "type": if c.new.is_some() { "set" } else { "delete" },
+                        "version": c.new.as_ref().map_or(0, |e| e.version),
+                        "old": c.old.as_ref().map(Entry::json),
+                        "new": c.new.as_ref().map(Entry::json),
+                    })
+                );
+            } else {
+                let show = |e: &Option<Entry>| e.as_ref().map_or("(none)".into(), one_line);
+                match &c.new {
+                    Some(new) => println!(
+                        "{}  set  {}  v{}: {} -> {}",
+                        c.revision,
+                        c.key,
+                        new.version,
+                        show(&c.old),
+                        show(&c.new)
+                    ),
+                    None => println!("{}  del  {}: {}", c.revision, c.key, show(&c.old)),
+                }
+            }
+        }
+    }
+}
+
+fn print_written(what: &str, key: &str, written: config::Written, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({"key": key, "version": written.version, "revision": written.revision})
+        );
+    } else {
+        println!(
+            "{what} {key}: version {} (revision {})",
+            written.version, written.revision
+        );
+    }
+}
+
+fn entry_json(entry: &Entry) -> serde_json::Value {
+    json!({
+        "key": entry.key,
+        "value": entry.json(),
+        "version": entry.version,
+        "revision": entry.mod_revision,
+        "create_revision": entry.create_revision,
+    })
+}
+
+/// A value on one line, for listings: newlines shown as `\n`.
+fn one_line(entry: &Entry) -> String {
+    entry.text().replace('\n', "\\n")
+}
