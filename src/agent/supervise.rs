@@ -253,3 +253,64 @@ pub async fn supervise(argv: &[OsString], grace: Duration, first_deadline: Optio
         Err(_) => 1,
     }
 }
+
+/// How a guarded run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The command exited by itself (code, or 128 + signal).
+    Exited(i32),
+    /// The lease was lost: the command was stopped.
+    LockLost,
+    /// Asked to stop (shutdown, timeout): the command was stopped.
+    Stopped,
+}
+
+/// Runs a prepared command while `lease` lives: hands it every renewed
+/// deadline, stops it when the lease is lost or `stop` completes, and
+/// returns how it ended.
+pub async fn run_guarded(
+    mut supervised: Supervised,
+    lease: crate::etcd::LeaseId,
+    env: &[(String, String)],
+    mut session: tokio::sync::watch::Receiver<crate::etcd::SessionState>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Ended {
+    use crate::etcd::SessionState;
+    let deadline = match *session.borrow_and_update() {
+        SessionState::Alive { lease: l, deadline } if l == lease => Some(deadline),
+        _ => None,
+    };
+    let Some(deadline) = deadline else {
+        supervised.stop().await;
+        let _ = supervised.wait().await;
+        return Ended::LockLost;
+    };
+    supervised.go(deadline, env).await;
+    let mut ending: Option<Ended> = None;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            status = supervised.wait() => {
+                let code = status.map_or(1, |s| {
+                    use std::os::unix::process::ExitStatusExt;
+                    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+                });
+                return ending.unwrap_or(Ended::Exited(code));
+            }
+            changed = session.changed(), if ending.is_none() => {
+                let now = if changed.is_ok() { *session.borrow_and_update() } else { SessionState::Closed };
+                match now {
+                    SessionState::Alive { lease: l, deadline } if l == lease => supervised.renew(deadline).await,
+                    _ => {
+                        ending = Some(Ended::LockLost);
+                        supervised.stop().await;
+                    }
+                }
+            }
+            _ = &mut stop, if ending.is_none() => {
+                ending = Some(Ended::Stopped);
+                supervised.stop().await;
+            }
+        }
+    }
+}

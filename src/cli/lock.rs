@@ -9,8 +9,8 @@ use tracing::warn;
 
 use super::connection::EtcdArgs;
 use coord::agent::manifest::host_name;
-use coord::agent::supervise::{Supervised, max_grace, supervise};
-use coord::etcd::{Session, SessionState};
+use coord::agent::supervise::{Ended, Supervised, max_grace, run_guarded, supervise};
+use coord::etcd::Session;
 use coord::lock::{self, Holder, Mode};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -89,9 +89,11 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
     };
     let take = async {
         let lease = session.wait_alive().await;
-        lock::acquire(&client, lease, &namespace, &args.name, mode, &me).await
+        lock::acquire(&client, lease, &namespace, &args.name, mode, &me)
+            .await
+            .map(|guard| (lease, guard))
     };
-    let guard = match args.timeout {
+    let (lease, guard) = match args.timeout {
         None => take.await?,
         Some(t) => match tokio::time::timeout(t, take).await {
             Ok(g) => g?,
@@ -108,11 +110,6 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
             }
         },
     };
-    let mut state = session.subscribe();
-    let deadline = match *state.borrow_and_update() {
-        SessionState::Alive { deadline, .. } => deadline,
-        _ => tokio::time::Instant::now(),
-    };
     let token = guard.token.to_string();
     let env = vec![
         ("COORD_LOCK_NAME".to_owned(), args.name.clone()),
@@ -121,49 +118,30 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
         ("ETCD_LOCK_KEY".to_owned(), guard.key.clone()),
         ("ETCD_LOCK_REV".to_owned(), token),
     ];
-    supervised.go(deadline, &env).await;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut lost = false;
-    let status = loop {
+    let interrupted = async {
         tokio::select! {
-            s = supervised.wait() => break s?,
-            changed = state.changed() => {
-                if changed.is_err() { continue; }
-                let now = *state.borrow_and_update();
-                match now {
-                    SessionState::Alive { lease, deadline } if Some(lease) == session_lease(&guard) => supervised.renew(deadline).await,
-                    SessionState::Alive { .. } | SessionState::Lost { .. } | SessionState::Closed | SessionState::Pending => {
-                        if !lost {
-                            warn!(lock = %args.name, "Lock lost with the session; stopping the command.");
-                            lost = true;
-                            supervised.stop().await;
-                        }
-                    }
-                }
-            }
-            _ = term.recv() => supervised.stop().await,
-            _ = int.recv() => supervised.stop().await,
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
     };
-    if !lost {
-        let _ = guard.release(&client).await;
+    let ended = run_guarded(supervised, lease, &env, session.subscribe(), interrupted).await;
+    match ended {
+        Ended::LockLost => {
+            warn!(lock = %args.name, "Lock lost with the session; the command was stopped.");
+            session.close().await;
+            eprintln!("coord lock: lost `{}` while the command ran; it was stopped", args.name);
+            Ok(ExitCode::from(EXIT_TIMEOUT))
+        }
+        Ended::Exited(_) | Ended::Stopped => {
+            let _ = guard.release(&client).await;
+            session.close().await;
+            // Stopped by a signal: the shell convention for TERM.
+            let code = if let Ended::Exited(c) = ended { c } else { 143 };
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
     }
-    session.close().await;
-    if lost {
-        eprintln!(
-            "coord lock: lost `{}` while the command ran; it was stopped",
-            args.name
-        );
-        return Ok(ExitCode::from(EXIT_TIMEOUT));
-    }
-    Ok(exit_code(status))
-}
-
-/// The lease a holder key was created on (its last path segment, in hex).
-fn session_lease(guard: &lock::Guard) -> Option<coord::etcd::LeaseId> {
-    let hex = guard.key.rsplit('/').next()?;
-    i64::from_str_radix(hex, 16).ok().map(coord::etcd::LeaseId)
 }
 
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {

@@ -9,6 +9,7 @@ mod file;
 mod hook;
 mod reader;
 mod service;
+mod task;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -23,11 +24,12 @@ pub use file::{FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
 use reader::{TableReader, suggest};
 pub use service::{CheckKind, CheckSpec, ServiceSpec};
+pub use task::{Schedule, TaskSpec};
 
 use crate::etcd::{ConnectOptions, Password, TlsFiles};
 
 /// Sections a manifest may have. Others are rejected.
-const SECTIONS: &[&str] = &["agent", "etcd", "hook", "file", "service"];
+const SECTIONS: &[&str] = &["agent", "etcd", "hook", "file", "service", "task"];
 
 /// A validated manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +47,8 @@ pub struct Manifest {
     pub files: Vec<FileSpec>,
     /// `[[service]]`s, in file order, (name, id) unique.
     pub services: Vec<ServiceSpec>,
+    /// `[[task]]`s, in file order, names unique.
+    pub tasks: Vec<TaskSpec>,
 }
 
 /// A place in the manifest.
@@ -162,6 +166,7 @@ impl Manifest {
         let files = files(&mut d, root, base, &hooks);
         let agent_name = agent.as_ref().map_or_else(host_name, |a| a.name.clone());
         let services = services(&mut d, root, &agent_name, &hooks);
+        let tasks = tasks(&mut d, root, &hooks);
         match (agent, etcd) {
             (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
                 path: path.to_owned(),
@@ -171,6 +176,7 @@ impl Manifest {
                 hooks,
                 files,
                 services,
+                tasks,
             }),
             _ => Err(d.into_error(path)),
         }
@@ -379,6 +385,26 @@ fn services(
     services
 }
 
+fn tasks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, hooks: &[HookSpec]) -> Vec<TaskSpec> {
+    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
+    let mut tasks: Vec<TaskSpec> = Vec::new();
+    for t in tables(d, root, "task") {
+        let span = t.span_of("name");
+        let Some(task) = task::task(d, t, &names) else {
+            continue;
+        };
+        if let Some(first) = tasks.iter().find(|o| o.name == task.name) {
+            d.error(
+                span,
+                format!("task `{}` is defined twice (first at line {})", task.name, first.location.line),
+            );
+            continue;
+        }
+        tasks.push(task);
+    }
+    tasks
+}
+
 fn agent_settings(
     d: &mut Diagnostics<'_>,
     mut t: TableReader<'_, '_>,
@@ -571,6 +597,15 @@ impl fmt::Display for Summary<'_> {
                 "\n  service {}/{} at {} ({check})",
                 s.name, s.id, s.address
             )?;
+        }
+        for t in &m.tasks {
+            let when = match &t.schedule {
+                Schedule::Once => "once".to_owned(),
+                Schedule::Every(d) => format!("every {}", humantime::format_duration(*d)),
+                Schedule::Cron(c) => format!("cron {c}"),
+                Schedule::Leader => "leader".to_owned(),
+            };
+            write!(f, "\n  task   {} under lock {} ({when}): {}", t.name, t.lock, t.run.join(" "))?;
         }
         for file in &m.files {
             let from = match &file.source {
