@@ -103,7 +103,7 @@ impl Guard {
 }
 
 /// The holder key of `lease` for `name` in `mode`.
-fn holder_key(namespace: &str, name: &str, mode: Mode, lease: LeaseId) -> String {
+pub fn holder_key(namespace: &str, name: &str, mode: Mode, lease: LeaseId) -> String {
     let base = prefix(namespace, name);
     match mode {
         Mode::Read => format!("{base}read/{:x}", lease.0),

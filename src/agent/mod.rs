@@ -10,6 +10,7 @@ mod reload;
 mod runtime;
 pub mod services;
 pub mod supervise;
+pub mod tasks;
 
 pub use reload::ReloadRequest;
 pub use runtime::{AgentError, Control, RunOptions, run};

@@ -10,10 +10,11 @@ use tracing::{error, info, warn};
 
 use super::files::FilesController;
 use super::hooks::{CacheKeys, HookError, HookRunner, KeyReader};
-use super::manifest::{FileSpec, HookAction, Manifest, PasswordError, ServiceSpec};
+use super::manifest::{FileSpec, HookAction, Manifest, PasswordError, ServiceSpec, TaskSpec};
 use super::reconciler::{Desired, Reconciler};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
+use super::tasks::TasksController;
 use crate::etcd::{Cache, Client, Session};
 use crate::presence::AgentRecord;
 
@@ -70,6 +71,7 @@ struct Connected {
     reconciler: tokio::task::JoinHandle<()>,
     files: tokio::task::JoinHandle<()>,
     services: tokio::task::JoinHandle<()>,
+    tasks: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
 }
 
@@ -78,6 +80,7 @@ struct Shared {
     hooks: watch::Sender<Arc<HookRunner>>,
     files: watch::Sender<Vec<FileSpec>>,
     services: watch::Sender<Vec<ServiceSpec>>,
+    tasks: watch::Sender<Vec<TaskSpec>>,
     /// What WASM hooks read, re-pointed at each connection's cache.
     keys: Arc<CacheKeys>,
 }
@@ -104,7 +107,12 @@ impl Connected {
             &manifest.agent.namespace,
             &manifest.agent.name,
         );
-        let reconciler = Reconciler::new(client, cache.clone(), session.subscribe(), desired_rx);
+        let reconciler = Reconciler::new(
+            client.clone(),
+            cache.clone(),
+            session.subscribe(),
+            desired_rx,
+        );
         let stop = CancellationToken::new();
         let reconciler = tokio::spawn(reconciler.run(stop.clone()));
         let services = tokio::spawn(services.run(
@@ -113,6 +121,21 @@ impl Connected {
             shared.hooks.subscribe(),
             stop.clone(),
         ));
+        let coord = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coord"));
+        let tasks = tokio::spawn(
+            TasksController::new(
+                client.clone(),
+                &manifest.agent.namespace,
+                &manifest.agent.name,
+                coord,
+            )
+            .run(
+                session.subscribe(),
+                shared.tasks.subscribe(),
+                shared.hooks.subscribe(),
+                stop.clone(),
+            ),
+        );
         shared.keys.follow(&cache, &read_prefixes(manifest));
         let files = tokio::spawn(FilesController::new(&manifest.agent.namespace).run(
             cache.clone(),
@@ -127,6 +150,7 @@ impl Connected {
             reconciler,
             files,
             services,
+            tasks,
             stop,
         })
     }
@@ -138,6 +162,7 @@ impl Connected {
         let _ = self.reconciler.await;
         let _ = self.files.await;
         let _ = self.services.await;
+        let _ = self.tasks.await;
         self.session.close().await;
     }
 }
@@ -248,6 +273,7 @@ pub async fn run(
         keys,
         files: watch::Sender::new(manifest.files.clone()),
         services: watch::Sender::new(manifest.services.clone()),
+        tasks: watch::Sender::new(manifest.tasks.clone()),
     };
     let mut connected = Connected::start(&manifest, &started_at, &shared).await?;
     loop {
@@ -316,6 +342,9 @@ pub async fn run(
         }
         if next.services != manifest.services {
             shared.services.send_replace(next.services.clone());
+        }
+        if next.tasks != manifest.tasks {
+            shared.tasks.send_replace(next.tasks.clone());
         }
         info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
         manifest = next;

@@ -131,7 +131,10 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
         Ended::LockLost => {
             warn!(lock = %args.name, "Lock lost with the session; the command was stopped.");
             session.close().await;
-            eprintln!("coord lock: lost `{}` while the command ran; it was stopped", args.name);
+            eprintln!(
+                "coord lock: lost `{}` while the command ran; it was stopped",
+                args.name
+            );
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
         Ended::Exited(_) | Ended::Stopped => {

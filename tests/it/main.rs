@@ -19,5 +19,6 @@ mod reconcile;
 mod registry;
 mod services;
 mod session;
+mod tasks;
 mod tls;
 mod wasm;

@@ -396,7 +396,10 @@ fn tasks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, hooks: &[HookSpec]) -> Vec
         if let Some(first) = tasks.iter().find(|o| o.name == task.name) {
             d.error(
                 span,
-                format!("task `{}` is defined twice (first at line {})", task.name, first.location.line),
+                format!(
+                    "task `{}` is defined twice (first at line {})",
+                    task.name, first.location.line
+                ),
             );
             continue;
         }
@@ -605,7 +608,13 @@ impl fmt::Display for Summary<'_> {
                 Schedule::Cron(c) => format!("cron {c}"),
                 Schedule::Leader => "leader".to_owned(),
             };
-            write!(f, "\n  task   {} under lock {} ({when}): {}", t.name, t.lock, t.run.join(" "))?;
+            write!(
+                f,
+                "\n  task   {} under lock {} ({when}): {}",
+                t.name,
+                t.lock,
+                t.run.join(" ")
+            )?;
         }
         for file in &m.files {
             let from = match &file.source {

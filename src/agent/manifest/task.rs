@@ -47,13 +47,20 @@ pub enum Schedule {
 
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 
-pub(super) fn task(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>, hooks: &[String]) -> Option<TaskSpec> {
+pub(super) fn task(
+    d: &mut Diagnostics<'_>,
+    mut t: TableReader<'_, '_>,
+    hooks: &[String],
+) -> Option<TaskSpec> {
     let before = d.len();
     let name = t.required::<String>(d, "name", "give the task a name");
     if let Some(n) = &name
         && (n.is_empty() || n.contains('/'))
     {
-        d.error(t.span_of("name"), format!("invalid task name `{n}`: non-empty, without `/`"));
+        d.error(
+            t.span_of("name"),
+            format!("invalid task name `{n}`: non-empty, without `/`"),
+        );
     }
     let lock = t.optional::<String>(d, "lock");
     let mode_name = t.optional::<String>(d, "mode");
@@ -64,7 +71,10 @@ pub(super) fn task(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>, hooks: &
         (Some("write"), None) => Some(Mode::Write),
         (Some("semaphore"), Some(n)) if n > 0 => Some(Mode::Semaphore(n)),
         (Some("semaphore"), _) => {
-            d.error(t.span_of("mode"), "a semaphore needs `limit = N` (at least 1)");
+            d.error(
+                t.span_of("mode"),
+                "a semaphore needs `limit = N` (at least 1)",
+            );
             None
         }
         (Some("mutex" | "read" | "write") | None, Some(_)) => {
@@ -79,25 +89,46 @@ pub(super) fn task(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>, hooks: &
             None
         }
     };
-    let run = t.required::<Vec<String>>(d, "run", "give the command, e.g. run = [\"/usr/local/bin/report\"]");
-    if run.as_ref().is_some_and(|r| r.is_empty() || r[0].is_empty()) {
-        d.error(t.span_of("run"), "`run` is empty: give the program and its arguments");
+    let run = t.required::<Vec<String>>(
+        d,
+        "run",
+        "give the command, e.g. run = [\"/usr/local/bin/report\"]",
+    );
+    if run
+        .as_ref()
+        .is_some_and(|r| r.is_empty() || r[0].is_empty())
+    {
+        d.error(
+            t.span_of("run"),
+            "`run` is empty: give the program and its arguments",
+        );
     }
-    let env = t.optional::<BTreeMap<String, String>>(d, "env").unwrap_or_default();
+    let env = t
+        .optional::<BTreeMap<String, String>>(d, "env")
+        .unwrap_or_default();
     let timeout = t.optional::<Duration>(d, "timeout");
     let grace = t.optional::<Duration>(d, "grace").unwrap_or(DEFAULT_GRACE);
-    let schedule = match t.required::<String>(d, "schedule", "say when: \"once\", \"every 1h\", a cron expression or \"leader\"") {
+    let schedule = match t.required::<String>(
+        d,
+        "schedule",
+        "say when: \"once\", \"every 1h\", a cron expression or \"leader\"",
+    ) {
         None => None,
         Some(s) => match s.trim() {
             "once" => Some(Schedule::Once),
             "leader" => Some(Schedule::Leader),
-            every if every.starts_with("every ") => match humantime::parse_duration(every[6..].trim()) {
-                Ok(d) if !d.is_zero() => Some(Schedule::Every(d)),
-                _ => {
-                    d.error(t.span_of("schedule"), format!("invalid `schedule` \"{s}\": write it like \"every 10m\""));
-                    None
+            every if every.starts_with("every ") => {
+                match humantime::parse_duration(every[6..].trim()) {
+                    Ok(d) if !d.is_zero() => Some(Schedule::Every(d)),
+                    _ => {
+                        d.error(
+                            t.span_of("schedule"),
+                            format!("invalid `schedule` \"{s}\": write it like \"every 10m\""),
+                        );
+                        None
+                    }
                 }
-            },
+            }
             cron => match croner::Cron::from_str(cron) {
                 Ok(_) => Some(Schedule::Cron(cron.to_owned())),
                 Err(e) => {
@@ -111,7 +142,10 @@ pub(super) fn task(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>, hooks: &
         },
     };
     if timeout.is_some() && schedule == Some(Schedule::Leader) {
-        d.error(t.span_of("timeout"), "a leader runs as long as it holds the lock: no `timeout`");
+        d.error(
+            t.span_of("timeout"),
+            "a leader runs as long as it holds the lock: no `timeout`",
+        );
     }
     let on_change = hook_refs(d, &mut t, "on_change", hooks);
     let location = d.locate(t.span());
