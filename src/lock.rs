@@ -240,12 +240,19 @@ async fn wait_turn(
     };
     let pfx = prefix(namespace, name);
     loop {
-        let (ahead, read_at) = client
-            .created_before(&pfx, guard.token)
+        let (ahead, own, read_at) = client
+            .queue_at(&pfx, guard.token, &guard.key)
             .await
             .map_err(etcd)?;
+        // Our lease may have expired while we waited: then the key is gone
+        // and the lock is not ours.
+        if own.is_none_or(|kv| kv.create_revision != guard.token) {
+            return Err(LockError::SessionExpired {
+                name: name.to_owned(),
+            });
+        }
         if may_hold(guard.mode, namespace, name, &ahead) {
-            break;
+            return Ok(());
         }
         match guard.mode {
             // Any holder's going frees a place: wait for the first delete.
@@ -268,14 +275,6 @@ async fn wait_turn(
                 }
             }
         }
-    }
-    // Our lease may have expired while we waited: then the key is gone and
-    // the lock is not ours.
-    match client.get(&guard.key).await.map_err(etcd)? {
-        Some(kv) if kv.create_revision == guard.token => Ok(()),
-        _ => Err(LockError::SessionExpired {
-            name: name.to_owned(),
-        }),
     }
 }
 

@@ -119,6 +119,40 @@ impl Client {
         ))
     }
 
+    /// In one read: the keys under `prefix` created before `revision`
+    /// (oldest first), `own` as it is now, and the revision of the read —
+    /// what a queued waiter needs to decide, in one round trip.
+    pub async fn queue_at(
+        &self,
+        prefix: &str,
+        revision: i64,
+        own: &str,
+    ) -> Result<(Vec<KeyValue>, Option<KeyValue>, i64), Error> {
+        let ahead = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_max_create_revision(revision - 1);
+        let resp = self
+            .unary("queue", |mut c| {
+                let txn = Txn::new().and_then([
+                    TxnOp::get(prefix, Some(ahead.clone())),
+                    TxnOp::get(own, None),
+                ]);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        let read_at = resp.header().map_or(0, |h| h.revision());
+        let mut gets = resp.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(get) => {
+                Some(get.kvs().iter().map(KeyValue::from_raw).collect::<Vec<_>>())
+            }
+            _ => None,
+        });
+        let ahead = gets.next().unwrap_or_default();
+        let own = gets.next().and_then(|mut v| v.pop());
+        Ok((ahead, own, read_at))
+    }
+
     /// Waits for any key under `prefix` to be deleted after `revision`.
     pub async fn wait_prefix_delete(&self, prefix: &str, revision: i64) -> Result<(), Error> {
         let mut stream = self
