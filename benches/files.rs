@@ -21,20 +21,13 @@ use coord::agent::manifest::Manifest;
 use coord::etcd::local::LocalEtcd;
 use coord::etcd::{Cache, Client};
 use tokio::sync::watch;
+
+mod common;
+use common::{ms, percentile};
 use tokio_util::sync::CancellationToken;
 
 const WARMUP: usize = 20;
 const ROUNDS: usize = 300;
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
-    samples[i]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1e3)
-}
 
 /// Waits until `path` holds exactly `want`, polling finely.
 fn wait_for(path: &Path, want: &str) -> Instant {
@@ -287,18 +280,8 @@ async fn scale(etcd: &LocalEtcd, client: &Client) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let etcd = LocalEtcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    common::with_etcd("files", |etcd| async move {
         let client = etcd.client().await;
-        println!(
-            "coord files benchmark — {} cores, etcd at {}",
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            etcd.endpoint()
-        );
         reaction(&etcd, &client).await;
         scale(&etcd, &client).await;
     });

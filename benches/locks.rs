@@ -13,14 +13,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coord::etcd::local::LocalEtcd;
 
+mod common;
+use common::percentile;
+
 const QUEUE: usize = 40;
 const ROUNDS: usize = 3;
 const KILLS: usize = 5;
-
-fn percentile(samples: &mut [f64], p: f64) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
 
 enum Tool {
     Coord,

@@ -16,19 +16,13 @@ use coord::etcd::local::LocalEtcd;
 use coord::etcd::{Cache, Client, Session};
 use coord::registry::{self, Endpoint, ServiceWatch};
 use tokio::sync::watch;
+
+mod common;
+use common::{ms, percentile};
 use tokio_util::sync::CancellationToken;
 
 const INSTANCES: usize = 1_000;
 const ROUNDS: usize = 200;
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1e3)
-}
 
 async fn registration(etcd: &LocalEtcd, client: &Client) {
     let mut text = format!(
@@ -126,18 +120,8 @@ async fn watch_latency(etcd: &LocalEtcd) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let etcd = LocalEtcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    common::with_etcd("services", |etcd| async move {
         let client = etcd.client().await;
-        println!(
-            "coord services benchmark — {} cores, etcd at {}",
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            etcd.endpoint()
-        );
         registration(&etcd, &client).await;
         watch_latency(&etcd).await;
     });
