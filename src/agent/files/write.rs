@@ -65,6 +65,16 @@ pub enum WriteError {
     Owner { file: PathBuf, message: String },
 }
 
+/// Maps an I/O error on `file` while doing `action` to a [`WriteError`].
+fn io_error(file: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> WriteError {
+    let file = file.to_owned();
+    move |source| WriteError::Io {
+        file,
+        action,
+        source,
+    }
+}
+
 /// SHA-256 of `bytes`, in hex.
 pub fn hash(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -80,14 +90,7 @@ pub async fn write(
     content: &[u8],
     hooks: Option<&HookRunner>,
 ) -> Result<WriteOutcome, WriteError> {
-    let io = |action: &'static str| {
-        let file = spec.path.clone();
-        move |source| WriteError::Io {
-            file,
-            action,
-            source,
-        }
-    };
+    let io = |action| io_error(&spec.path, action);
     let current = match std::fs::read(&spec.path) {
         Ok(bytes) => Some(bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -150,14 +153,7 @@ pub async fn write(
 /// Writes `content` to a temporary file in the destination's directory,
 /// with the file's mode and owner, synced to disk.
 fn stage(spec: &FileSpec, content: &[u8]) -> Result<NamedTempFile, WriteError> {
-    let io = |action: &'static str| {
-        let file = spec.path.clone();
-        move |source| WriteError::Io {
-            file,
-            action,
-            source,
-        }
-    };
+    let io = |action| io_error(&spec.path, action);
     let dir = parent(&spec.path);
     if !dir.is_dir() {
         if spec.create_dirs {
@@ -272,14 +268,7 @@ fn commit(
     content: &[u8],
     current: Option<&[u8]>,
 ) -> Result<bool, WriteError> {
-    let io = |action: &'static str| {
-        let file = spec.path.clone();
-        move |source| WriteError::Io {
-            file,
-            action,
-            source,
-        }
-    };
+    let io = |action| io_error(&spec.path, action);
     if spec.backup
         && let Some(old) = current
     {
