@@ -74,6 +74,8 @@ pub struct Guard {
     /// The fencing token: the holder key's create revision.
     pub token: i64,
     pub mode: Mode,
+    /// The session lease the lock hangs off.
+    pub lease: LeaseId,
 }
 
 impl Guard {
@@ -83,6 +85,22 @@ impl Guard {
             .delete(&self.key)
             .await
             .map(|_| ())
+            .map_err(|source| LockError::Etcd {
+                name: self.name.clone(),
+                source,
+            })
+    }
+
+    /// How long the lock is guaranteed to last without another renewal:
+    /// the lease's remaining TTL; `None` when the lease is gone.
+    pub async fn remaining_ttl(
+        &self,
+        client: &Client,
+    ) -> Result<Option<std::time::Duration>, LockError> {
+        client
+            .lease_ttl(self.lease)
+            .await
+            .map(|ttl| ttl.map(|s| std::time::Duration::from_secs(s.max(0) as u64)))
             .map_err(|source| LockError::Etcd {
                 name: self.name.clone(),
                 source,
@@ -215,6 +233,7 @@ async fn enqueue(
         key,
         token: kv.create_revision,
         mode,
+        lease,
     })
 }
 

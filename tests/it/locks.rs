@@ -245,6 +245,17 @@ async fn try_lock_does_not_wait_and_leaves_no_key_behind() {
         1
     );
     assert!(held.is_held(&client).await.expect("held"));
+    let left = held
+        .remaining_ttl(&client)
+        .await
+        .expect("ttl")
+        .expect("lease alive");
+    assert!(
+        left > Duration::ZERO && left <= Duration::from_secs(10),
+        "{left:?}"
+    );
+    held.release(&client).await.expect("release");
+    assert!(!held.is_held(&client).await.expect("held"));
 }
 
 /// The acceptance test of the lock: holders in separate processes, killed
