@@ -58,6 +58,14 @@ pub enum LockError {
     Invalid { name: String, reason: String },
 }
 
+/// Maps an etcd failure on lock `name` to a [`LockError`].
+fn etcd_error(name: &str) -> impl Fn(EtcdError) -> LockError + Copy + '_ {
+    move |source| LockError::Etcd {
+        name: name.to_owned(),
+        source,
+    }
+}
+
 /// `<namespace>/locks/<name>/`: what `etcdctl lock <namespace>/locks/<name>`
 /// contends on.
 pub fn prefix(namespace: &str, name: &str) -> String {
@@ -85,10 +93,7 @@ impl Guard {
             .delete(&self.key)
             .await
             .map(|_| ())
-            .map_err(|source| LockError::Etcd {
-                name: self.name.clone(),
-                source,
-            })
+            .map_err(etcd_error(&self.name))
     }
 
     /// How long the lock is guaranteed to last without another renewal:
@@ -101,10 +106,7 @@ impl Guard {
             .lease_ttl(self.lease)
             .await
             .map(|ttl| ttl.map(|s| std::time::Duration::from_secs(s.max(0) as u64)))
-            .map_err(|source| LockError::Etcd {
-                name: self.name.clone(),
-                source,
-            })
+            .map_err(etcd_error(&self.name))
     }
 
     /// Whether the holder key is still there (the lock is still held).
@@ -113,10 +115,7 @@ impl Guard {
             .get(&self.key)
             .await
             .map(|kv| kv.is_some_and(|kv| kv.create_revision == self.token))
-            .map_err(|source| LockError::Etcd {
-                name: self.name.clone(),
-                source,
-            })
+            .map_err(etcd_error(&self.name))
     }
 }
 
@@ -183,10 +182,7 @@ pub async fn try_acquire(
     holder: &Holder,
 ) -> Result<Option<Guard>, LockError> {
     let guard = enqueue(client, lease, namespace, name, mode, holder).await?;
-    let etcd = |source| LockError::Etcd {
-        name: name.to_owned(),
-        source,
-    };
+    let etcd = etcd_error(name);
     let (ahead, _) = client
         .created_before(&prefix(namespace, name), guard.token)
         .await
@@ -224,10 +220,7 @@ async fn enqueue(
     let (kv, _) = client
         .create_or_get(&key, value, lease)
         .await
-        .map_err(|source| LockError::Etcd {
-            name: name.to_owned(),
-            source,
-        })?;
+        .map_err(etcd_error(name))?;
     Ok(Guard {
         name: name.to_owned(),
         key,
@@ -253,10 +246,7 @@ async fn wait_turn(
     name: &str,
     guard: &Guard,
 ) -> Result<(), LockError> {
-    let etcd = |source| LockError::Etcd {
-        name: name.to_owned(),
-        source,
-    };
+    let etcd = etcd_error(name);
     let pfx = prefix(namespace, name);
     loop {
         let (ahead, own, read_at) = client
@@ -307,8 +297,5 @@ pub async fn queue(
         .created_before(&prefix(namespace, name), i64::MAX)
         .await
         .map(|(kvs, _)| kvs)
-        .map_err(|source| LockError::Etcd {
-            name: name.to_owned(),
-            source,
-        })
+        .map_err(etcd_error(name))
 }
