@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod config;
 pub mod etcd;
+pub mod ids;
 pub mod lock;
 pub mod presence;
 pub mod registry;

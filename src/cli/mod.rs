@@ -6,6 +6,7 @@ mod check;
 mod connection;
 mod dev;
 mod hook;
+mod ids;
 mod kv;
 mod lock;
 mod maint;
@@ -48,6 +49,8 @@ enum Command {
     Services(Box<services::ServicesArgs>),
     /// Put an agent or one of its services in maintenance (withdrawn from discovery), or take it out.
     Maint(maint::MaintArgs),
+    /// List a pool's instance ids, or run a command with one claimed.
+    Ids(Box<ids::IdsArgs>),
     /// Run a command while holding a lock; it never outlives the lock.
     Lock(Box<lock::LockArgs>),
     /// (internal) Run a command that must die before its lock's deadline.
@@ -69,6 +72,7 @@ impl Cli {
             Command::Render(args) => render::render(args).await,
             Command::Services(args) => services::services(*args).await,
             Command::Maint(args) => maint::maint(args).await,
+            Command::Ids(args) => ids::ids(*args).await,
             Command::Lock(args) => lock::lock(*args).await,
             Command::Supervise(args) => lock::supervise_command(args).await,
             Command::Kv(args) => kv::kv(args).await,

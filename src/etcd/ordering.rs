@@ -49,6 +49,14 @@ impl Client {
         Ok((kv, created))
     }
 
+    /// The keys under `prefix`, without values (one cheap read).
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let opts = GetOptions::new().with_prefix().with_keys_only();
+        self.get_with("keys", prefix, opts)
+            .await
+            .map(|kvs| kvs.into_iter().map(|kv| kv.key).collect())
+    }
+
     /// The key under `prefix` created first, if any.
     pub async fn first_created(&self, prefix: &str) -> Result<Option<KeyValue>, Error> {
         let opts = GetOptions::new()

@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod files;
 mod hooks;
+mod ids;
 mod locks;
 mod manifest;
 mod presence;

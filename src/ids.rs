@@ -1,0 +1,248 @@
+//! Instance ids: small unique integers from a pool, held on a session
+//! lease (snowflake worker ids, shard numbers).
+//!
+//! A claim is `<namespace>/ids/<pool>/<n>` on the claimer's lease. Claiming
+//! reads which ids are taken (keys only), picks a free one — the one the
+//! claimer had before if it is free, else one at random, so concurrent
+//! claimers rarely collide — and creates it in a transaction guarded by
+//! `create_revision == 0`. A collision only marks that id taken and tries
+//! another: expected O(1) round trips whatever the pool size, and never a
+//! loop of blocking lock calls.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::etcd::{Client, Error as EtcdError, KeyValue, LeaseId};
+
+/// Who holds an id, stored as the claim's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRecord {
+    pub agent: String,
+    /// RFC 3339.
+    pub claimed_at: String,
+}
+
+/// A held id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub pool: String,
+    pub id: u32,
+    pub key: String,
+    /// The claim's create revision: larger for every new claim of the pool.
+    pub generation: i64,
+    pub lease: LeaseId,
+    /// Round trips the claim took (reads and transactions).
+    pub round_trips: u32,
+}
+
+/// Why an id could not be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum IdError {
+    #[error("pool `{pool}` is full: all {size} ids are claimed")]
+    Exhausted { pool: String, size: u32 },
+    #[error("failed to claim an id in pool `{pool}`: {source}")]
+    Etcd {
+        pool: String,
+        #[source]
+        source: EtcdError,
+    },
+    #[error("invalid pool `{pool}`: {reason}")]
+    Invalid { pool: String, reason: String },
+}
+
+/// `<namespace>/ids/<pool>/`.
+pub fn prefix(namespace: &str, pool: &str) -> String {
+    format!("{}/ids/{pool}/", namespace.trim_end_matches('/'))
+}
+
+fn key(namespace: &str, pool: &str, id: u32) -> String {
+    format!("{}{id}", prefix(namespace, pool))
+}
+
+/// The id a claim key names.
+pub fn id_of(key: &str) -> Option<u32> {
+    key.rsplit('/').next()?.parse().ok()
+}
+
+/// Claims a free id in `0..size` on `lease`, preferring `preferred`.
+///
+/// ```no_run
+/// # async fn demo(client: coord::etcd::Client, lease: coord::etcd::LeaseId) -> Result<(), coord::ids::IdError> {
+/// use coord::ids::{ClaimRecord, claim};
+/// let me = ClaimRecord { agent: "web-01".into(), claimed_at: "2026-01-01T00:00:00Z".into() };
+/// let c = claim(&client, "/coord", "worker", 1024, lease, None, &me).await?;
+/// println!("worker id {} (generation {})", c.id, c.generation);
+/// # Ok(()) }
+/// ```
+pub async fn claim(
+    client: &Client,
+    namespace: &str,
+    pool: &str,
+    size: u32,
+    lease: LeaseId,
+    preferred: Option<u32>,
+    record: &ClaimRecord,
+) -> Result<Claim, IdError> {
+    if size == 0 || pool.is_empty() || pool.contains('/') {
+        return Err(IdError::Invalid {
+            pool: pool.to_owned(),
+            reason: "a pool has a name without `/` and a size of at least 1".into(),
+        });
+    }
+    let etcd = |source| IdError::Etcd {
+        pool: pool.to_owned(),
+        source,
+    };
+    let value = serde_json::to_vec(record).unwrap_or_default();
+    let mut round_trips = 1;
+    let mut taken: HashSet<u32> = client
+        .keys(&prefix(namespace, pool))
+        .await
+        .map_err(etcd)?
+        .iter()
+        .filter_map(|k| id_of(k))
+        .collect();
+    let mut preferred = preferred.filter(|p| *p < size);
+    loop {
+        let Some(id) = pick(size, &taken, preferred.take()) else {
+            return Err(IdError::Exhausted {
+                pool: pool.to_owned(),
+                size,
+            });
+        };
+        let k = key(namespace, pool, id);
+        round_trips += 1;
+        match client
+            .put_if_absent(&k, value.clone(), Some(lease))
+            .await
+            .map_err(etcd)?
+        {
+            None => {
+                let kv = client.get(&k).await.map_err(etcd)?;
+                round_trips += 1;
+                let generation = kv.as_ref().map_or(0, |kv| kv.create_revision);
+                return Ok(Claim {
+                    pool: pool.to_owned(),
+                    id,
+                    key: k,
+                    generation,
+                    lease,
+                    round_trips,
+                });
+            }
+            Some(existing) if existing.lease == Some(lease) => {
+                // Ours already (a retry after a lost answer).
+                return Ok(Claim {
+                    pool: pool.to_owned(),
+                    id,
+                    key: k,
+                    generation: existing.create_revision,
+                    lease,
+                    round_trips,
+                });
+            }
+            Some(_) => {
+                taken.insert(id);
+            }
+        }
+    }
+}
+
+/// A free id: `preferred` if free, else a random probe, else a scan.
+fn pick(size: u32, taken: &HashSet<u32>, preferred: Option<u32>) -> Option<u32> {
+    if let Some(p) = preferred.filter(|p| !taken.contains(p)) {
+        return Some(p);
+    }
+    if taken.len() >= size as usize {
+        return None;
+    }
+    // Random probes find a free id in O(1) expected tries unless the pool
+    // is nearly full; then scan from a random start.
+    for _ in 0..16 {
+        let id = rand::random_range(0..size);
+        if !taken.contains(&id) {
+            return Some(id);
+        }
+    }
+    let start = rand::random_range(0..size);
+    (0..size)
+        .map(|i| (start + i) % size)
+        .find(|id| !taken.contains(id))
+}
+
+/// Releases a claim (deletes its key) if it is still this claim.
+pub async fn release(client: &Client, claim: &Claim) -> Result<(), IdError> {
+    match client.get(&claim.key).await {
+        Ok(Some(kv)) if kv.create_revision == claim.generation => client
+            .delete(&claim.key)
+            .await
+            .map(|_| ())
+            .map_err(|source| IdError::Etcd {
+                pool: claim.pool.clone(),
+                source,
+            }),
+        Ok(_) => Ok(()),
+        Err(source) => Err(IdError::Etcd {
+            pool: claim.pool.clone(),
+            source,
+        }),
+    }
+}
+
+/// Every claim in a pool, by id.
+pub async fn list(
+    client: &Client,
+    namespace: &str,
+    pool: &str,
+) -> Result<Vec<(u32, KeyValue)>, IdError> {
+    let snapshot = client
+        .get_prefix(&prefix(namespace, pool))
+        .await
+        .map_err(|source| IdError::Etcd {
+            pool: pool.to_owned(),
+            source,
+        })?;
+    let mut out: Vec<(u32, KeyValue)> = snapshot
+        .kvs
+        .into_iter()
+        .filter_map(|kv| id_of(&kv.key).map(|id| (id, kv)))
+        .collect();
+    out.sort_by_key(|(id, _)| *id);
+    Ok(out)
+}
+
+/// Claims an id, waiting for one to be freed while the pool is full.
+pub async fn claim_waiting(
+    client: &Client,
+    namespace: &str,
+    pool: &str,
+    size: u32,
+    lease: LeaseId,
+    preferred: Option<u32>,
+    record: &ClaimRecord,
+) -> Result<Claim, IdError> {
+    loop {
+        // Read the revision first: a release after it wakes the wait below,
+        // even one that lands between the failed claim and the watch.
+        let before = client
+            .current_revision()
+            .await
+            .map_err(|source| IdError::Etcd {
+                pool: pool.to_owned(),
+                source,
+            })?;
+        match claim(client, namespace, pool, size, lease, preferred, record).await {
+            Err(IdError::Exhausted { .. }) => {
+                client
+                    .wait_prefix_delete(&prefix(namespace, pool), before)
+                    .await
+                    .map_err(|source| IdError::Etcd {
+                        pool: pool.to_owned(),
+                        source,
+                    })?;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Instance ids against real etcd.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use coord::etcd::Session;
+use coord::ids::{self, ClaimRecord, IdError};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::support::{coord, etcd, eventually};
+
+fn me(name: &str) -> ClaimRecord {
+    ClaimRecord {
+        agent: name.into(),
+        claimed_at: "2026-01-01T00:00:00Z".into(),
+    }
+}
+
+#[tokio::test]
+async fn claimers_racing_for_a_full_pool_get_distinct_ids_and_one_more_waits_for_a_release() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..256 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let session = Session::start(client.clone(), Duration::from_secs(30));
+            let lease = session.wait_alive().await;
+            let claim = ids::claim(
+                &client,
+                "/coord",
+                "worker",
+                256,
+                lease,
+                None,
+                &me(&format!("c{i}")),
+            )
+            .await
+            .expect("a free id");
+            (session, claim)
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(t.await.expect("claimer"));
+    }
+    let distinct: BTreeSet<u32> = held.iter().map(|(_, c)| c.id).collect();
+    assert_eq!(distinct.len(), 256, "every claimer got its own id");
+    assert_eq!(distinct.iter().max(), Some(&255));
+    // The pool is full: a 257th fails at once, or waits when asked.
+    let extra = Session::start(client.clone(), Duration::from_secs(30));
+    let lease = extra.wait_alive().await;
+    let full = ids::claim(&client, "/coord", "worker", 256, lease, None, &me("late")).await;
+    assert!(
+        matches!(full, Err(IdError::Exhausted { size: 256, .. })),
+        "{full:?}"
+    );
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            ids::claim_waiting(&client, "/coord", "worker", 256, lease, None, &me("late")).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "no id is free yet");
+    let (session, freed) = held.remove(100);
+    session.close().await;
+    let got = waiter.await.expect("join").expect("the freed id");
+    assert_eq!(got.id, freed.id);
+    assert!(got.generation > freed.generation);
+}
+
+#[tokio::test]
+async fn a_claimer_that_comes_back_gets_its_old_id_if_it_is_still_free() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let first = Session::start(client.clone(), Duration::from_secs(10));
+    let lease = first.wait_alive().await;
+    let before = ids::claim(&client, "/coord", "shard", 1024, lease, None, &me("a"))
+        .await
+        .expect("claim");
+    first.close().await;
+    let again = Session::start(client.clone(), Duration::from_secs(10));
+    let lease = again.wait_alive().await;
+    let after = ids::claim(
+        &client,
+        "/coord",
+        "shard",
+        1024,
+        lease,
+        Some(before.id),
+        &me("a"),
+    )
+    .await
+    .expect("claim");
+    assert_eq!(after.id, before.id);
+    assert!(
+        after.round_trips <= 3,
+        "one read, one create, one re-read: {}",
+        after.round_trips
+    );
+}
+
+#[tokio::test]
+async fn coord_ids_claim_runs_with_an_id_and_kill_9_frees_it_after_the_ttl() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("id");
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .args([
+            "ids",
+            "claim",
+            "pool",
+            "--size",
+            "4",
+            "--ttl",
+            "2s",
+            "--endpoints",
+            &etcd.endpoint(),
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "echo $COORD_INSTANCE_ID > {}; exec sleep 1000",
+            out.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("coord ids claim");
+    let id = eventually("the command to get its id", || async {
+        std::fs::read_to_string(&out).ok().filter(|s| !s.is_empty())
+    })
+    .await;
+    let key = format!("/coord/ids/pool/{}", id.trim());
+    assert!(client.get(&key).await.expect("etcd").is_some());
+    let (status, listed, _) = coord(&["ids", "pool", "--endpoints", &etcd.endpoint()], None);
+    assert!(status.success());
+    assert!(listed.contains("coord-ids@"), "{listed}");
+    kill(Pid::from_raw(holder.id() as i32), Signal::SIGKILL).expect("kill -9");
+    let _ = holder.wait();
+    eventually("the id to be freed after the TTL", || async {
+        client.get(&key).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
