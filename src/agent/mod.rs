@@ -4,6 +4,7 @@
 
 pub mod files;
 pub mod hooks;
+pub mod instance_ids;
 pub mod manifest;
 pub mod reconciler;
 mod reload;

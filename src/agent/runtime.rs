@@ -10,7 +10,10 @@ use tracing::{error, info, warn};
 
 use super::files::FilesController;
 use super::hooks::{CacheKeys, HookError, HookRunner, KeyReader};
-use super::manifest::{FileSpec, HookAction, Manifest, PasswordError, ServiceSpec, TaskSpec};
+use super::instance_ids::InstanceIdsController;
+use super::manifest::{
+    FileSpec, HookAction, InstanceIdSpec, Manifest, PasswordError, ServiceSpec, TaskSpec,
+};
 use super::reconciler::{Desired, Reconciler};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
@@ -72,6 +75,7 @@ struct Connected {
     files: tokio::task::JoinHandle<()>,
     services: tokio::task::JoinHandle<()>,
     tasks: tokio::task::JoinHandle<()>,
+    ids: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
 }
 
@@ -81,6 +85,7 @@ struct Shared {
     files: watch::Sender<Vec<FileSpec>>,
     services: watch::Sender<Vec<ServiceSpec>>,
     tasks: watch::Sender<Vec<TaskSpec>>,
+    instance_ids: watch::Sender<Vec<InstanceIdSpec>>,
     /// What WASM hooks read, re-pointed at each connection's cache.
     keys: Arc<CacheKeys>,
 }
@@ -136,6 +141,20 @@ impl Connected {
                 stop.clone(),
             ),
         );
+        let ids = tokio::spawn(
+            InstanceIdsController::new(
+                client.clone(),
+                &manifest.agent.namespace,
+                &manifest.agent.name,
+                &manifest.agent.state_dir,
+            )
+            .run(
+                session.subscribe(),
+                shared.instance_ids.subscribe(),
+                shared.hooks.subscribe(),
+                stop.clone(),
+            ),
+        );
         shared.keys.follow(&cache, &read_prefixes(manifest));
         let files = tokio::spawn(FilesController::new(&manifest.agent.namespace).run(
             cache.clone(),
@@ -151,6 +170,7 @@ impl Connected {
             files,
             services,
             tasks,
+            ids,
             stop,
         })
     }
@@ -163,6 +183,7 @@ impl Connected {
         let _ = self.files.await;
         let _ = self.services.await;
         let _ = self.tasks.await;
+        let _ = self.ids.await;
         self.session.close().await;
     }
 }
@@ -274,6 +295,7 @@ pub async fn run(
         files: watch::Sender::new(manifest.files.clone()),
         services: watch::Sender::new(manifest.services.clone()),
         tasks: watch::Sender::new(manifest.tasks.clone()),
+        instance_ids: watch::Sender::new(manifest.instance_ids.clone()),
     };
     let mut connected = Connected::start(&manifest, &started_at, &shared).await?;
     loop {
@@ -345,6 +367,9 @@ pub async fn run(
         }
         if next.tasks != manifest.tasks {
             shared.tasks.send_replace(next.tasks.clone());
+        }
+        if next.instance_ids != manifest.instance_ids {
+            shared.instance_ids.send_replace(next.instance_ids.clone());
         }
         info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
         manifest = next;

@@ -134,13 +134,13 @@ impl Keeper {
             info!(lease = %lease, ttl_s = self.ttl_secs, "Session lease granted.");
             if let Some(old) = previous.take() {
                 // The old lease may still live on the server (we lost touch,
-                // not etcd). Revoke it so what hung off it goes now.
-                let client = self.client.clone();
-                tokio::spawn(async move {
-                    if revoke(&client, old).await.is_ok() {
-                        debug!(lease = %old, "Stale session lease revoked.");
-                    }
-                });
+                // not etcd — e.g. etcd restarted with its data). Revoke it
+                // before anyone sees the new lease, so that what hung off it
+                // is gone before it is written again: a re-claim then finds
+                // its old instance id or lock free.
+                if revoke(&self.client, old).await.is_ok() {
+                    debug!(lease = %old, "Stale session lease revoked.");
+                }
             }
             self.state
                 .send_replace(SessionState::Alive { lease, deadline });

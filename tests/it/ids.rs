@@ -147,3 +147,116 @@ async fn coord_ids_claim_runs_with_an_id_and_kill_9_frees_it_after_the_ttl() {
     })
     .await;
 }
+
+fn agent_manifest(
+    etcd: &crate::support::LocalEtcd,
+    dir: &std::path::Path,
+    with_id: bool,
+) -> String {
+    let mut m = format!(
+        "[agent]\nname = \"web-01\"\nttl = \"3s\"\nstate_dir = \"{}\"\n[etcd]\nendpoints = [\"{}\"]\n",
+        dir.join("state").display(),
+        etcd.endpoint()
+    );
+    if with_id {
+        m.push_str(&format!(
+            "[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_EVENT $COORD_ID >> {}\"]\n\
+             [[instance_id]]\npool = \"worker\"\nsize = 1024\nfile = \"{}\"\non_change = [\"note\"]\n",
+            dir.join("hooks.log").display(),
+            dir.join("worker-id").display()
+        ));
+    }
+    m
+}
+
+#[tokio::test]
+async fn an_agent_writes_its_id_to_a_file_and_gets_the_same_one_after_a_restart() {
+    let etcd = etcd().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("worker-id");
+    let mut agent = crate::support::CoordProcess::run(&agent_manifest(&etcd, dir.path(), true));
+    let first = eventually("the id file", || async {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await;
+    eventually("the claimed hook", || async {
+        std::fs::read_to_string(dir.path().join("hooks.log"))
+            .ok()
+            .filter(|l| l.contains(&format!("instance-id-claimed {}", first.trim())))
+    })
+    .await;
+    agent.signal(Signal::SIGTERM);
+    agent.wait().await;
+    assert!(!file.exists(), "a released id's file is removed");
+    let _again = crate::support::CoordProcess::run(&agent_manifest(&etcd, dir.path(), true));
+    let second = eventually("the id file again", || async {
+        std::fs::read_to_string(&file).ok()
+    })
+    .await;
+    assert_eq!(
+        second, first,
+        "the remembered id is claimed again (1 in 1024 by chance)"
+    );
+}
+
+#[tokio::test]
+async fn removing_an_instance_id_from_the_manifest_releases_it_on_reload() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("worker-id");
+    let agent = crate::support::CoordProcess::run(&agent_manifest(&etcd, dir.path(), true));
+    let id = eventually("the id file", || async {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await;
+    let key = format!("/coord/ids/worker/{}", id.trim());
+    assert!(client.get(&key).await.expect("etcd").is_some());
+    std::fs::write(
+        agent.manifest_path(),
+        agent_manifest(&etcd, dir.path(), false),
+    )
+    .expect("rewrite");
+    agent.signal(Signal::SIGHUP);
+    eventually("the claim to be released", || async {
+        client.get(&key).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(!file.exists());
+}
+
+#[tokio::test]
+async fn a_lost_claim_removes_the_file_fires_the_hook_and_is_made_again_when_etcd_returns() {
+    let mut etcd = etcd().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("worker-id");
+    let _agent = crate::support::CoordProcess::run(&agent_manifest(&etcd, dir.path(), true));
+    let id = eventually("the id file", || async {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await;
+    etcd.member().kill();
+    eventually("the file to go with the lease", || async {
+        (!file.exists()).then_some(())
+    })
+    .await;
+    etcd.member().restart().expect("restart");
+    let again = eventually("the id back", || async {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await;
+    assert_eq!(again, id, "the same id, since it is free again");
+    let hooks = std::fs::read_to_string(dir.path().join("hooks.log")).unwrap_or_default();
+    assert!(
+        hooks.contains(&format!("instance-id-lost {}", id.trim())),
+        "{hooks}"
+    );
+}

@@ -7,6 +7,7 @@
 mod diagnostics;
 mod file;
 mod hook;
+mod instance_id;
 mod reader;
 mod service;
 mod task;
@@ -22,6 +23,7 @@ use diagnostics::Diagnostics;
 pub use diagnostics::{Diagnostic, ManifestError};
 pub use file::{FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
+pub use instance_id::InstanceIdSpec;
 use reader::{TableReader, suggest};
 pub use service::{CheckKind, CheckSpec, ServiceSpec};
 pub use task::{Schedule, TaskSpec};
@@ -29,7 +31,15 @@ pub use task::{Schedule, TaskSpec};
 use crate::etcd::{ConnectOptions, Password, TlsFiles};
 
 /// Sections a manifest may have. Others are rejected.
-const SECTIONS: &[&str] = &["agent", "etcd", "hook", "file", "service", "task"];
+const SECTIONS: &[&str] = &[
+    "agent",
+    "etcd",
+    "hook",
+    "file",
+    "service",
+    "task",
+    "instance_id",
+];
 
 /// A validated manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +59,8 @@ pub struct Manifest {
     pub services: Vec<ServiceSpec>,
     /// `[[task]]`s, in file order, names unique.
     pub tasks: Vec<TaskSpec>,
+    /// `[[instance_id]]`s, in file order, pools unique.
+    pub instance_ids: Vec<InstanceIdSpec>,
 }
 
 /// A place in the manifest.
@@ -167,6 +179,7 @@ impl Manifest {
         let agent_name = agent.as_ref().map_or_else(host_name, |a| a.name.clone());
         let services = services(&mut d, root, &agent_name, &hooks);
         let tasks = tasks(&mut d, root, &hooks);
+        let instance_ids = instance_ids(&mut d, root, base, &hooks);
         match (agent, etcd) {
             (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
                 path: path.to_owned(),
@@ -177,6 +190,7 @@ impl Manifest {
                 files,
                 services,
                 tasks,
+                instance_ids,
             }),
             _ => Err(d.into_error(path)),
         }
@@ -408,6 +422,34 @@ fn tasks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, hooks: &[HookSpec]) -> Vec
     tasks
 }
 
+fn instance_ids(
+    d: &mut Diagnostics<'_>,
+    root: &DeTable<'_>,
+    base: &Path,
+    hooks: &[HookSpec],
+) -> Vec<InstanceIdSpec> {
+    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
+    let mut out: Vec<InstanceIdSpec> = Vec::new();
+    for t in tables(d, root, "instance_id") {
+        let span = t.span_of("pool");
+        let Some(spec) = instance_id::instance_id(d, t, base, &names) else {
+            continue;
+        };
+        if let Some(first) = out.iter().find(|o| o.pool == spec.pool) {
+            d.error(
+                span,
+                format!(
+                    "pool `{}` is claimed twice (first at line {}): one id per pool",
+                    spec.pool, first.location.line
+                ),
+            );
+            continue;
+        }
+        out.push(spec);
+    }
+    out
+}
+
 fn agent_settings(
     d: &mut Diagnostics<'_>,
     mut t: TableReader<'_, '_>,
@@ -615,6 +657,9 @@ impl fmt::Display for Summary<'_> {
                 t.lock,
                 t.run.join(" ")
             )?;
+        }
+        for i in &m.instance_ids {
+            write!(f, "\n  id     from pool {} of {}", i.pool, i.size)?;
         }
         for file in &m.files {
             let from = match &file.source {

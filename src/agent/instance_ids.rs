@@ -1,0 +1,260 @@
+//! `[[instance_id]]`: hold one id per pool on the agent's session.
+//!
+//! A claim lives as long as the session lease. When the lease is lost, the
+//! id may be someone else's soon: its file is removed and the lost hooks
+//! fire at once; a new claim is made as soon as etcd answers — the same id
+//! when it is still free, since the last id is remembered in the state
+//! directory (and across restarts).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::hooks::{Event, HookRunner};
+use super::manifest::InstanceIdSpec;
+use crate::etcd::{Backoff, Client, LeaseId, SessionState};
+use crate::ids::{self, ClaimRecord, IdError};
+
+/// The ids this agent holds, by pool.
+pub type HeldIds = watch::Receiver<BTreeMap<String, u32>>;
+
+/// One loop per pool.
+#[derive(Debug, Clone)]
+pub struct InstanceIdsController {
+    client: Client,
+    namespace: String,
+    agent: String,
+    state_dir: PathBuf,
+    held: Arc<watch::Sender<BTreeMap<String, u32>>>,
+}
+
+impl InstanceIdsController {
+    pub fn new(client: Client, namespace: &str, agent: &str, state_dir: &Path) -> Self {
+        InstanceIdsController {
+            client,
+            namespace: namespace.to_owned(),
+            agent: agent.to_owned(),
+            state_dir: state_dir.to_owned(),
+            held: Arc::new(watch::Sender::new(BTreeMap::new())),
+        }
+    }
+
+    /// The ids held now, by pool.
+    pub fn held(&self) -> HeldIds {
+        self.held.subscribe()
+    }
+
+    pub async fn run(
+        self,
+        session: watch::Receiver<SessionState>,
+        mut specs: watch::Receiver<Vec<InstanceIdSpec>>,
+        hooks: watch::Receiver<Arc<HookRunner>>,
+        cancel: CancellationToken,
+    ) {
+        let mut running: BTreeMap<
+            String,
+            (
+                InstanceIdSpec,
+                CancellationToken,
+                tokio::task::JoinHandle<()>,
+            ),
+        > = BTreeMap::new();
+        loop {
+            let wanted = specs.borrow_and_update().clone();
+            let gone: Vec<String> = running
+                .iter()
+                .filter(|(pool, (spec, _, _))| {
+                    !wanted.iter().any(|w| &w.pool == *pool && w == spec)
+                })
+                .map(|(pool, _)| pool.clone())
+                .collect();
+            for pool in gone {
+                if let Some((_, stop, task)) = running.remove(&pool) {
+                    // The loop releases its claim on the way out.
+                    stop.cancel();
+                    let _ = task.await;
+                }
+            }
+            for spec in wanted {
+                if running.contains_key(&spec.pool) {
+                    continue;
+                }
+                let stop = cancel.child_token();
+                let task = tokio::spawn(self.clone().pool_loop(
+                    spec.clone(),
+                    session.clone(),
+                    hooks.clone(),
+                    stop.clone(),
+                ));
+                running.insert(spec.pool.clone(), (spec, stop, task));
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = specs.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    fn remembered(&self, pool: &str) -> PathBuf {
+        self.state_dir.join("ids").join(pool)
+    }
+
+    async fn pool_loop(
+        self,
+        spec: InstanceIdSpec,
+        mut session: watch::Receiver<SessionState>,
+        hooks: watch::Receiver<Arc<HookRunner>>,
+        stop: CancellationToken,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let lease = tokio::select! {
+                _ = stop.cancelled() => return,
+                l = wait_alive(&mut session) => l,
+            };
+            let preferred = std::fs::read_to_string(self.remembered(&spec.pool))
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            let me = ClaimRecord {
+                agent: self.agent.clone(),
+                claimed_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            };
+            let claimed = tokio::select! {
+                _ = stop.cancelled() => return,
+                c = ids::claim_waiting(&self.client, &self.namespace, &spec.pool, spec.size, lease, preferred, &me) => c,
+            };
+            let claim = match claimed {
+                Ok(c) => c,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    match &e {
+                        IdError::Exhausted { .. } => {
+                            error!(pool = %spec.pool, error = %e, "No free id; waiting for one.")
+                        }
+                        _ => {
+                            warn!(pool = %spec.pool, error = %e, retry_in = ?wait, "Could not claim an id.")
+                        }
+                    }
+                    if sleep_or_stop(wait, &stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            backoff.reset();
+            info!(pool = %spec.pool, id = claim.id, generation = claim.generation, "Instance id claimed.");
+            if let Err(e) = self.remember(&spec.pool, claim.id) {
+                warn!(pool = %spec.pool, error = %e, "Cannot remember the id in the state directory.");
+            }
+            if let Some(file) = &spec.file
+                && let Err(e) = write_atomically(file, &format!("{}\n", claim.id))
+            {
+                warn!(pool = %spec.pool, path = %file.display(), error = %e, "Cannot write the id file.");
+            }
+            self.held.send_modify(|h| {
+                h.insert(spec.pool.clone(), claim.id);
+            });
+            fire(
+                &hooks,
+                &spec,
+                Event::InstanceIdClaimed {
+                    pool: spec.pool.clone(),
+                    id: claim.id,
+                    generation: claim.generation,
+                },
+            );
+            // Hold it while the lease lives (and the key is ours).
+            let stopped = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = lease_gone(&mut session, lease) => false,
+                _ = self.client.wait_deleted(&claim.key, claim.generation) => false,
+            };
+            self.held.send_modify(|h| {
+                h.remove(&spec.pool);
+            });
+            if let Some(file) = &spec.file {
+                let _ = std::fs::remove_file(file);
+            }
+            if stopped {
+                let _ = ids::release(&self.client, &claim).await;
+                // The id stays remembered: after a restart it is claimed
+                // again if still free.
+                info!(pool = %spec.pool, id = claim.id, "Instance id released.");
+                return;
+            }
+            warn!(pool = %spec.pool, id = claim.id, "Instance id lost; claiming again.");
+            fire(
+                &hooks,
+                &spec,
+                Event::InstanceIdLost {
+                    pool: spec.pool.clone(),
+                    id: claim.id,
+                },
+            );
+        }
+    }
+
+    fn remember(&self, pool: &str, id: u32) -> std::io::Result<()> {
+        let path = self.remembered(pool);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        write_atomically(&path, &id.to_string())
+    }
+}
+
+fn fire(hooks: &watch::Receiver<Arc<HookRunner>>, spec: &InstanceIdSpec, event: Event) {
+    if !spec.on_change.is_empty() {
+        hooks.borrow().clone().fire(&spec.on_change, &event);
+    }
+}
+
+/// Writes `text` to a temporary file beside `path`, syncs it and renames
+/// it over `path`: readers see the old id or the new one, never half.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+async fn wait_alive(session: &mut watch::Receiver<SessionState>) -> LeaseId {
+    loop {
+        if let Some(lease) = session.borrow_and_update().lease() {
+            return lease;
+        }
+        if session.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Returns when the session no longer has `lease` alive.
+async fn lease_gone(session: &mut watch::Receiver<SessionState>, lease: LeaseId) {
+    loop {
+        if session.borrow_and_update().lease() != Some(lease) {
+            return;
+        }
+        if session.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn sleep_or_stop(wait: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(wait) => false,
+    }
+}
