@@ -34,7 +34,10 @@ fn main() {
                 for (i, (_, lease)) in sessions.iter().enumerate() {
                     let (client, pool, lease) = (client.clone(), pool.clone(), *lease);
                     tasks.push(tokio::spawn(async move {
-                        let me = ClaimRecord { agent: format!("c{i}"), claimed_at: String::new() };
+                        let me = ClaimRecord {
+                            agent: format!("c{i}"),
+                            claimed_at: String::new(),
+                        };
                         let t = Instant::now();
                         let c = ids::claim(&client, "/coord", &pool, size, lease, None, &me)
                             .await

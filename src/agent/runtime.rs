@@ -156,12 +156,16 @@ impl Connected {
             ),
         );
         shared.keys.follow(&cache, &read_prefixes(manifest));
-        let files = tokio::spawn(FilesController::new(&manifest.agent.namespace).run(
-            cache.clone(),
-            shared.files.subscribe(),
-            shared.hooks.subscribe(),
-            stop.clone(),
-        ));
+        let files = tokio::spawn(
+            FilesController::new(&manifest.agent.namespace)
+                .with_agent(&manifest.agent.name)
+                .run(
+                    cache.clone(),
+                    shared.files.subscribe(),
+                    shared.hooks.subscribe(),
+                    stop.clone(),
+                ),
+        );
         Ok(Connected {
             session,
             cache,

@@ -54,7 +54,7 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
     let m = manifest.clone();
     let keys = Arc::new(snapshot.clone());
     let hooks = tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, keys)).await??;
-    let mut renderer = Renderer::new(&manifest.agent.namespace);
+    let mut renderer = Renderer::new(&manifest.agent.namespace).with_agent(&manifest.agent.name);
     let mut failed = 0;
     for spec in &manifest.files {
         let path = spec.path.display();

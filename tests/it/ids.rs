@@ -161,9 +161,11 @@ fn agent_manifest(
     if with_id {
         m.push_str(&format!(
             "[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_EVENT $COORD_ID >> {}\"]\n\
-             [[instance_id]]\npool = \"worker\"\nsize = 1024\nfile = \"{}\"\non_change = [\"note\"]\n",
+             [[instance_id]]\npool = \"worker\"\nsize = 1024\nfile = \"{}\"\non_change = [\"note\"]\n\
+             [[file]]\npath = \"{}\"\nsource = \"id={{{{ instance_id('worker') }}}}\"\n",
             dir.join("hooks.log").display(),
-            dir.join("worker-id").display()
+            dir.join("worker-id").display(),
+            dir.join("rendered").display()
         ));
     }
     m
@@ -185,6 +187,11 @@ async fn an_agent_writes_its_id_to_a_file_and_gets_the_same_one_after_a_restart(
         std::fs::read_to_string(dir.path().join("hooks.log"))
             .ok()
             .filter(|l| l.contains(&format!("instance-id-claimed {}", first.trim())))
+    })
+    .await;
+    let rendered = dir.path().join("rendered");
+    eventually("instance_id() in a template", || async {
+        (std::fs::read_to_string(&rendered).ok()? == format!("id={}", first.trim())).then_some(())
     })
     .await;
     agent.signal(Signal::SIGTERM);

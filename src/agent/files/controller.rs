@@ -60,6 +60,7 @@ struct FileState {
 
 /// The files resource kind.
 pub struct FilesController {
+    namespace: String,
     specs: Vec<FileSpec>,
     states: BTreeMap<PathBuf, FileState>,
     renderer: Renderer,
@@ -75,14 +76,22 @@ impl std::fmt::Debug for FilesController {
 }
 
 impl FilesController {
-    /// Files of an agent in `namespace` (templates' `service()` reads there).
+    /// Files of an agent in `namespace` (templates' `service()` reads
+    /// there); `with_agent` names it for `instance_id()`.
     pub fn new(namespace: &str) -> Self {
         FilesController {
+            namespace: namespace.to_owned(),
             specs: Vec::new(),
             states: BTreeMap::new(),
             renderer: Renderer::new(namespace),
             stats: watch::Sender::new(FileStats::default()),
         }
+    }
+
+    /// Names the agent whose instance ids templates see.
+    pub fn with_agent(mut self, agent: &str) -> Self {
+        self.renderer = Renderer::new(&self.namespace).with_agent(agent);
+        self
     }
 
     /// The engine, to add template functions.

@@ -66,6 +66,7 @@ pub struct Rendered {
 pub struct Renderer {
     env: Environment<'static>,
     namespace: String,
+    agent: String,
     /// Template source per destination, to recompile only on change.
     sources: HashMap<PathBuf, String>,
 }
@@ -103,11 +104,19 @@ impl Renderer {
         env.add_function("ls", ls);
         env.add_function("json", json);
         env.add_function("service", crate::agent::services::template_service);
+        env.add_function("instance_id", instance_id);
         Renderer {
             env,
             namespace: namespace.to_owned(),
+            agent: String::new(),
             sources: HashMap::new(),
         }
+    }
+
+    /// Names the agent whose claims `instance_id(pool)` reports.
+    pub fn with_agent(mut self, agent: &str) -> Self {
+        self.agent = agent.to_owned();
+        self
     }
 
     /// Adds a template function. Functions reach the data of the render
@@ -127,6 +136,7 @@ impl Renderer {
         let data = Arc::new(RenderData {
             snapshot: snapshot.clone(),
             namespace: self.namespace.clone(),
+            agent: self.agent.clone(),
             missing: spec.missing,
             deps: Mutex::default(),
             missing_key: Mutex::default(),
@@ -239,6 +249,7 @@ fn template_error(file: &Path, e: &minijinja::Error) -> RenderError {
 pub struct RenderData {
     snapshot: CacheSnapshot,
     namespace: String,
+    agent: String,
     missing: MissingKeys,
     deps: Mutex<Deps>,
     missing_key: Mutex<Option<String>>,
@@ -305,6 +316,35 @@ fn key(state: &State<'_, '_>, k: &str) -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(
                 ErrorKind::UndefinedError,
                 format!("key `{k}` is missing"),
+            ))
+        }
+    }
+}
+
+/// `instance_id("worker")` → the id this agent holds in the pool; a render
+/// without one fails (or reads empty with `missing = "empty"`), and re-runs
+/// when the claim changes.
+fn instance_id(state: &State<'_, '_>, pool: &str) -> Result<Value, minijinja::Error> {
+    let data = RenderData::of(state)?;
+    let prefix = crate::ids::prefix(&data.namespace, pool);
+    let mine = data
+        .read_prefix(&prefix)
+        .into_iter()
+        .find_map(|(key, value)| {
+            let record: crate::ids::ClaimRecord = serde_json::from_slice(&value).ok()?;
+            (record.agent == data.agent)
+                .then(|| crate::ids::id_of(&key))
+                .flatten()
+        });
+    match mine {
+        Some(id) => Ok(Value::from(id)),
+        None if data.missing == MissingKeys::Empty => Ok(Value::from("")),
+        None => {
+            let what = format!("{prefix}<id of {}>", data.agent);
+            *data.missing_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(what.clone());
+            Err(minijinja::Error::new(
+                ErrorKind::UndefinedError,
+                format!("no instance id held in pool `{pool}`"),
             ))
         }
     }
