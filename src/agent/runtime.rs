@@ -126,6 +126,13 @@ impl Connected {
             shared.hooks.subscribe(),
             stop.clone(),
         ));
+        let ids_controller = InstanceIdsController::new(
+            client.clone(),
+            &manifest.agent.namespace,
+            &manifest.agent.name,
+            &manifest.agent.state_dir,
+        );
+        let held_ids = ids_controller.held();
         let coord = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coord"));
         let tasks = tokio::spawn(
             TasksController::new(
@@ -134,6 +141,7 @@ impl Connected {
                 &manifest.agent.name,
                 coord,
             )
+            .with_ids(held_ids)
             .run(
                 session.subscribe(),
                 shared.tasks.subscribe(),
@@ -141,20 +149,12 @@ impl Connected {
                 stop.clone(),
             ),
         );
-        let ids = tokio::spawn(
-            InstanceIdsController::new(
-                client.clone(),
-                &manifest.agent.namespace,
-                &manifest.agent.name,
-                &manifest.agent.state_dir,
-            )
-            .run(
-                session.subscribe(),
-                shared.instance_ids.subscribe(),
-                shared.hooks.subscribe(),
-                stop.clone(),
-            ),
-        );
+        let ids = tokio::spawn(ids_controller.run(
+            session.subscribe(),
+            shared.instance_ids.subscribe(),
+            shared.hooks.subscribe(),
+            stop.clone(),
+        ));
         shared.keys.follow(&cache, &read_prefixes(manifest));
         let files = tokio::spawn(
             FilesController::new(&manifest.agent.namespace)

@@ -53,6 +53,7 @@ pub struct TasksController {
     namespace: String,
     agent: String,
     coord: PathBuf,
+    ids: Option<super::instance_ids::HeldIds>,
 }
 
 impl TasksController {
@@ -63,7 +64,15 @@ impl TasksController {
             namespace: namespace.to_owned(),
             agent: agent.to_owned(),
             coord,
+            ids: None,
         }
+    }
+
+    /// Gives commands the agent's instance ids as
+    /// `COORD_INSTANCE_ID_<POOL>` (pool upper-cased, `-` as `_`).
+    pub fn with_ids(mut self, ids: super::instance_ids::HeldIds) -> Self {
+        self.ids = Some(ids);
+        self
     }
 
     pub async fn run(
@@ -335,6 +344,12 @@ impl TasksController {
             ("ETCD_LOCK_KEY".to_owned(), guard.key.clone()),
             ("ETCD_LOCK_REV".to_owned(), token),
         ]);
+        if let Some(ids) = &self.ids {
+            for (pool, id) in ids.borrow().iter() {
+                let name = pool.to_uppercase().replace('-', "_");
+                env.push((format!("COORD_INSTANCE_ID_{name}"), id.to_string()));
+            }
+        }
         env
     }
 

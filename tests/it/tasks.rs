@@ -137,3 +137,27 @@ async fn an_every_task_runs_each_round_once_records_its_runs_and_fires_its_hook(
     .await;
     assert_eq!(finished, "task-finished 0");
 }
+
+#[tokio::test]
+async fn a_task_sees_the_agents_instance_ids_in_its_environment() {
+    let etcd = etcd().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = dir.path().join("ids");
+    let text = format!(
+        "[agent]\nname = \"a\"\nttl = \"5s\"\nstate_dir = \"{}\"\n\
+         [etcd]\nendpoints = [\"{}\"]\n\
+         [[instance_id]]\npool = \"shard-map\"\nsize = 4\n\
+         [[task]]\nname = \"t\"\nschedule = \"every 1s\"\n\
+         run = [\"sh\", \"-c\", \"echo id=$COORD_INSTANCE_ID_SHARD_MAP >> {}\"]\n",
+        dir.path().join("state").display(),
+        etcd.endpoint(),
+        log.display()
+    );
+    let _a = CoordProcess::run(&text);
+    eventually("a run that sees the id", || async {
+        lines(&log)
+            .into_iter()
+            .find(|l| l.len() > "id=".len() && l[3..].parse::<u32>().is_ok_and(|n| n < 4))
+    })
+    .await;
+}
