@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::hooks::{Event, HookRunner};
+use super::hooks::{AmbientEnv, Event, HookRunner};
 use super::manifest::InstanceIdSpec;
 use crate::etcd::{Backoff, Client, LeaseId, SessionState};
 use crate::ids::{self, ClaimRecord, IdError};
@@ -31,6 +31,7 @@ pub struct InstanceIdsController {
     agent: String,
     state_dir: PathBuf,
     held: Arc<watch::Sender<BTreeMap<String, u32>>>,
+    ambient: Option<AmbientEnv>,
 }
 
 impl InstanceIdsController {
@@ -41,6 +42,36 @@ impl InstanceIdsController {
             agent: agent.to_owned(),
             state_dir: state_dir.to_owned(),
             held: Arc::new(watch::Sender::new(BTreeMap::new())),
+            ambient: None,
+        }
+    }
+
+    /// Publishes held ids as `COORD_INSTANCE_ID_<POOL>` in shell hooks'
+    /// environment.
+    pub fn with_ambient(mut self, ambient: AmbientEnv) -> Self {
+        self.ambient = Some(ambient);
+        self
+    }
+
+    fn publish(&self, pool: &str, id: Option<u32>) {
+        self.held.send_modify(|h| match id {
+            Some(id) => {
+                h.insert(pool.to_owned(), id);
+            }
+            None => {
+                h.remove(pool);
+            }
+        });
+        if let Some(ambient) = &self.ambient {
+            let name = format!(
+                "COORD_INSTANCE_ID_{}",
+                pool.to_uppercase().replace('-', "_")
+            );
+            let mut env = ambient.write().unwrap_or_else(|p| p.into_inner());
+            match id {
+                Some(id) => env.insert(name, id.to_string()),
+                None => env.remove(&name),
+            };
         }
     }
 
@@ -120,13 +151,34 @@ impl InstanceIdsController {
             let preferred = std::fs::read_to_string(self.remembered(&spec.pool))
                 .ok()
                 .and_then(|s| s.trim().parse().ok());
+            if let Some(p) = preferred {
+                self.await_own_stale_claim(&spec.pool, p, lease).await;
+            }
             let me = ClaimRecord {
                 agent: self.agent.clone(),
                 claimed_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             };
-            let claimed = tokio::select! {
-                _ = stop.cancelled() => return,
-                c = ids::claim_waiting(&self.client, &self.namespace, &spec.pool, spec.size, lease, preferred, &me) => c,
+            let first = ids::claim(
+                &self.client,
+                &self.namespace,
+                &spec.pool,
+                spec.size,
+                lease,
+                preferred,
+                &me,
+            )
+            .await;
+            let claimed = match first {
+                Err(e @ IdError::Exhausted { .. }) => {
+                    // The operator must act (a bigger pool, fewer hosts);
+                    // meanwhile the first id freed is ours.
+                    error!(pool = %spec.pool, error = %e, "No free id; waiting for one.");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        c = ids::claim_waiting(&self.client, &self.namespace, &spec.pool, spec.size, lease, preferred, &me) => c,
+                    }
+                }
+                other => other,
             };
             let claim = match claimed {
                 Ok(c) => c,
@@ -156,9 +208,7 @@ impl InstanceIdsController {
             {
                 warn!(pool = %spec.pool, path = %file.display(), error = %e, "Cannot write the id file.");
             }
-            self.held.send_modify(|h| {
-                h.insert(spec.pool.clone(), claim.id);
-            });
+            self.publish(&spec.pool, Some(claim.id));
             fire(
                 &hooks,
                 &spec,
@@ -174,9 +224,7 @@ impl InstanceIdsController {
                 _ = lease_gone(&mut session, lease) => false,
                 _ = self.client.wait_deleted(&claim.key, claim.generation) => false,
             };
-            self.held.send_modify(|h| {
-                h.remove(&spec.pool);
-            });
+            self.publish(&spec.pool, None);
             if let Some(file) = &spec.file {
                 let _ = std::fs::remove_file(file);
             }
@@ -197,6 +245,28 @@ impl InstanceIdsController {
                 },
             );
         }
+    }
+
+    /// If our remembered id is still held by this agent's previous session
+    /// (its lease not yet revoked or expired), waits for it to go — at most
+    /// that lease's remaining TTL — so the same id is claimed again.
+    async fn await_own_stale_claim(&self, pool: &str, id: u32, lease: LeaseId) {
+        let key = format!("{}{id}", ids::prefix(&self.namespace, pool));
+        let Ok(Some(kv)) = self.client.get(&key).await else {
+            return;
+        };
+        let ours =
+            serde_json::from_slice::<ClaimRecord>(&kv.value).is_ok_and(|r| r.agent == self.agent);
+        if !ours || kv.lease == Some(lease) {
+            return;
+        }
+        let left = match kv.lease {
+            Some(old) => self.client.lease_ttl(old).await.ok().flatten().unwrap_or(0),
+            None => 0,
+        };
+        let wait = Duration::from_secs(left.max(0) as u64 + 1);
+        let _ =
+            tokio::time::timeout(wait, self.client.wait_deleted(&key, kv.create_revision)).await;
     }
 
     fn remember(&self, pool: &str, id: u32) -> std::io::Result<()> {

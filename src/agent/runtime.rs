@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::files::FilesController;
-use super::hooks::{CacheKeys, HookError, HookRunner, KeyReader};
+use super::hooks::{AmbientEnv, CacheKeys, HookError, HookRunner, KeyReader};
 use super::instance_ids::InstanceIdsController;
 use super::manifest::{
     FileSpec, HookAction, InstanceIdSpec, Manifest, PasswordError, ServiceSpec, TaskSpec,
@@ -88,6 +88,8 @@ struct Shared {
     instance_ids: watch::Sender<Vec<InstanceIdSpec>>,
     /// What WASM hooks read, re-pointed at each connection's cache.
     keys: Arc<CacheKeys>,
+    /// The agent's instance ids for shell hooks' environment.
+    ambient: AmbientEnv,
 }
 
 impl Connected {
@@ -132,6 +134,7 @@ impl Connected {
             &manifest.agent.name,
             &manifest.agent.state_dir,
         );
+        let ids_controller = ids_controller.with_ambient(shared.ambient.clone());
         let held_ids = ids_controller.held();
         let coord = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coord"));
         let tasks = tokio::spawn(
@@ -212,18 +215,22 @@ fn desired_state(manifest: &Manifest, started_at: &str) -> Desired {
 async fn hook_runner(
     manifest: &Manifest,
     keys: &Arc<CacheKeys>,
+    ambient: &AmbientEnv,
 ) -> Result<Arc<HookRunner>, AgentError> {
     let m = manifest.clone();
     let keys: Arc<dyn KeyReader> = keys.clone();
-    let built = tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, keys))
-        .await
-        .unwrap_or_else(|e| {
-            Err(HookError::Load {
-                hook: String::new(),
-                path: manifest.path.display().to_string(),
-                message: format!("loading the hooks panicked: {e}"),
-            })
-        });
+    let ambient = ambient.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        HookRunner::for_manifest(&m, keys).map(|r| r.with_ambient(ambient))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(HookError::Load {
+            hook: String::new(),
+            path: manifest.path.display().to_string(),
+            message: format!("loading the hooks panicked: {e}"),
+        })
+    });
     built.map(Arc::new).map_err(|source| {
         let location = hook_location(manifest, &source);
         AgentError::Hook {
@@ -293,9 +300,11 @@ pub async fn run(
         "Agent starting."
     );
     let keys = Arc::new(CacheKeys::new());
+    let ambient = AmbientEnv::default();
     let shared = Shared {
-        hooks: watch::Sender::new(hook_runner(&manifest, &keys).await?),
+        hooks: watch::Sender::new(hook_runner(&manifest, &keys, &ambient).await?),
         keys,
+        ambient,
         files: watch::Sender::new(manifest.files.clone()),
         services: watch::Sender::new(manifest.services.clone()),
         tasks: watch::Sender::new(manifest.tasks.clone()),
@@ -332,7 +341,7 @@ pub async fn run(
         let next_hooks = if next.hooks == manifest.hooks {
             None
         } else {
-            match hook_runner(&next, &shared.keys).await {
+            match hook_runner(&next, &shared.keys, &shared.ambient).await {
                 Ok(h) => Some(h),
                 Err(e) => {
                     error!(manifest = %path.display(), reason = ?request, "Manifest reload rejected; keeping the last good one.\n{e}");

@@ -160,7 +160,7 @@ fn agent_manifest(
     );
     if with_id {
         m.push_str(&format!(
-            "[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_EVENT $COORD_ID >> {}\"]\n\
+            "[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_EVENT $COORD_ID $COORD_INSTANCE_ID_WORKER >> {}\"]\n\
              [[instance_id]]\npool = \"worker\"\nsize = 1024\nfile = \"{}\"\non_change = [\"note\"]\n\
              [[file]]\npath = \"{}\"\nsource = \"id={{{{ instance_id('worker') }}}}\"\n",
             dir.join("hooks.log").display(),
@@ -186,7 +186,8 @@ async fn an_agent_writes_its_id_to_a_file_and_gets_the_same_one_after_a_restart(
     eventually("the claimed hook", || async {
         std::fs::read_to_string(dir.path().join("hooks.log"))
             .ok()
-            .filter(|l| l.contains(&format!("instance-id-claimed {}", first.trim())))
+            // The event names the id, and shell hooks see the agent's ids too.
+            .filter(|l| l.contains(&format!("instance-id-claimed {0} {0}", first.trim())))
     })
     .await;
     let rendered = dir.path().join("rendered");

@@ -25,6 +25,8 @@ pub struct ExecHook {
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub timeout: Duration,
+    /// The agent's ambient environment (instance ids), if any.
+    pub ambient: Option<super::AmbientEnv>,
 }
 
 impl ExecHook {
@@ -43,8 +45,14 @@ impl ExecHook {
                 status: "no program to run".into(),
             });
         };
+        let ambient: BTreeMap<String, String> = self
+            .ambient
+            .as_ref()
+            .map(|a| a.read().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default();
         let mut child = Command::new(program)
             .args(args)
+            .envs(ambient)
             .envs(envelope.env())
             .envs(&self.env)
             .stdin(Stdio::piped())

@@ -18,6 +18,10 @@ pub use keys::CacheKeys;
 pub use runner::{HookRunner, HookStats, Plugins, Runnable};
 pub use wasm::{WIT_VERSION, WasmHost, WasmHostError, WasmPlugin, World};
 
+/// Environment every shell hook gets on top of its event (the agent's
+/// instance ids), kept current by the agent.
+pub type AmbientEnv = std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, String>>>;
+
 /// What a successful hook run said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

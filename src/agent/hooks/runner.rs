@@ -139,6 +139,7 @@ impl HookRunner {
                     argv: argv.clone(),
                     env: spec.env.clone(),
                     timeout: spec.timeout,
+                    ambient: None,
                 }),
                 (HookAction::Wasm(_), Some(p)) => Runnable::Wasm {
                     plugin: p.host.load(spec, p.keys.clone())?,
@@ -200,6 +201,16 @@ impl HookRunner {
             }
         };
         Self::with_plugins(&manifest.agent.name, &manifest.hooks, plugins.as_ref())
+    }
+
+    /// Gives every shell hook `ambient` on top of its event.
+    pub fn with_ambient(mut self, ambient: super::AmbientEnv) -> Self {
+        for hook in self.hooks.values_mut() {
+            if let Runnable::Exec(exec) = &mut hook.runnable {
+                exec.ambient = Some(ambient.clone());
+            }
+        }
+        self
     }
 
     /// Makes retries come sooner or later than the default 500 ms first
