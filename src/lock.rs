@@ -299,3 +299,83 @@ pub async fn queue(
         .map(|(kvs, _)| kvs)
         .map_err(etcd_error(name))
 }
+
+/// Locks taken by one owner (one session lease), reentrant: taking a lock
+/// the owner already holds only counts up, and it is released when the
+/// count comes back to zero. One holder key per owner and lock, as etcd's
+/// own mutex has.
+///
+/// ```no_run
+/// # async fn demo(client: coord::etcd::Client, lease: coord::etcd::LeaseId) -> Result<(), coord::lock::LockError> {
+/// use coord::lock::{Holder, Locker, Mode};
+/// let me = Holder { agent: "web-01".into(), host: "web-01".into(), pid: std::process::id() };
+/// let locker = Locker::new(client, lease, "/coord", me);
+/// let outer = locker.lock("reports", Mode::Mutex).await?;
+/// let inner = locker.lock("reports", Mode::Mutex).await?; // re-entered, same token
+/// assert_eq!(outer.token, inner.token);
+/// locker.unlock("reports").await?; // still held
+/// locker.unlock("reports").await?; // released
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Locker {
+    client: Client,
+    lease: LeaseId,
+    namespace: String,
+    holder: Holder,
+    held: tokio::sync::Mutex<std::collections::HashMap<String, (Guard, usize)>>,
+}
+
+impl Locker {
+    pub fn new(client: Client, lease: LeaseId, namespace: &str, holder: Holder) -> Self {
+        Locker {
+            client,
+            lease,
+            namespace: namespace.to_owned(),
+            holder,
+            held: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Takes `name` (waiting as [`acquire`] does), or counts up if this
+    /// owner holds it already.
+    pub async fn lock(&self, name: &str, mode: Mode) -> Result<Guard, LockError> {
+        let mut held = self.held.lock().await;
+        if let Some((guard, count)) = held.get_mut(name) {
+            *count += 1;
+            return Ok(guard.clone());
+        }
+        let guard = acquire(
+            &self.client,
+            self.lease,
+            &self.namespace,
+            name,
+            mode,
+            &self.holder,
+        )
+        .await?;
+        held.insert(name.to_owned(), (guard.clone(), 1));
+        Ok(guard)
+    }
+
+    /// Counts down; releases the lock when no holding is left. Unlocking
+    /// a lock this owner does not hold does nothing.
+    pub async fn unlock(&self, name: &str) -> Result<(), LockError> {
+        let mut held = self.held.lock().await;
+        let Some((guard, count)) = held.get_mut(name) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count == 0 {
+            let guard = guard.clone();
+            held.remove(name);
+            guard.release(&self.client).await?;
+        }
+        Ok(())
+    }
+
+    /// How many times this owner holds `name` (0 when it does not).
+    pub async fn count(&self, name: &str) -> usize {
+        self.held.lock().await.get(name).map_or(0, |(_, c)| *c)
+    }
+}

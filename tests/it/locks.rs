@@ -408,3 +408,44 @@ async fn a_holder_stopped_with_sigstop_has_its_command_killed_before_the_next_ho
         "the stopped holder's command ran after the next holder started"
     );
 }
+
+#[tokio::test]
+async fn an_owner_re_enters_its_lock_and_releases_it_when_the_count_is_back_to_zero() {
+    use coord::lock::Locker;
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let (_s1, l1) = session(&client).await;
+    let (_s2, l2) = session(&client).await;
+    let locker = Locker::new(client.clone(), l1, "/coord", me());
+    let outer = locker.lock("r", Mode::Mutex).await.expect("outer");
+    let inner = locker
+        .lock("r", Mode::Mutex)
+        .await
+        .expect("re-entered, not deadlocked");
+    assert_eq!(outer.token, inner.token, "one holder key per owner");
+    assert_eq!(
+        lock::queue(&client, "/coord", "r")
+            .await
+            .expect("queue")
+            .len(),
+        1
+    );
+    locker.unlock("r").await.expect("unlock");
+    assert_eq!(locker.count("r").await, 1);
+    assert!(
+        lock::try_acquire(&client, l2, "/coord", "r", Mode::Mutex, &me())
+            .await
+            .expect("try")
+            .is_none(),
+        "still held after one unlock of two"
+    );
+    locker.unlock("r").await.expect("unlock");
+    assert!(!outer.is_held(&client).await.expect("held"));
+    assert!(
+        lock::try_acquire(&client, l2, "/coord", "r", Mode::Mutex, &me())
+            .await
+            .expect("try")
+            .is_some(),
+        "free once the count is back to zero"
+    );
+}
