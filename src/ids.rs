@@ -105,7 +105,9 @@ pub async fn claim(
         .collect();
     let mut preferred = preferred.filter(|p| *p < size);
     loop {
-        let Some(id) = pick(size, &taken, preferred.take()) else {
+        // The preferred id is tried even when it looks taken: it may be
+        // ours already (same lease), which the create tells.
+        let Some(id) = preferred.take().or_else(|| pick(size, &taken, None)) else {
             return Err(IdError::Exhausted {
                 pool: pool.to_owned(),
                 size,

@@ -222,7 +222,7 @@ impl InstanceIdsController {
             let stopped = tokio::select! {
                 _ = stop.cancelled() => true,
                 _ = lease_gone(&mut session, lease) => false,
-                _ = self.client.wait_deleted(&claim.key, claim.generation) => false,
+                _ = key_gone(&self.client, &claim.key, claim.generation) => false,
             };
             self.publish(&spec.pool, None);
             if let Some(file) = &spec.file {
@@ -319,6 +319,15 @@ async fn lease_gone(session: &mut watch::Receiver<SessionState>, lease: LeaseId)
         if session.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Returns once the claim key is really gone; an unreachable etcd is not
+/// a deletion (the lease, watched separately, decides then).
+async fn key_gone(client: &Client, key: &str, generation: i64) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    while client.wait_deleted(key, generation).await.is_err() {
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
