@@ -107,7 +107,7 @@ pub async fn claim(
     loop {
         // The preferred id is tried even when it looks taken: it may be
         // ours already (same lease), which the create tells.
-        let Some(id) = preferred.take().or_else(|| pick(size, &taken, None)) else {
+        let Some(id) = preferred.take().or_else(|| pick(size, &taken)) else {
             return Err(IdError::Exhausted {
                 pool: pool.to_owned(),
                 size,
@@ -151,11 +151,8 @@ pub async fn claim(
     }
 }
 
-/// A free id: `preferred` if free, else a random probe, else a scan.
-fn pick(size: u32, taken: &HashSet<u32>, preferred: Option<u32>) -> Option<u32> {
-    if let Some(p) = preferred.filter(|p| !taken.contains(p)) {
-        return Some(p);
-    }
+/// A free id: a random probe, else a scan.
+fn pick(size: u32, taken: &HashSet<u32>) -> Option<u32> {
     if taken.len() >= size as usize {
         return None;
     }
