@@ -17,7 +17,8 @@ use tracing::{error, info, warn};
 
 use super::hooks::{AmbientEnv, Event, HookRunner};
 use super::manifest::InstanceIdSpec;
-use crate::etcd::{Backoff, Client, LeaseId, SessionState};
+use super::sleep_or_stop;
+use crate::etcd::{Backoff, Client, LeaseId, SessionState, alive_lease};
 use crate::ids::{self, ClaimRecord, IdError};
 
 /// The ids this agent holds, by pool.
@@ -146,7 +147,7 @@ impl InstanceIdsController {
         loop {
             let lease = tokio::select! {
                 _ = stop.cancelled() => return,
-                l = wait_alive(&mut session) => l,
+                l = alive_lease(&mut session) => l,
             };
             let preferred = std::fs::read_to_string(self.remembered(&spec.pool))
                 .ok()
@@ -299,17 +300,6 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn wait_alive(session: &mut watch::Receiver<SessionState>) -> LeaseId {
-    loop {
-        if let Some(lease) = session.borrow_and_update().lease() {
-            return lease;
-        }
-        if session.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 /// Returns when the session no longer has `lease` alive.
 async fn lease_gone(session: &mut watch::Receiver<SessionState>, lease: LeaseId) {
     loop {
@@ -328,12 +318,5 @@ async fn key_gone(client: &Client, key: &str, generation: i64) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     while client.wait_deleted(key, generation).await.is_err() {
         tokio::time::sleep(backoff.next_delay()).await;
-    }
-}
-
-async fn sleep_or_stop(wait: Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = stop.cancelled() => true,
-        _ = tokio::time::sleep(wait) => false,
     }
 }

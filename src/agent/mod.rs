@@ -15,3 +15,14 @@ pub mod tasks;
 
 pub use reload::ReloadRequest;
 pub use runtime::{AgentError, Control, RunOptions, run};
+
+/// Sleeps for `wait`; `true` if `stop` came first.
+pub(crate) async fn sleep_or_stop(
+    wait: std::time::Duration,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(wait) => false,
+    }
+}

@@ -18,8 +18,9 @@ use tracing::{info, warn};
 
 use super::hooks::{Event, HookRunner};
 use super::manifest::{Schedule, TaskSpec};
+use super::sleep_or_stop;
 use super::supervise::{Ended, Supervised, max_grace, run_guarded};
-use crate::etcd::{Backoff, Client, LeaseId, SessionState};
+use crate::etcd::{Backoff, Client, LeaseId, SessionState, alive_lease};
 use crate::lock::{self, Holder};
 
 /// Runs kept per task in `<namespace>/tasks/<task>/runs/`.
@@ -150,7 +151,7 @@ impl TasksController {
             // Take the lock on the current lease.
             let lease = tokio::select! {
                 _ = stop.cancelled() => return,
-                l = wait_alive(&mut session) => l,
+                l = alive_lease(&mut session) => l,
             };
             let grace = spec.grace.min(max_grace(ttl_of(&session, lease)));
             let prepared = match Supervised::prepare(&self.coord, &spec.run, grace) {
@@ -408,25 +409,6 @@ fn ttl_of(session: &watch::Receiver<SessionState>, lease: LeaseId) -> Duration {
             .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_secs(2)),
         _ => Duration::from_secs(2),
-    }
-}
-
-async fn wait_alive(session: &mut watch::Receiver<SessionState>) -> LeaseId {
-    loop {
-        if let Some(lease) = session.borrow_and_update().lease() {
-            return lease;
-        }
-        if session.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-/// Sleeps; `true` if stopped meanwhile.
-async fn sleep_or_stop(wait: Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = stop.cancelled() => true,
-        _ = tokio::time::sleep(wait) => false,
     }
 }
 

@@ -91,16 +91,7 @@ impl Session {
 
     /// Waits until a lease is alive and returns it.
     pub async fn wait_alive(&self) -> LeaseId {
-        let mut rx = self.state.clone();
-        loop {
-            if let Some(lease) = rx.borrow_and_update().lease() {
-                return lease;
-            }
-            if rx.changed().await.is_err() {
-                // The keeper only stops when closed; there will never be a lease.
-                std::future::pending::<()>().await;
-            }
-        }
+        alive_lease(&mut self.state.clone()).await
     }
 
     /// Stops renewing and revokes the lease at once, so that everything
@@ -108,6 +99,19 @@ impl Session {
     pub async fn close(self) {
         self.cancel.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Waits on a session's state until a lease is alive and returns it.
+pub async fn alive_lease(state: &mut watch::Receiver<SessionState>) -> LeaseId {
+    loop {
+        if let Some(lease) = state.borrow_and_update().lease() {
+            return lease;
+        }
+        if state.changed().await.is_err() {
+            // The keeper only stops when closed; there will never be a lease.
+            std::future::pending::<()>().await;
+        }
     }
 }
 
