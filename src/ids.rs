@@ -51,6 +51,14 @@ pub enum IdError {
     Invalid { pool: String, reason: String },
 }
 
+/// Maps an etcd failure in `pool` to an [`IdError`].
+fn etcd_error(pool: &str) -> impl Fn(EtcdError) -> IdError + Copy + '_ {
+    move |source| IdError::Etcd {
+        pool: pool.to_owned(),
+        source,
+    }
+}
+
 /// `<namespace>/ids/<pool>/`.
 pub fn prefix(namespace: &str, pool: &str) -> String {
     format!("{}/ids/{pool}/", namespace.trim_end_matches('/'))
@@ -90,10 +98,7 @@ pub async fn claim(
             reason: "a pool has a name without `/` and a size of at least 1".into(),
         });
     }
-    let etcd = |source| IdError::Etcd {
-        pool: pool.to_owned(),
-        source,
-    };
+    let etcd = etcd_error(pool);
     let value = serde_json::to_vec(record).unwrap_or_default();
     let mut round_trips = 1;
     let mut taken: HashSet<u32> = client
@@ -177,15 +182,9 @@ pub async fn release(client: &Client, claim: &Claim) -> Result<(), IdError> {
             .delete(&claim.key)
             .await
             .map(|_| ())
-            .map_err(|source| IdError::Etcd {
-                pool: claim.pool.clone(),
-                source,
-            }),
+            .map_err(etcd_error(&claim.pool)),
         Ok(_) => Ok(()),
-        Err(source) => Err(IdError::Etcd {
-            pool: claim.pool.clone(),
-            source,
-        }),
+        Err(source) => Err(etcd_error(&claim.pool)(source)),
     }
 }
 
@@ -198,10 +197,7 @@ pub async fn list(
     let snapshot = client
         .get_prefix(&prefix(namespace, pool))
         .await
-        .map_err(|source| IdError::Etcd {
-            pool: pool.to_owned(),
-            source,
-        })?;
+        .map_err(etcd_error(pool))?;
     let mut out: Vec<(u32, KeyValue)> = snapshot
         .kvs
         .into_iter()
@@ -224,22 +220,13 @@ pub async fn claim_waiting(
     loop {
         // Read the revision first: a release after it wakes the wait below,
         // even one that lands between the failed claim and the watch.
-        let before = client
-            .current_revision()
-            .await
-            .map_err(|source| IdError::Etcd {
-                pool: pool.to_owned(),
-                source,
-            })?;
+        let before = client.current_revision().await.map_err(etcd_error(pool))?;
         match claim(client, namespace, pool, size, lease, preferred, record).await {
             Err(IdError::Exhausted { .. }) => {
                 client
                     .wait_prefix_delete(&prefix(namespace, pool), before)
                     .await
-                    .map_err(|source| IdError::Etcd {
-                        pool: pool.to_owned(),
-                        source,
-                    })?;
+                    .map_err(etcd_error(pool))?;
             }
             other => return other,
         }
