@@ -248,14 +248,30 @@ async fn wait_turn(
 ) -> Result<(), LockError> {
     let etcd = etcd_error(name);
     let pfx = prefix(namespace, name);
+    let ours = |own: &Option<KeyValue>| {
+        own.as_ref()
+            .is_some_and(|kv| kv.create_revision == guard.token)
+    };
     loop {
-        let (ahead, own, read_at) = client
-            .queue_at(&pfx, guard.token, &guard.key)
+        // A serializable read decides as safely as a linearizable one once
+        // it shows our key (see `Client::queue_at`), and skips a round with
+        // the leader: it is the one read between a predecessor's going and
+        // our command's start.
+        let (mut ahead, mut own, mut read_at) = client
+            .queue_at(&pfx, guard.token, &guard.key, true)
             .await
             .map_err(etcd)?;
+        if !ours(&own) {
+            // The member may be behind our key's creation: only the
+            // cluster's own answer tells that our key is gone.
+            (ahead, own, read_at) = client
+                .queue_at(&pfx, guard.token, &guard.key, false)
+                .await
+                .map_err(etcd)?;
+        }
         // Our lease may have expired while we waited: then the key is gone
         // and the lock is not ours.
-        if own.is_none_or(|kv| kv.create_revision != guard.token) {
+        if !ours(&own) {
             return Err(LockError::SessionExpired {
                 name: name.to_owned(),
             });
@@ -278,7 +294,7 @@ async fn wait_turn(
                     .find(|kv| blocks(mode, namespace, name, kv))
                 {
                     client
-                        .wait_deleted(&kv.key, kv.create_revision)
+                        .wait_deleted(&kv.key, kv.create_revision, read_at)
                         .await
                         .map_err(etcd)?;
                 }

@@ -266,8 +266,12 @@ impl InstanceIdsController {
             None => 0,
         };
         let wait = Duration::from_secs(left.max(0) as u64 + 1);
-        let _ =
-            tokio::time::timeout(wait, self.client.wait_deleted(&key, kv.create_revision)).await;
+        let _ = tokio::time::timeout(
+            wait,
+            self.client
+                .wait_deleted(&key, kv.create_revision, kv.mod_revision),
+        )
+        .await;
     }
 
     fn remember(&self, pool: &str, id: u32) -> std::io::Result<()> {
@@ -316,7 +320,11 @@ async fn lease_gone(session: &mut watch::Receiver<SessionState>, lease: LeaseId)
 /// a deletion (the lease, watched separately, decides then).
 async fn key_gone(client: &Client, key: &str, generation: i64) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    while client.wait_deleted(key, generation).await.is_err() {
+    while client
+        .wait_deleted(key, generation, generation)
+        .await
+        .is_err()
+    {
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }

@@ -3,9 +3,9 @@
 //! The command does not run under the agent directly but under a small
 //! supervisor — the coord binary re-executed as `coord supervise` — that
 //! owns the lease's local deadline. The agent feeds it every renewed
-//! deadline on a pipe; when the deadline comes close without a renewal (the
+//! deadline on a socket; when the deadline comes close without a renewal (the
 //! agent lost etcd, was stopped with SIGSTOP, or was killed with -9 and the
-//! pipe closed), the supervisor sends the command TERM, waits the grace
+//! socket closed), the supervisor sends the command TERM, waits the grace
 //! period, then KILL — timed so the command is dead before the lease can
 //! expire on the server, which is the earliest anyone else can take the
 //! lock. The local deadline is never later than the server's expiry (see
@@ -13,6 +13,7 @@
 //! the host, so the supervisor can keep it without the agent.
 
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -22,8 +23,9 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 /// Kill this long before the deadline, for scheduling delays.
@@ -49,60 +51,45 @@ fn to_monotonic(deadline: Instant) -> i64 {
 }
 
 /// The agent's end: a command running under a supervisor.
+///
+/// The two talk over a socket pair on the supervisor's stdin: the agent
+/// sends `go`, `deadline` and `stop` lines; the supervisor answers
+/// `exit <code>` the moment the command is gone, before its own exit, so the
+/// lock can be released without waiting for a process teardown.
 #[derive(Debug)]
 pub struct Supervised {
     child: Child,
-    stdin: Option<ChildStdin>,
+    to: Option<OwnedWriteHalf>,
+    from: Option<Lines<BufReader<OwnedReadHalf>>>,
 }
 
 impl Supervised {
-    /// Starts `argv` under `coord supervise` (`coord` is the binary to
-    /// re-execute), with `env` added to its environment, to be stopped with
-    /// `grace` between TERM and KILL, and killed before `deadline` unless
-    /// renewed.
-    pub fn spawn(
-        coord: &Path,
-        argv: &[String],
-        env: &[(String, String)],
-        grace: Duration,
-        deadline: Instant,
-    ) -> std::io::Result<Supervised> {
+    /// Starts the supervisor ahead of time, before the lock is ours, so that
+    /// taking the lock costs no process start: it waits for
+    /// [`Supervised::go`] before running `argv`, and is stopped with `grace`
+    /// between TERM and KILL. `coord` is the binary to re-execute.
+    pub fn prepare(coord: &Path, argv: &[String], grace: Duration) -> std::io::Result<Supervised> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        let ours = tokio::net::UnixStream::from_std(ours)?;
         let mut cmd = Command::new(coord);
         cmd.arg("supervise")
             .arg("--grace")
             .arg(humantime::format_duration(grace).to_string())
-            .arg("--deadline-ns")
-            .arg(to_monotonic(deadline).to_string())
             .arg("--")
             .args(argv)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             // Its own process group: a Ctrl-C or a stop meant for the agent
             // must not reach the supervisor.
             .process_group(0)
-            .kill_on_drop(false);
-        let mut child = cmd.spawn()?;
-        let stdin = child.stdin.take();
-        Ok(Supervised { child, stdin })
-    }
-
-    /// Starts the supervisor ahead of time, before the lock is ours, so that
-    /// taking the lock costs no process start: it waits for
-    /// [`Supervised::go`] before running `argv`.
-    pub fn prepare(coord: &Path, argv: &[String], grace: Duration) -> std::io::Result<Supervised> {
-        let mut cmd = Command::new(coord);
-        cmd.arg("supervise")
-            .arg("--grace")
-            .arg(humantime::format_duration(grace).to_string())
-            .arg("--wait-go")
-            .arg("--")
-            .args(argv)
-            .stdin(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd.spawn()?;
-        let stdin = child.stdin.take();
-        Ok(Supervised { child, stdin })
+        let child = cmd.spawn()?;
+        let (from, to) = ours.into_split();
+        Ok(Supervised {
+            child,
+            to: Some(to),
+            from: Some(BufReader::new(from).lines()),
+        })
     }
 
     /// Runs the prepared command with `env` added, to be killed before
@@ -127,17 +114,30 @@ impl Supervised {
     }
 
     async fn send(&mut self, line: &str) {
-        if let Some(stdin) = self.stdin.as_mut()
-            && stdin.write_all(line.as_bytes()).await.is_err()
+        if let Some(to) = self.to.as_mut()
+            && to.write_all(line.as_bytes()).await.is_err()
         {
             // The supervisor is gone; wait() reports how it ended.
-            self.stdin = None;
+            self.to = None;
         }
     }
 
-    /// Waits for the command (through its supervisor) to end.
-    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
+    /// Waits for the command to end and returns its exit code (128 +
+    /// signal if it was killed): from the supervisor's report, or from the
+    /// supervisor's own status if it ended without one. Cancel-safe.
+    pub async fn wait(&mut self) -> i32 {
+        loop {
+            tokio::select! {
+                line = async { self.from.as_mut()?.next_line().await.ok().flatten() }, if self.from.is_some() => {
+                    match line.as_deref().and_then(|l| l.strip_prefix("exit ")) {
+                        Some(code) => return code.trim().parse().unwrap_or(1),
+                        None if line.is_none() => self.from = None,
+                        None => {}
+                    }
+                }
+                status = self.child.wait() => return exit_code(status),
+            }
+        }
     }
 
     pub fn id(&self) -> Option<u32> {
@@ -145,55 +145,74 @@ impl Supervised {
     }
 }
 
-/// The supervisor's end: runs `argv`, keeps the deadline read from stdin,
-/// and exits with the command's status (128 + signal if it was killed).
-/// Without a first deadline it waits for a `go <deadline> <env JSON>` line
-/// first (and exits 0 without running anything on `stop` or EOF).
-pub async fn supervise(argv: &[OsString], grace: Duration, first_deadline: Option<i64>) -> i32 {
+fn exit_code(status: std::io::Result<ExitStatus>) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.map_or(1, |s| {
+        s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+    })
+}
+
+/// The supervisor's end: waits for `go <deadline> <env JSON>` on stdin (and
+/// exits 0 without running anything on `stop` or EOF), runs `argv`, keeps
+/// the deadline from later `deadline` lines, reports `exit <code>` on stdin
+/// (a socket) when the command ends, and exits with the command's status
+/// (128 + signal if it was killed).
+pub async fn supervise(argv: &[OsString], grace: Duration) -> i32 {
     let Some((program, args)) = argv.split_first() else {
         eprintln!("coord supervise: no command given");
         return 64;
     };
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut env: std::collections::BTreeMap<String, String> = Default::default();
-    let first_deadline = match first_deadline {
-        Some(d) => d,
-        None => loop {
-            match lines.next_line().await {
-                Ok(Some(line)) => {
-                    let mut parts = line.splitn(3, ' ');
-                    match (parts.next(), parts.next(), parts.next()) {
-                        (Some("go"), Some(ns), rest) => {
-                            if let Some(json) = rest {
-                                env = serde_json::from_str(json).unwrap_or_default();
-                            }
-                            break ns.parse().unwrap_or(0);
-                        }
-                        (Some("stop"), _, _) => return 0,
-                        _ => {}
-                    }
-                }
-                _ => return 0,
-            }
-        },
+    let (from, mut to) = match agent_channel() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coord supervise: stdin is not the agent's socket: {e}");
+            return 64;
+        }
     };
-    let mut child = match Command::new(program)
+    let mut lines = BufReader::new(from).lines();
+    let (first_deadline, env) = loop {
+        match lines.next_line().await {
+            Ok(Some(line)) => {
+                let mut parts = line.splitn(3, ' ');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some("go"), Some(ns), rest) => {
+                        let env: std::collections::BTreeMap<String, String> = rest
+                            .and_then(|json| serde_json::from_str(json).ok())
+                            .unwrap_or_default();
+                        break (ns.parse().unwrap_or(0), env);
+                    }
+                    (Some("stop"), _, _) => return 0,
+                    _ => {}
+                }
+            }
+            _ => return 0,
+        }
+    };
+    let spawned = std::process::Command::new(program)
         .args(args)
         .envs(&env)
         .stdin(Stdio::null())
         .process_group(0)
-        .spawn()
-    {
+        .spawn();
+    let child = match spawned {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
                 "coord supervise: cannot start `{}`: {e}",
                 program.to_string_lossy()
             );
+            let _ = to.write_all(b"exit 127\n").await;
             return 127;
         }
     };
-    let group = child.id().map(|id| Pid::from_raw(id as i32));
+    let group = Some(Pid::from_raw(child.id() as i32));
+    // A thread blocked in wait() learns of the exit at once, with nothing
+    // between the kernel and us.
+    let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = exited_tx.send(child.wait());
+    });
     let deadline = Arc::new(AtomicI64::new(first_deadline));
     let stop_now = Arc::new(tokio::sync::Notify::new());
     {
@@ -235,7 +254,7 @@ pub async fn supervise(argv: &[OsString], grace: Duration, first_deadline: Optio
             signal(Signal::SIGKILL);
         }
         tokio::select! {
-            s = child.wait() => break s,
+            s = &mut exited => break s.unwrap_or_else(|_| Err(std::io::Error::other("the waiting thread is gone"))),
             _ = stop_now.notified(), if termed_at.is_none() => {
                 signal(Signal::SIGTERM);
                 termed_at = Some(Instant::now());
@@ -243,15 +262,21 @@ pub async fn supervise(argv: &[OsString], grace: Duration, first_deadline: Optio
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     };
-    // Whatever the command left in its group goes with it.
+    // Whatever the command left in its group goes with it, before the
+    // agent hears that the command is gone (and may release the lock).
     signal(Signal::SIGKILL);
-    match status {
-        Ok(s) => {
-            use std::os::unix::process::ExitStatusExt;
-            s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
-        }
-        Err(_) => 1,
-    }
+    let code = exit_code(status);
+    let _ = to.write_all(format!("exit {code}\n").as_bytes()).await;
+    code
+}
+
+/// Our stdin, the socket the agent talks to us on, as async halves.
+fn agent_channel() -> std::io::Result<(OwnedReadHalf, OwnedWriteHalf)> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let socket = std::os::unix::net::UnixStream::from(fd);
+    socket.set_nonblocking(true)?;
+    Ok(tokio::net::UnixStream::from_std(socket)?.into_split())
 }
 
 /// How a guarded run ended.
@@ -290,11 +315,7 @@ pub async fn run_guarded(
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            status = supervised.wait() => {
-                let code = status.map_or(1, |s| {
-                    use std::os::unix::process::ExitStatusExt;
-                    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
-                });
+            code = supervised.wait() => {
                 return ending.unwrap_or(Ended::Exited(code));
             }
             changed = session.changed(), if ending.is_none() => {

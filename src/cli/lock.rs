@@ -159,22 +159,13 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
 pub struct SuperviseArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     grace: Duration,
-    /// The first deadline (CLOCK_MONOTONIC ns); without it, wait for `go`.
-    #[arg(
-        long,
-        allow_negative_numbers = true,
-        required_unless_present = "wait_go"
-    )]
-    deadline_ns: Option<i64>,
-    #[arg(long)]
-    wait_go: bool,
     #[arg(last = true, required = true)]
     command: Vec<OsString>,
 }
 
 pub async fn supervise_command(args: SuperviseArgs) -> anyhow::Result<ExitCode> {
-    let code = supervise(&args.command, args.grace, args.deadline_ns).await;
-    // Exit now: the stdin reader is a blocking read that the runtime's
-    // shutdown would wait on until the agent closes the pipe.
+    let code = supervise(&args.command, args.grace).await;
+    // Exit now, without waiting for the runtime to wind down the task that
+    // reads the agent's socket.
     std::process::exit(code)
 }

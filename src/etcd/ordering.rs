@@ -130,21 +130,34 @@ impl Client {
     /// In one read: the keys under `prefix` created before `revision`
     /// (oldest first), `own` as it is now, and the revision of the read —
     /// what a queued waiter needs to decide, in one round trip.
+    ///
+    /// A `serializable` read is answered by the member from its own state,
+    /// without a round of confirmation with the leader. It may be behind
+    /// the cluster, but never
+    /// before `own`'s creation when it shows `own`, and from then on the
+    /// keys created before `own` can only go, never come: whatever such a
+    /// read shows gone is gone for good.
     pub async fn queue_at(
         &self,
         prefix: &str,
         revision: i64,
         own: &str,
+        serializable: bool,
     ) -> Result<(Vec<KeyValue>, Option<KeyValue>, i64), Error> {
-        let ahead = GetOptions::new()
+        let mut ahead = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_max_create_revision(revision - 1);
+        let mut own_opts = GetOptions::new();
+        if serializable {
+            ahead = ahead.with_serializable();
+            own_opts = own_opts.with_serializable();
+        }
         let resp = self
             .unary("queue", |mut c| {
                 let txn = Txn::new().and_then([
                     TxnOp::get(prefix, Some(ahead.clone())),
-                    TxnOp::get(own, None),
+                    TxnOp::get(own, Some(own_opts.clone())),
                 ]);
                 async move { c.txn(txn).await }
             })
@@ -196,17 +209,20 @@ impl Client {
         }
     }
 
-    /// Waits until `key` (seen at `revision`) is deleted, resuming the
-    /// watch after errors. Returns at once if it is already gone.
-    pub async fn wait_deleted(&self, key: &str, revision: i64) -> Result<(), Error> {
+    /// Waits until `key`, created at `created` and still there at `seen_at`,
+    /// is deleted, resuming the watch after errors. Returns at once if it
+    /// is already gone.
+    ///
+    /// Pass the latest `seen_at` known: etcd serves a watch that starts in
+    /// the past from its history and catches it up only every 100 ms, so a
+    /// deletion just after an old `seen_at` can arrive that much late.
+    pub async fn wait_deleted(&self, key: &str, created: i64, seen_at: i64) -> Result<(), Error> {
+        let mut from = seen_at.max(created) + 1;
         loop {
             let mut stream = self
                 .unary("watch", |mut c| async move {
-                    c.watch(
-                        key,
-                        Some(WatchOptions::new().with_start_revision(revision + 1)),
-                    )
-                    .await
+                    c.watch(key, Some(WatchOptions::new().with_start_revision(from)))
+                        .await
                 })
                 .await?;
             while let Ok(Some(resp)) = stream.message().await {
@@ -224,12 +240,10 @@ impl Client {
                 }
             }
             // The stream ended: the key may have gone meanwhile.
-            if self
-                .get(key)
-                .await?
-                .is_none_or(|kv| kv.create_revision != revision)
-            {
-                return Ok(());
+            let (kvs, read_at) = self.get_sorted("get", key, GetOptions::new()).await?;
+            match kvs.first() {
+                Some(kv) if kv.create_revision == created => from = read_at + 1,
+                _ => return Ok(()),
             }
         }
     }
