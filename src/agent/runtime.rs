@@ -403,6 +403,8 @@ pub async fn run(
                 Ok(fresh) => {
                     let old = std::mem::replace(&mut connected, fresh);
                     old.stop().await;
+                    // The old session's follower may have written last.
+                    shared.status.set_session(connected.session.state());
                 }
                 Err(e) => {
                     warn!(manifest = %path.display(), error = %e, "Manifest reload rejected; keeping the last good one.");

@@ -75,6 +75,7 @@ impl Supervised {
             .arg(to_monotonic(deadline).to_string())
             .arg("--")
             .args(argv)
+            .env_remove(crate::agent::status::NOTIFY_SOCKET)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             // Its own process group: a Ctrl-C or a stop meant for the agent
@@ -97,6 +98,7 @@ impl Supervised {
             .arg("--wait-go")
             .arg("--")
             .args(argv)
+            .env_remove(crate::agent::status::NOTIFY_SOCKET)
             .stdin(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);

@@ -27,6 +27,11 @@ pub use server::{ServeError, StatusServer};
 use super::manifest::Manifest;
 use crate::etcd::{SessionState, SessionStats, WatchStats};
 
+/// systemd's notify socket variable. Only the agent speaks for its unit:
+/// the commands it starts (hooks, checks, tasks) do not inherit it, so
+/// none can send READY=1 or pet the watchdog in its place.
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+
 /// How a render ended: a closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RenderOutcome {

@@ -36,7 +36,7 @@ impl Notifier {
     /// hung agent or a lost session then gets the agent restarted.
     pub fn start(status: Status) -> Notifier {
         let stop = CancellationToken::new();
-        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        if std::env::var_os(super::NOTIFY_SOCKET).is_none() {
             return Notifier { stop };
         }
         let mut ready = status.first_reconcile();
