@@ -284,7 +284,8 @@ async fn receive(socket: &tokio::net::UnixDatagram, word: &str) -> String {
 }
 
 #[tokio::test]
-async fn ready_arrives_on_the_notify_socket_after_the_first_reconcile_and_stopping_on_sigterm() {
+async fn ready_arrives_on_the_notify_socket_after_the_first_reconcile_then_watchdog_pings_and_stopping_on_sigterm()
+ {
     let etcd = etcd().await;
     let client = etcd.client().await;
     let dir = tempfile::tempdir().expect("tmp");
@@ -296,6 +297,7 @@ async fn ready_arrives_on_the_notify_socket_after_the_first_reconcile_and_stoppi
         .arg("run")
         .arg(&manifest_path)
         .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -311,6 +313,8 @@ async fn ready_arrives_on_the_notify_socket_after_the_first_reconcile_and_stoppi
             .is_some(),
         "READY=1 before presence was registered: {ready}"
     );
+    // With a watchdog asked for, the alive session is reported.
+    receive(&socket, "WATCHDOG=1").await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         Signal::SIGTERM,
@@ -319,4 +323,44 @@ async fn ready_arrives_on_the_notify_socket_after_the_first_reconcile_and_stoppi
     receive(&socket, "STOPPING=1").await;
     let status = child.wait().expect("coord exits");
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_fields_beside_the_message() {
+    let etcd = etcd().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let manifest_path = dir.path().join("agent.toml");
+    let port = free_port();
+    std::fs::write(&manifest_path, manifest(&etcd, dir.path(), port, "")).expect("manifest");
+    let log = dir.path().join("coord.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coord"))
+        .arg("run")
+        .arg(&manifest_path)
+        .arg("--log-format")
+        .arg("json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn coord");
+    let line = eventually("the endpoint's log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            text.lines()
+                .find(|l| l.contains("Status endpoint listening."))
+                .map(str::to_owned)
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).expect("log");
+    for l in text.lines().filter(|l| !l.is_empty()) {
+        serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {l}"));
+    }
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(entry["level"], "INFO");
+    assert_eq!(entry["message"], "Status endpoint listening.");
+    assert_eq!(entry["addr"], format!("127.0.0.1:{port}"));
 }
