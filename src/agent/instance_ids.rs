@@ -18,6 +18,8 @@ use tracing::{error, info, warn};
 use super::hooks::{AmbientEnv, Event, HookRunner};
 use super::manifest::InstanceIdSpec;
 use super::sleep_or_stop;
+use super::status::Status;
+use super::status::report::ResourceKind;
 use crate::etcd::{Backoff, Client, LeaseId, SessionState, alive_lease};
 use crate::ids::{self, ClaimRecord, IdError};
 
@@ -33,6 +35,7 @@ pub struct InstanceIdsController {
     state_dir: PathBuf,
     held: Arc<watch::Sender<BTreeMap<String, u32>>>,
     ambient: Option<AmbientEnv>,
+    status: Status,
 }
 
 impl InstanceIdsController {
@@ -44,6 +47,7 @@ impl InstanceIdsController {
             state_dir: state_dir.to_owned(),
             held: Arc::new(watch::Sender::new(BTreeMap::new())),
             ambient: None,
+            status: Status::default(),
         }
     }
 
@@ -54,7 +58,16 @@ impl InstanceIdsController {
         self
     }
 
+    /// Reports claims, losses and claim errors to `status`.
+    pub fn with_status(mut self, status: Status) -> Self {
+        self.status = status;
+        self
+    }
+
     fn publish(&self, pool: &str, id: Option<u32>) {
+        let state = id.map_or_else(|| "claiming".to_owned(), |id| format!("held id {id}"));
+        self.status
+            .set(ResourceKind::InstanceId, pool, &state, None);
         self.held.send_modify(|h| match id {
             Some(id) => {
                 h.insert(pool.to_owned(), id);
@@ -174,6 +187,12 @@ impl InstanceIdsController {
                     // The operator must act (a bigger pool, fewer hosts);
                     // meanwhile the first id freed is ours.
                     error!(pool = %spec.pool, error = %e, "No free id; waiting for one.");
+                    self.status.set(
+                        ResourceKind::InstanceId,
+                        &spec.pool,
+                        "waiting for a free id",
+                        Some(e.to_string()),
+                    );
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         c = ids::claim_waiting(&self.client, &self.namespace, &spec.pool, spec.size, lease, preferred, &me) => c,
@@ -185,6 +204,12 @@ impl InstanceIdsController {
                 Ok(c) => c,
                 Err(e) => {
                     let wait = backoff.next_delay();
+                    self.status.set(
+                        ResourceKind::InstanceId,
+                        &spec.pool,
+                        "claiming",
+                        Some(e.to_string()),
+                    );
                     match &e {
                         IdError::Exhausted { .. } => {
                             error!(pool = %spec.pool, error = %e, "No free id; waiting for one.")

@@ -10,6 +10,7 @@ pub mod reconciler;
 mod reload;
 mod runtime;
 pub mod services;
+pub mod status;
 pub mod supervise;
 pub mod tasks;
 

@@ -18,6 +18,8 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::status::Status;
+use super::status::report::{QueueName, ResourceKind};
 use crate::etcd::{Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription};
 use crate::presence::{self, AgentRecord, Registration};
 
@@ -100,6 +102,7 @@ pub struct Reconciler {
     session: watch::Receiver<SessionState>,
     desired: watch::Receiver<Desired>,
     stats: watch::Sender<ReconcileStats>,
+    status: Status,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -121,7 +124,14 @@ impl Reconciler {
             session,
             desired,
             stats: watch::Sender::new(ReconcileStats::default()),
+            status: Status::default(),
         }
+    }
+
+    /// Reports readiness, the queue and the presence key to `status`.
+    pub fn with_status(mut self, status: Status) -> Self {
+        self.status = status;
+        self
     }
 
     /// A view of the counters.
@@ -140,6 +150,7 @@ impl Reconciler {
         loop {
             if !all_ready {
                 all_ready = sub.is_ready();
+                self.status.set_cache_ready(all_ready);
                 if all_ready {
                     debug!("Cache ready; reconciling.");
                 } else if !waiting_logged {
@@ -152,7 +163,9 @@ impl Reconciler {
                     self.reconcile(&key, &desired, &sub, lease, &mut queue)
                         .await;
                 }
+                self.status.reconciled();
             }
+            self.status.set_queue(QueueName::Presence, queue.due.len());
             let next = queue.next_due();
             let mut new_desired = None;
             tokio::select! {
@@ -223,9 +236,15 @@ impl Reconciler {
                 )
                 .await;
                 match result {
-                    Ok(Registration::Unchanged) => queue.succeeded(key),
+                    Ok(Registration::Unchanged) => {
+                        self.status
+                            .set(ResourceKind::Presence, &desired.agent, "registered", None);
+                        queue.succeeded(key)
+                    }
                     Ok(Registration::Written) => {
                         info!(key = %etcd_key, lease = %lease, "Agent presence registered.");
+                        self.status
+                            .set(ResourceKind::Presence, &desired.agent, "registered", None);
                         self.stats.send_modify(|s| s.writes += 1);
                         queue.succeeded(key);
                     }
@@ -242,11 +261,23 @@ impl Reconciler {
                             .as_ref()
                             .map_or("an unknown host", |r| r.host.as_str());
                         error!(key = %etcd_key, holder_host = %host, retry_in = ?wait, "Another agent already uses this name; give each host its own [agent] name.");
+                        self.status.set(
+                            ResourceKind::Presence,
+                            &desired.agent,
+                            "name taken",
+                            Some(format!("another agent (on {host}) already uses this name")),
+                        );
                         self.stats.send_modify(|s| s.failures += 1);
                     }
                     Err(e) => {
                         let wait = queue.failed(key.clone());
                         warn!(key = %etcd_key, error = %e, retry_in = ?wait, "Could not register agent presence.");
+                        self.status.set(
+                            ResourceKind::Presence,
+                            &desired.agent,
+                            "failed",
+                            Some(e.to_string()),
+                        );
                         self.stats.send_modify(|s| s.failures += 1);
                     }
                 }

@@ -17,8 +17,9 @@ use super::manifest::{
 use super::reconciler::{Desired, Reconciler};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
+use super::status::{Notifier, ServeError, Status, StatusServer};
 use super::tasks::TasksController;
-use crate::etcd::{Cache, Client, Session};
+use crate::etcd::{Cache, Client, Session, SessionState};
 use crate::presence::AgentRecord;
 
 /// Why the agent could not start.
@@ -39,6 +40,8 @@ pub enum AgentError {
         #[source]
         source: HookError,
     },
+    #[error(transparent)]
+    Status(#[from] ServeError),
     #[error("failed to watch the manifest `{path}` for changes: {source}")]
     Watch {
         path: PathBuf,
@@ -76,6 +79,7 @@ struct Connected {
     services: tokio::task::JoinHandle<()>,
     tasks: tokio::task::JoinHandle<()>,
     ids: tokio::task::JoinHandle<()>,
+    follower: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
 }
 
@@ -90,6 +94,8 @@ struct Shared {
     keys: Arc<CacheKeys>,
     /// The agent's instance ids for shell hooks' environment.
     ambient: AmbientEnv,
+    /// What `/status`, `/health` and `/metrics` show.
+    status: Status,
 }
 
 impl Connected {
@@ -105,22 +111,31 @@ impl Connected {
                 endpoints: opts.endpoints.join(","),
                 source,
             })?;
-        let session = Session::start(client.clone(), manifest.agent.ttl);
-        let cache = Cache::new(client.clone());
+        let status = &shared.status;
+        let session =
+            Session::start_counted(client.clone(), manifest.agent.ttl, status.session_stats());
+        let cache = Cache::counted(client.clone(), status.watch_stats());
         let (desired, desired_rx) = watch::channel(desired_state(manifest, started_at));
         let services = ServicesController::new(
             client.clone(),
             cache.clone(),
             &manifest.agent.namespace,
             &manifest.agent.name,
-        );
+        )
+        .with_status(status.clone());
         let reconciler = Reconciler::new(
             client.clone(),
             cache.clone(),
             session.subscribe(),
             desired_rx,
-        );
+        )
+        .with_status(status.clone());
         let stop = CancellationToken::new();
+        let follower = tokio::spawn(follow_session(
+            session.subscribe(),
+            status.clone(),
+            stop.clone(),
+        ));
         let reconciler = tokio::spawn(reconciler.run(stop.clone()));
         let services = tokio::spawn(services.run(
             session.subscribe(),
@@ -134,7 +149,9 @@ impl Connected {
             &manifest.agent.name,
             &manifest.agent.state_dir,
         );
-        let ids_controller = ids_controller.with_ambient(shared.ambient.clone());
+        let ids_controller = ids_controller
+            .with_ambient(shared.ambient.clone())
+            .with_status(status.clone());
         let held_ids = ids_controller.held();
         let coord = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coord"));
         let tasks = tokio::spawn(
@@ -145,6 +162,7 @@ impl Connected {
                 coord,
             )
             .with_ids(held_ids)
+            .with_status(status.clone())
             .run(
                 session.subscribe(),
                 shared.tasks.subscribe(),
@@ -162,6 +180,7 @@ impl Connected {
         let files = tokio::spawn(
             FilesController::new(&manifest.agent.namespace)
                 .with_agent(&manifest.agent.name)
+                .with_status(status.clone())
                 .run(
                     cache.clone(),
                     shared.files.subscribe(),
@@ -178,6 +197,7 @@ impl Connected {
             services,
             tasks,
             ids,
+            follower,
             stop,
         })
     }
@@ -191,7 +211,24 @@ impl Connected {
         let _ = self.services.await;
         let _ = self.tasks.await;
         let _ = self.ids.await;
+        let _ = self.follower.await;
         self.session.close().await;
+    }
+}
+
+/// Mirrors the session's state into the status (the session is replaced
+/// when `[agent]` or `[etcd]` change; the status stays).
+async fn follow_session(
+    mut session: watch::Receiver<SessionState>,
+    status: Status,
+    stop: CancellationToken,
+) {
+    loop {
+        status.set_session(*session.borrow_and_update());
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = session.changed() => if changed.is_err() { return },
+        }
     }
 }
 
@@ -216,12 +253,14 @@ async fn hook_runner(
     manifest: &Manifest,
     keys: &Arc<CacheKeys>,
     ambient: &AmbientEnv,
+    status: &Status,
 ) -> Result<Arc<HookRunner>, AgentError> {
     let m = manifest.clone();
     let keys: Arc<dyn KeyReader> = keys.clone();
     let ambient = ambient.clone();
+    let status = status.clone();
     let built = tokio::task::spawn_blocking(move || {
-        HookRunner::for_manifest(&m, keys).map(|r| r.with_ambient(ambient))
+        HookRunner::for_manifest(&m, keys).map(|r| r.with_ambient(ambient).with_status(status))
     })
     .await
     .unwrap_or_else(|e| {
@@ -299,12 +338,21 @@ pub async fn run(
         manifest = %path.display(),
         "Agent starting."
     );
+    let status = Status::new(&manifest.agent.name);
+    status.declare(&manifest);
+    // Bound before connecting, so /health answers (503) while etcd does not.
+    let mut server = match &manifest.status {
+        Some(s) => Some(StatusServer::start(s.listen, status.clone()).await?),
+        None => None,
+    };
+    let notifier = Notifier::start(status.clone());
     let keys = Arc::new(CacheKeys::new());
     let ambient = AmbientEnv::default();
     let shared = Shared {
-        hooks: watch::Sender::new(hook_runner(&manifest, &keys, &ambient).await?),
+        hooks: watch::Sender::new(hook_runner(&manifest, &keys, &ambient, &status).await?),
         keys,
         ambient,
+        status,
         files: watch::Sender::new(manifest.files.clone()),
         services: watch::Sender::new(manifest.services.clone()),
         tasks: watch::Sender::new(manifest.tasks.clone()),
@@ -341,7 +389,7 @@ pub async fn run(
         let next_hooks = if next.hooks == manifest.hooks {
             None
         } else {
-            match hook_runner(&next, &shared.keys, &shared.ambient).await {
+            match hook_runner(&next, &shared.keys, &shared.ambient, &shared.status).await {
                 Ok(h) => Some(h),
                 Err(e) => {
                     error!(manifest = %path.display(), reason = ?request, "Manifest reload rejected; keeping the last good one.\n{e}");
@@ -355,6 +403,8 @@ pub async fn run(
                 Ok(fresh) => {
                     let old = std::mem::replace(&mut connected, fresh);
                     old.stop().await;
+                    // The old session's follower may have written last.
+                    shared.status.set_session(connected.session.state());
                 }
                 Err(e) => {
                     warn!(manifest = %path.display(), error = %e, "Manifest reload rejected; keeping the last good one.");
@@ -384,12 +434,27 @@ pub async fn run(
         if next.instance_ids != manifest.instance_ids {
             shared.instance_ids.send_replace(next.instance_ids.clone());
         }
+        if next.status != manifest.status {
+            // The old port is freed first: the new one may be the same.
+            server = None;
+            if let Some(s) = &next.status {
+                match StatusServer::start(s.listen, shared.status.clone()).await {
+                    Ok(started) => server = Some(started),
+                    Err(e) => {
+                        warn!(error = %e, "Status endpoint not restarted; it stays off until the next reload or start.")
+                    }
+                }
+            }
+        }
+        shared.status.declare(&next);
         info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
         manifest = next;
     }
+    notifier.stopping();
     shared.hooks.borrow().shutdown();
     info!("Shutting down: revoking the session lease.");
     connected.stop().await;
+    drop(server);
     info!("Agent stopped.");
     Ok(())
 }

@@ -78,6 +78,7 @@ impl Supervised {
             .arg(humantime::format_duration(grace).to_string())
             .arg("--")
             .args(argv)
+            .env_remove(crate::agent::status::NOTIFY_SOCKET)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             // Its own process group: a Ctrl-C or a stop meant for the agent
             // must not reach the supervisor.

@@ -19,6 +19,8 @@ use tracing::{info, warn};
 use super::hooks::{Event, HookRunner};
 use super::manifest::{Schedule, TaskSpec};
 use super::sleep_or_stop;
+use super::status::report::ResourceKind;
+use super::status::{Status, TaskExit};
 use super::supervise::{Ended, Supervised, max_grace, run_guarded};
 use crate::etcd::{Backoff, Client, LeaseId, SessionState, alive_lease};
 use crate::lock::{self, Holder};
@@ -55,6 +57,7 @@ pub struct TasksController {
     agent: String,
     coord: PathBuf,
     ids: Option<super::instance_ids::HeldIds>,
+    status: Status,
 }
 
 impl TasksController {
@@ -66,7 +69,14 @@ impl TasksController {
             agent: agent.to_owned(),
             coord,
             ids: None,
+            status: Status::default(),
         }
+    }
+
+    /// Reports task runs and locks to `status`.
+    pub fn with_status(mut self, status: Status) -> Self {
+        self.status = status;
+        self
     }
 
     /// Gives commands the agent's instance ids as
@@ -149,6 +159,8 @@ impl TasksController {
                 }
             };
             // Take the lock on the current lease.
+            self.status
+                .set(ResourceKind::Task, &spec.name, "waiting for the lock", None);
             let lease = tokio::select! {
                 _ = stop.cancelled() => return,
                 l = alive_lease(&mut session) => l,
@@ -187,6 +199,7 @@ impl TasksController {
                     Ok(g) => g,
                     Err(e) => {
                         warn!(task = %spec.name, error = %e, "Could not take the task's lock.");
+                        self.status.set(ResourceKind::Lock, &spec.lock, "free", Some(e.to_string()));
                         if sleep_or_stop(backoff.next_delay(), &stop).await {
                             return;
                         }
@@ -195,6 +208,12 @@ impl TasksController {
                 },
             };
             info!(task = %spec.name, lock = %spec.lock, token = guard.token, "Task lock acquired.");
+            self.status.set(
+                ResourceKind::Lock,
+                &spec.lock,
+                &format!("held (token {})", guard.token),
+                None,
+            );
             self.fire(
                 &hooks,
                 &spec,
@@ -211,6 +230,8 @@ impl TasksController {
             };
             if skip {
                 let _ = guard.release(&self.client).await;
+                self.status
+                    .set(ResourceKind::Lock, &spec.lock, "free", None);
                 continue;
             }
             if matches!(spec.schedule, Schedule::Every(_) | Schedule::Cron(_)) {
@@ -236,6 +257,8 @@ impl TasksController {
                     },
                 };
                 let started_at = now_rfc3339();
+                self.status
+                    .set(ResourceKind::Task, &spec.name, "running", None);
                 let env = self.env(&spec, &guard);
                 let timeout = spec.timeout;
                 let stopping = stop.clone();
@@ -258,6 +281,15 @@ impl TasksController {
                     Ended::Stopped => (None, false),
                 };
                 info!(task = %spec.name, token = guard.token, exit = ?exit, lock_lost, "Task run ended.");
+                self.status.task_ended(
+                    &spec.name,
+                    match (exit, lock_lost) {
+                        (_, true) => TaskExit::LockLost,
+                        (Some(c), _) if c > 128 => TaskExit::Signal(c - 128),
+                        (Some(c), _) => TaskExit::Code(c),
+                        (None, false) => TaskExit::Stopped,
+                    },
+                );
                 self.record(
                     &spec,
                     RunRecord {
@@ -307,6 +339,12 @@ impl TasksController {
             };
             if lost {
                 warn!(task = %spec.name, lock = %spec.lock, "Task lock lost; its command was stopped.");
+                self.status.set(
+                    ResourceKind::Lock,
+                    &spec.lock,
+                    "lost",
+                    Some("lost with the session lease; the command was stopped".to_owned()),
+                );
                 self.fire(
                     &hooks,
                     &spec,
@@ -317,6 +355,8 @@ impl TasksController {
                 );
             } else {
                 let _ = guard.release(&self.client).await;
+                self.status
+                    .set(ResourceKind::Lock, &spec.lock, "free", None);
             }
             if stop.is_cancelled() {
                 return;

@@ -13,6 +13,7 @@ mod maint;
 mod render;
 mod run;
 mod services;
+mod status;
 
 use std::process::ExitCode;
 
@@ -27,8 +28,19 @@ pub const EXIT_USAGE: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "coord", version, about, long_about = None)]
 pub struct Cli {
+    /// How logs are written to stderr: `text` for people, `json` (one
+    /// object per line) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The log formats: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,6 +70,8 @@ enum Command {
     Supervise(lock::SuperviseArgs),
     /// The config center: get, set (compare-and-set by version), delete, list, watch, history, rollback.
     Kv(kv::KvArgs),
+    /// Show what a running agent says about itself (from its [status] endpoint).
+    Status(status::StatusArgs),
 }
 
 impl Cli {
@@ -76,6 +90,7 @@ impl Cli {
             Command::Lock(args) => lock::lock(*args).await,
             Command::Supervise(args) => lock::supervise_command(args).await,
             Command::Kv(args) => kv::kv(args).await,
+            Command::Status(args) => status::status(args).await,
         };
         match result {
             Ok(code) => code,

@@ -46,6 +46,8 @@ pub struct Cache {
 struct Inner {
     client: Client,
     prefixes: Mutex<HashMap<String, Weak<Entry>>>,
+    /// Reconnects and re-lists of every watcher this cache ever ran.
+    totals: Arc<WatchStats>,
 }
 
 /// The state of one watched prefix.
@@ -113,12 +115,24 @@ impl Drop for Entry {
 
 impl Cache {
     pub fn new(client: Client) -> Self {
+        Self::counted(client, Arc::default())
+    }
+
+    /// A cache whose watchers all count into `totals` (which may outlive
+    /// it and be handed to the next one).
+    pub fn counted(client: Client, totals: Arc<WatchStats>) -> Self {
         Cache {
             inner: Arc::new(Inner {
                 client,
                 prefixes: Mutex::default(),
+                totals,
             }),
         }
+    }
+
+    /// Watch reconnects and re-lists over every prefix, past and present.
+    pub fn stats(&self) -> Arc<WatchStats> {
+        self.inner.totals.clone()
     }
 
     /// Subscribes to every key under `prefix`. The first subscriber starts
@@ -134,7 +148,8 @@ impl Cache {
             let events = entry.shared.events.subscribe();
             return Subscription { entry, events };
         }
-        let watcher = PrefixWatcher::new(self.inner.client.clone(), prefix);
+        let watcher = PrefixWatcher::new(self.inner.client.clone(), prefix)
+            .with_totals(self.inner.totals.clone());
         let (events, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
             prefix: prefix.to_owned(),

@@ -24,5 +24,5 @@ pub use connection::{
 };
 pub use error::Error;
 pub use mvcc::Guarded;
-pub use session::{Session, SessionState, alive_lease};
+pub use session::{Session, SessionState, SessionStats, alive_lease};
 pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};

@@ -8,6 +8,8 @@
 //! lock.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -41,6 +43,33 @@ impl SessionState {
     }
 }
 
+/// Counters a session keeps about its lease, for whoever monitors it (the
+/// library exports no metrics itself). One set may be shared by the
+/// sessions that replace each other, so the counts only grow.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    granted: AtomicU64,
+    renewals: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl SessionStats {
+    /// Leases granted (the first one and each after a loss).
+    pub fn granted(&self) -> u64 {
+        self.granted.load(Ordering::Relaxed)
+    }
+
+    /// Keepalives etcd answered, each moving the local deadline.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
+    }
+
+    /// Leases given up as lost (local deadline passed, or etcd said expired).
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
 /// The agent's lease, kept alive in the background.
 ///
 /// ```no_run
@@ -57,12 +86,19 @@ pub struct Session {
     state: watch::Receiver<SessionState>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+    stats: Arc<SessionStats>,
 }
 
 impl Session {
     /// Starts granting and renewing a lease of `ttl` (whole seconds, at
     /// least 2: etcd's minimum).
     pub fn start(client: Client, ttl: Duration) -> Session {
+        Self::start_counted(client, ttl, Arc::default())
+    }
+
+    /// Like [`Session::start`], counting into `stats` (which may outlive
+    /// this session and be handed to the next one).
+    pub fn start_counted(client: Client, ttl: Duration, stats: Arc<SessionStats>) -> Session {
         let (tx, rx) = watch::channel(SessionState::Pending);
         let cancel = CancellationToken::new();
         let keeper = Keeper {
@@ -70,13 +106,20 @@ impl Session {
             ttl_secs: ttl.as_secs().max(2) as i64,
             state: tx,
             cancel: cancel.clone(),
+            stats: stats.clone(),
         };
         let task = tokio::spawn(keeper.run());
         Session {
             state: rx,
             cancel,
             task,
+            stats,
         }
+    }
+
+    /// Grants, renewals and losses so far.
+    pub fn stats(&self) -> Arc<SessionStats> {
+        self.stats.clone()
     }
 
     /// The current state.
@@ -120,6 +163,7 @@ struct Keeper {
     ttl_secs: i64,
     state: watch::Sender<SessionState>,
     cancel: CancellationToken,
+    stats: Arc<SessionStats>,
 }
 
 enum Ended {
@@ -136,6 +180,7 @@ impl Keeper {
                 return;
             };
             info!(lease = %lease, ttl_s = self.ttl_secs, "Session lease granted.");
+            self.stats.granted.fetch_add(1, Ordering::Relaxed);
             if let Some(old) = previous.take() {
                 // The old lease may still live on the server (we lost touch,
                 // not etcd — e.g. etcd restarted with its data). Revoke it
@@ -161,6 +206,7 @@ impl Keeper {
                 }
                 Ended::Lost(why) => {
                     warn!(lease = %lease, reason = why, "Session lease lost.");
+                    self.stats.lost.fetch_add(1, Ordering::Relaxed);
                     self.state.send_replace(SessionState::Lost { lease });
                     previous = Some(lease);
                 }
@@ -231,6 +277,7 @@ impl Keeper {
                                 stream = Some(s);
                                 in_flight.clear();
                                 deadline = deadline.max(opened_at + ttl);
+                                self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                                 self.state.send_replace(SessionState::Alive { lease, deadline });
                                 next_ping = opened_at + interval;
                             }
@@ -263,6 +310,7 @@ impl Keeper {
                             return Ended::Lost("etcd says the lease has expired");
                         }
                         deadline = deadline.max(sent + Duration::from_secs(resp.ttl() as u64));
+                        self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                         self.state.send_replace(SessionState::Alive { lease, deadline });
                         if in_flight.is_empty() {
                             next_ping = sent + interval;

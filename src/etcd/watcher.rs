@@ -36,7 +36,8 @@ pub enum WatchEvent {
     Changes { revision: i64, changes: Vec<Change> },
 }
 
-/// Counters a watcher keeps about its own health.
+/// Counters a watcher keeps about its own health (the library exports no
+/// metrics itself: whoever monitors reads these).
 #[derive(Debug, Default)]
 pub struct WatchStats {
     reconnects: AtomicU64,
@@ -50,7 +51,8 @@ impl WatchStats {
         self.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Full re-lists after the watch fell behind a compaction.
+    /// Full re-lists after the watch fell behind a compaction (or saw
+    /// etcd's revision go backwards).
     pub fn relists(&self) -> u64 {
         self.relists.load(Ordering::Relaxed)
     }
@@ -73,6 +75,8 @@ pub struct PrefixWatcher {
     opened: bool,
     backoff: Backoff,
     stats: Arc<WatchStats>,
+    /// Counted as well as `stats`: totals over many watchers (a cache's).
+    totals: Option<Arc<WatchStats>>,
 }
 
 impl PrefixWatcher {
@@ -85,6 +89,20 @@ impl PrefixWatcher {
             opened: false,
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(3)),
             stats: Arc::default(),
+            totals: None,
+        }
+    }
+
+    /// Also counts into `totals`, shared with other watchers.
+    pub fn with_totals(mut self, totals: Arc<WatchStats>) -> Self {
+        self.totals = Some(totals);
+        self
+    }
+
+    fn count(&self, counter: fn(&WatchStats) -> &AtomicU64) {
+        counter(&self.stats).fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = &self.totals {
+            counter(t).fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -122,7 +140,7 @@ impl PrefixWatcher {
                 None => match self.open(revision + 1).await {
                     Ok(s) => {
                         if self.opened {
-                            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                            self.count(|s| &s.reconnects);
                         }
                         self.opened = true;
                         self.stream.insert(s)
@@ -139,7 +157,7 @@ impl PrefixWatcher {
                 Ok(Some(resp)) => {
                     if resp.compact_revision() > 0 {
                         info!(prefix = %self.prefix, from = revision + 1, compacted = resp.compact_revision(), "Watch fell behind a compaction; listing again.");
-                        self.stats.relists.fetch_add(1, Ordering::Relaxed);
+                        self.count(|s| &s.relists);
                         self.revision = None;
                         self.stream = None;
                         continue;
@@ -151,7 +169,7 @@ impl PrefixWatcher {
                         // would wait for a future that never comes while the
                         // cache shows keys that are gone, so list again.
                         warn!(prefix = %self.prefix, seen = revision, now = current, "etcd's revision went backwards (cluster restored or replaced); listing again.");
-                        self.stats.relists.fetch_add(1, Ordering::Relaxed);
+                        self.count(|s| &s.relists);
                         self.revision = None;
                         self.stream = None;
                         continue;

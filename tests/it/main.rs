@@ -20,6 +20,7 @@ mod reconcile;
 mod registry;
 mod services;
 mod session;
+mod status;
 mod tasks;
 mod tls;
 mod wasm;

@@ -16,6 +16,8 @@ use super::write::{WriteError, WriteOutcome, write};
 use crate::agent::hooks::{Event, HookRunner};
 use crate::agent::manifest::{FileSource, FileSpec};
 use crate::agent::reload::PathWatcher;
+use crate::agent::status::report::QueueName;
+use crate::agent::status::{RenderOutcome, Status};
 use crate::etcd::{Cache, CacheEvent, CacheSnapshot};
 
 /// The whole keyspace: templates may read any key, and which keys they
@@ -65,6 +67,7 @@ pub struct FilesController {
     states: BTreeMap<PathBuf, FileState>,
     renderer: Renderer,
     stats: watch::Sender<FileStats>,
+    status: Status,
 }
 
 impl std::fmt::Debug for FilesController {
@@ -85,7 +88,14 @@ impl FilesController {
             states: BTreeMap::new(),
             renderer: Renderer::new(namespace),
             stats: watch::Sender::new(FileStats::default()),
+            status: Status::default(),
         }
+    }
+
+    /// Reports renders and the dirty files to `status`.
+    pub fn with_status(mut self, status: Status) -> Self {
+        self.status = status;
+        self
     }
 
     /// Names the agent whose instance ids templates see.
@@ -128,6 +138,12 @@ impl FilesController {
                 self.render_due(&s.snapshot(), &runner).await;
             }
             let next = if ready { self.next_due() } else { None };
+            let waiting = self
+                .states
+                .values()
+                .filter(|s| s.dirty.is_some() || s.retry_at.is_some())
+                .count();
+            self.status.set_queue(QueueName::Files, waiting);
             let became_ready = sub.as_ref().map(|s| s.ready());
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -270,13 +286,14 @@ impl FilesController {
         state.retry_at = None;
         state.revision = snapshot.revision();
         let previous = state.deps.clone();
+        let started = std::time::Instant::now();
         self.stats
             .send_modify(|s| *s.renders.entry(spec.path.clone()).or_default() += 1);
         let rendered = match self.renderer.render(spec, snapshot, previous.as_ref()) {
             Ok(r) => r,
             Err(e) => {
                 warn!(path = %spec.path.display(), error = %e, "Render failed; the file keeps its old content.");
-                self.failed(spec, e.to_string());
+                self.failed(spec, e.to_string(), started);
                 return;
             }
         };
@@ -289,6 +306,12 @@ impl FilesController {
                 self.stats.send_modify(|s| {
                     s.errors.remove(&spec.path);
                 });
+                self.status.file_rendered(
+                    &spec.path,
+                    started.elapsed(),
+                    RenderOutcome::Unchanged,
+                    None,
+                );
             }
             Ok(WriteOutcome::Replaced {
                 old_hash,
@@ -300,6 +323,12 @@ impl FilesController {
                     s.replaced += 1;
                     s.errors.remove(&spec.path);
                 });
+                self.status.file_rendered(
+                    &spec.path,
+                    started.elapsed(),
+                    RenderOutcome::Replaced,
+                    None,
+                );
                 if !spec.on_change.is_empty() {
                     hooks.fire(
                         &spec.on_change,
@@ -318,12 +347,18 @@ impl FilesController {
                 {
                     state.retry_at = Some(Instant::now() + IO_RETRY);
                 }
-                self.failed(spec, e.to_string());
+                self.failed(spec, e.to_string(), started);
             }
         }
     }
 
-    fn failed(&mut self, spec: &FileSpec, error: String) {
+    fn failed(&mut self, spec: &FileSpec, error: String, started: std::time::Instant) {
+        self.status.file_rendered(
+            &spec.path,
+            started.elapsed(),
+            RenderOutcome::Failed,
+            Some(error.clone()),
+        );
         self.stats.send_modify(|s| {
             s.failures += 1;
             s.errors.insert(spec.path.clone(), error);

@@ -236,6 +236,7 @@ async fn check(spec: &FileSpec, argv: &[String], staged: &Path) -> Result<(), Wr
     };
     let child = tokio::process::Command::new(program)
         .args(args)
+        .env_remove(crate::agent::status::NOTIFY_SOCKET)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

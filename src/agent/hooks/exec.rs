@@ -52,6 +52,7 @@ impl ExecHook {
             .unwrap_or_default();
         let mut child = Command::new(program)
             .args(args)
+            .env_remove(crate::agent::status::NOTIFY_SOCKET)
             .envs(ambient)
             .envs(envelope.env())
             .envs(&self.env)

@@ -13,6 +13,8 @@ use tracing::{error, info, warn};
 use super::exec::ExecHook;
 use super::{Envelope, Event, HookError, KeyReader, Outcome, WasmHost, WasmPlugin};
 use crate::agent::manifest::{HookAction, HookSpec, Manifest};
+use crate::agent::status::Status;
+use crate::agent::status::report::HookResult;
 use crate::etcd::Backoff;
 
 /// A hook ready to run.
@@ -105,6 +107,7 @@ pub struct HookRunner {
     stop: CancellationToken,
     /// First retry delay after a failed run (doubles each time).
     retry_base: Duration,
+    status: Status,
 }
 
 impl std::fmt::Debug for HookRunner {
@@ -168,6 +171,7 @@ impl HookRunner {
             stats: watch::Sender::new(HashMap::new()),
             stop: CancellationToken::new(),
             retry_base: Duration::from_millis(500),
+            status: Status::default(),
         })
     }
 
@@ -213,6 +217,12 @@ impl HookRunner {
         self
     }
 
+    /// Reports every run (result, duration) to `status`.
+    pub fn with_status(mut self, status: Status) -> Self {
+        self.status = status;
+        self
+    }
+
     /// Makes retries come sooner or later than the default 500 ms first
     /// delay (tests use a short one).
     pub fn with_retry_base(mut self, base: Duration) -> Self {
@@ -241,8 +251,9 @@ impl HookRunner {
         let (slot, _) = self.slot(name, &event.resource());
         let envelope = Envelope::new(self.agent.clone(), event);
         let _running = slot.gate.lock().await;
+        let started = std::time::Instant::now();
         let result = hook.runnable.run(&envelope).await;
-        self.record(name, &result);
+        self.record(name, &envelope, started, &result);
         result
     }
 
@@ -292,13 +303,32 @@ impl HookRunner {
         (slot, true)
     }
 
-    fn record(&self, name: &str, result: &Result<Outcome, HookError>) {
+    fn record(
+        &self,
+        name: &str,
+        envelope: &Envelope,
+        started: std::time::Instant,
+        result: &Result<Outcome, HookError>,
+    ) {
         self.count(name, |s| {
             s.runs += 1;
             if result.is_err() {
                 s.failures += 1;
             }
         });
+        let (outcome, error) = match result {
+            Ok(Outcome::Done) => (HookResult::Ok, None),
+            Ok(Outcome::Vetoed(reason)) => (HookResult::Vetoed, Some(reason.clone())),
+            Err(e) => (HookResult::Failed, Some(e.to_string())),
+        };
+        self.status.hook_ran(
+            name,
+            envelope.event.name(),
+            &envelope.event.resource(),
+            started.elapsed(),
+            outcome,
+            error,
+        );
     }
 
     fn count(&self, name: &str, f: impl FnOnce(&mut HookStats)) {
@@ -347,14 +377,15 @@ impl HookRunner {
             let Some(envelope) = current.take() else {
                 return;
             };
-            let result = {
+            let (started, result) = {
                 let _running = slot.gate.lock().await;
+                let started = std::time::Instant::now();
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = hook.runnable.run(&envelope) => r,
+                    r = hook.runnable.run(&envelope) => (started, r),
                 }
             };
-            self.record(name, &result);
+            self.record(name, &envelope, started, &result);
             match result {
                 Ok(Outcome::Done) => {
                     info!(hook = %name, event = envelope.event.name(), resource = %envelope.event.resource(), "Hook ran.");

@@ -10,6 +10,7 @@ mod hook;
 mod instance_id;
 mod reader;
 mod service;
+mod status;
 mod task;
 
 use std::fmt;
@@ -26,6 +27,7 @@ pub use hook::{HookAction, HookSpec, WasmSpec};
 pub use instance_id::InstanceIdSpec;
 use reader::{TableReader, suggest};
 pub use service::{CheckKind, CheckSpec, ServiceSpec};
+pub use status::StatusSettings;
 pub use task::{Schedule, TaskSpec};
 
 use crate::etcd::{ConnectOptions, Password, TlsFiles};
@@ -39,6 +41,7 @@ const SECTIONS: &[&str] = &[
     "service",
     "task",
     "instance_id",
+    "status",
 ];
 
 /// A validated manifest.
@@ -61,6 +64,8 @@ pub struct Manifest {
     pub tasks: Vec<TaskSpec>,
     /// `[[instance_id]]`s, in file order, pools unique.
     pub instance_ids: Vec<InstanceIdSpec>,
+    /// `[status]`: the local status endpoint, off when absent.
+    pub status: Option<StatusSettings>,
 }
 
 /// A place in the manifest.
@@ -180,6 +185,7 @@ impl Manifest {
         let services = services(&mut d, root, &agent_name, &hooks);
         let tasks = tasks(&mut d, root, &hooks);
         let instance_ids = instance_ids(&mut d, root, base, &hooks);
+        let status = section(&mut d, root, "status").and_then(|t| status::status(&mut d, t));
         match (agent, etcd) {
             (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
                 path: path.to_owned(),
@@ -191,6 +197,7 @@ impl Manifest {
                 services,
                 tasks,
                 instance_ids,
+                status,
             }),
             _ => Err(d.into_error(path)),
         }
@@ -629,6 +636,13 @@ impl fmt::Display for Summary<'_> {
             if m.etcd.endpoints.len() == 1 { "" } else { "s" },
             m.etcd.endpoints.join(", ")
         )?;
+        if let Some(s) = &m.status {
+            write!(
+                f,
+                "\n  status http://{} (/health, /status, /metrics)",
+                s.listen
+            )?;
+        }
         for s in &m.services {
             let check = match s.check.as_ref().map(|c| &c.kind) {
                 None => "no check".to_owned(),

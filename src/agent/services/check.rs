@@ -84,6 +84,7 @@ async fn exec(argv: &[String]) -> CheckResult {
     };
     let out = tokio::process::Command::new(program)
         .args(args)
+        .env_remove(crate::agent::status::NOTIFY_SOCKET)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()

@@ -13,6 +13,8 @@ use tracing::{debug, info, warn};
 use super::check::{CheckResult, run as run_check};
 use crate::agent::hooks::{Event, HookRunner};
 use crate::agent::manifest::{CheckKind, ServiceSpec};
+use crate::agent::status::Status;
+use crate::agent::status::report::ResourceKind;
 use crate::etcd::{Backoff, Cache, Client, LeaseId, Op, SessionState, Subscription};
 use crate::registry::{self, Endpoint, Health, HealthRecord};
 
@@ -134,6 +136,7 @@ pub struct ServicesController {
     namespace: String,
     agent: String,
     stats: watch::Sender<ServiceStats>,
+    status: Status,
 }
 
 impl std::fmt::Debug for ServicesController {
@@ -169,7 +172,14 @@ impl ServicesController {
             namespace: namespace.to_owned(),
             agent: agent.to_owned(),
             stats: watch::Sender::new(ServiceStats::default()),
+            status: Status::default(),
         }
+    }
+
+    /// Reports each instance's health to `status`.
+    pub fn with_status(mut self, status: Status) -> Self {
+        self.status = status;
+        self
     }
 
     pub fn stats(&self) -> watch::Receiver<ServiceStats> {
@@ -250,6 +260,15 @@ impl ServicesController {
                     Err(e) => {
                         let wait = backoff.next_delay();
                         warn!(error = %e, retry_in = ?wait, "Could not register services.");
+                        for ((service, id), inst) in &instances {
+                            let state = inst.effective.map_or("pending", Health::name);
+                            self.status.set(
+                                ResourceKind::Service,
+                                &format!("{service}/{id}"),
+                                state,
+                                Some(format!("could not register: {e}")),
+                            );
+                        }
                         retry_at = Some(Instant::now() + wait);
                     }
                 }
@@ -369,6 +388,12 @@ impl ServicesController {
                 self.stats.send_modify(|s| {
                     s.health.insert(format!("{service}/{id}"), effective);
                 });
+                self.status.set(
+                    ResourceKind::Service,
+                    &format!("{service}/{id}"),
+                    effective.name(),
+                    None,
+                );
             }
             let record = HealthRecord {
                 status: effective,
