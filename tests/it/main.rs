@@ -10,6 +10,7 @@ mod architecture;
 mod cache;
 mod cli;
 mod config;
+mod deploy;
 mod files;
 mod hooks;
 mod ids;

@@ -181,7 +181,20 @@ impl Manifest {
         };
         let hooks = hooks(&mut d, root, base);
         let files = files(&mut d, root, base, &hooks);
-        let agent_name = agent.as_ref().map_or_else(host_name, |a| a.name.clone());
+        if let Some(a) = &agent
+            && !valid_agent_name(&a.name)
+        {
+            // Only a name from the environment gets here: one written in
+            // [agent] was refused above, and host names have no `/` or spaces.
+            d.error(
+                0..0,
+                format!(
+                    "invalid agent name `{}` from ${AGENT_NAME_ENV}: it must be non-empty, without `/` or spaces",
+                    a.name
+                ),
+            );
+        }
+        let agent_name = agent.as_ref().map_or_else(default_name, |a| a.name.clone());
         let services = services(&mut d, root, &agent_name, &hooks);
         let tasks = tasks(&mut d, root, &hooks);
         let instance_ids = instance_ids(&mut d, root, base, &hooks);
@@ -222,7 +235,7 @@ impl Manifest {
 impl AgentSettings {
     fn defaults() -> Self {
         AgentSettings {
-            name: host_name(),
+            name: default_name(),
             namespace: DEFAULT_NAMESPACE.to_owned(),
             ttl: DEFAULT_TTL,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
@@ -264,6 +277,24 @@ impl PasswordSource {
 }
 
 /// The host name (the default agent name), or `coord` when it cannot be had.
+/// The variable that names the agent when `[agent]` does not.
+pub const AGENT_NAME_ENV: &str = "COORD_AGENT_NAME";
+
+/// The agent's name when `[agent]` gives none: `$COORD_AGENT_NAME`, else
+/// the host name. The variable exists for Kubernetes, where one manifest
+/// serves a whole DaemonSet and the host name is the pod's: the downward
+/// API passes the node's name instead.
+pub fn default_name() -> String {
+    std::env::var(AGENT_NAME_ENV)
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(host_name)
+}
+
+fn valid_agent_name(name: &str) -> bool {
+    !(name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace))
+}
+
 pub fn host_name() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -465,7 +496,7 @@ fn agent_settings(
     let before = d.len();
     let name = t.optional::<String>(d, "name");
     if let Some(name) = &name
-        && (name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace))
+        && !valid_agent_name(name)
     {
         d.error(
             t.span_of("name"),
@@ -493,7 +524,7 @@ fn agent_settings(
     }
     t.finish(d);
     (d.len() == before).then(|| AgentSettings {
-        name: name.unwrap_or_else(host_name),
+        name: name.unwrap_or_else(default_name),
         namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
         ttl: ttl.unwrap_or(DEFAULT_TTL),
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| base.join(p)),
