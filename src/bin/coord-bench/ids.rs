@@ -63,7 +63,7 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
         }
         let n = (claimers * rounds) as f64;
         println!(
-            "  {claimers:>3} claimers on {POOL} ids: all done in {:.1} ms (median of {rounds}), \
+            "  {claimers:>3} claimer(s) on {POOL} ids: all done in {:.1} ms (median of {rounds}), \
              {:.2} round trips per claim, {}",
             Stat::of(&all_done).median,
             f64::from(trips) / n,

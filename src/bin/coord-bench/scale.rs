@@ -33,10 +33,10 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut puts = JoinSet::new();
     for i in 0..KEYS {
-        if puts.len() >= 64 {
-            if let Some(r) = puts.join_next().await {
-                r??;
-            }
+        if puts.len() >= 64
+            && let Some(r) = puts.join_next().await
+        {
+            r??;
         }
         let client = client.clone();
         puts.spawn(async move {

@@ -180,6 +180,8 @@ pub fn etcdctl(endpoint: &str) -> Command {
 #[derive(Debug)]
 pub struct Proc {
     pub child: Child,
+    /// Stopped and its group killed already: nothing left for drop.
+    done: bool,
 }
 
 impl Proc {
@@ -188,7 +190,7 @@ impl Proc {
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
-        Ok(Proc { child })
+        Ok(Proc { child, done: false })
     }
 
     pub fn pid(&self) -> u32 {
@@ -215,11 +217,15 @@ impl Proc {
         }
         let _ = killpg(pid, Signal::SIGKILL);
         let _ = self.child.wait();
+        self.done = true;
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
         let _ = self.child.wait();
     }
