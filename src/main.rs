@@ -8,8 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let filter = EnvFilter::try_from_env("COORD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -21,5 +20,5 @@ async fn main() -> ExitCode {
         // log shippers expect.
         cli::LogFormat::Json => logs.json().flatten_event(true).init(),
     }
-    cli.run().await
+    cli.execute()
 }

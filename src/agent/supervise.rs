@@ -16,8 +16,6 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -153,28 +151,40 @@ fn exit_code(status: std::io::Result<ExitStatus>) -> i32 {
     })
 }
 
+/// What the supervisor's threads tell its main loop.
+enum Heard {
+    Exited(std::io::Result<ExitStatus>),
+    Deadline(i64),
+    Stop,
+}
+
 /// The supervisor's end: waits for `go <deadline> <env JSON>` on stdin (and
 /// exits 0 without running anything on `stop` or EOF), runs `argv`, keeps
 /// the deadline from later `deadline` lines, reports `exit <code>` on stdin
-/// (a socket) when the command ends, and exits with the command's status
+/// (a socket) when the command ends, and returns the command's status
 /// (128 + signal if it was killed).
-pub async fn supervise(argv: &[OsString], grace: Duration) -> i32 {
+///
+/// Plain threads and blocking calls, no async runtime: each wake-up (the
+/// `go`, the command's exit) then costs one futex or one syscall return,
+/// which is what a lock handover waits on.
+pub fn supervise(argv: &[OsString], grace: Duration) -> i32 {
+    use std::io::{BufRead, Write};
     let Some((program, args)) = argv.split_first() else {
         eprintln!("coord supervise: no command given");
         return 64;
     };
-    let (from, mut to) = match agent_channel() {
+    let (mut lines, mut to) = match agent_channel() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("coord supervise: stdin is not the agent's socket: {e}");
             return 64;
         }
     };
-    let mut lines = BufReader::new(from).lines();
     let (first_deadline, env) = loop {
-        match lines.next_line().await {
-            Ok(Some(line)) => {
-                let mut parts = line.splitn(3, ' ');
+        let mut line = String::new();
+        match lines.read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                let mut parts = line.trim_end().splitn(3, ' ');
                 match (parts.next(), parts.next(), parts.next()) {
                     (Some("go"), Some(ns), rest) => {
                         let env: std::collections::BTreeMap<String, String> = rest
@@ -195,89 +205,96 @@ pub async fn supervise(argv: &[OsString], grace: Duration) -> i32 {
         .stdin(Stdio::null())
         .process_group(0)
         .spawn();
-    let child = match spawned {
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
                 "coord supervise: cannot start `{}`: {e}",
                 program.to_string_lossy()
             );
-            let _ = to.write_all(b"exit 127\n").await;
+            let _ = to.write_all(b"exit 127\n");
             return 127;
         }
     };
-    let group = Some(Pid::from_raw(child.id() as i32));
-    // A thread blocked in wait() learns of the exit at once, with nothing
-    // between the kernel and us.
-    let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let mut child = child;
-        let _ = exited_tx.send(child.wait());
-    });
-    let deadline = Arc::new(AtomicI64::new(first_deadline));
-    let stop_now = Arc::new(tokio::sync::Notify::new());
+    let group = Pid::from_raw(child.id() as i32);
+    let (tell, heard) = std::sync::mpsc::channel();
     {
-        let deadline = deadline.clone();
-        let stop_now = stop_now.clone();
-        tokio::spawn(async move {
-            // EOF (the agent is gone) leaves the last deadline in force.
-            while let Ok(Some(line)) = lines.next_line().await {
-                match line.split_once(' ') {
-                    Some(("deadline", ns)) => {
-                        if let Ok(ns) = ns.trim().parse::<i64>() {
-                            deadline.store(ns, Ordering::Relaxed);
-                        }
-                    }
-                    _ if line.trim() == "stop" => stop_now.notify_one(),
-                    _ => {}
-                }
-            }
+        let tell = tell.clone();
+        std::thread::spawn(move || {
+            let _ = tell.send(Heard::Exited(child.wait()));
         });
     }
-    let signal = |s: Signal| {
-        if let Some(g) = group {
-            let _ = killpg(g, s);
+    std::thread::spawn(move || {
+        // EOF (the agent is gone) leaves the last deadline in force.
+        for line in lines.lines() {
+            let Ok(line) = line else { break };
+            let heard = match line.split_once(' ') {
+                Some(("deadline", ns)) => match ns.trim().parse() {
+                    Ok(ns) => Heard::Deadline(ns),
+                    Err(_) => continue,
+                },
+                _ if line.trim() == "stop" => Heard::Stop,
+                _ => continue,
+            };
+            if tell.send(heard).is_err() {
+                break;
+            }
         }
+    });
+    let signal = |s: Signal| {
+        let _ = killpg(group, s);
     };
-    let mut termed_at: Option<Instant> = None;
+    let mut deadline = first_deadline;
+    let mut termed_at: Option<std::time::Instant> = None;
     let status = loop {
-        let remaining_ns = deadline.load(Ordering::Relaxed) - monotonic_ns();
+        let remaining_ns = deadline - monotonic_ns();
         let remaining = Duration::from_nanos(remaining_ns.max(0) as u64);
         if termed_at.is_none() && remaining <= grace + KILL_MARGIN {
             eprintln!(
                 "coord supervise: the lock's lease runs out in {remaining:?}; stopping the command"
             );
             signal(Signal::SIGTERM);
-            termed_at = Some(Instant::now());
+            termed_at = Some(std::time::Instant::now());
         }
         let kill_due = termed_at.is_some_and(|t| t.elapsed() >= grace) || remaining <= KILL_MARGIN;
         if kill_due {
             signal(Signal::SIGKILL);
         }
-        tokio::select! {
-            s = &mut exited => break s.unwrap_or_else(|_| Err(std::io::Error::other("the waiting thread is gone"))),
-            _ = stop_now.notified(), if termed_at.is_none() => {
-                signal(Signal::SIGTERM);
-                termed_at = Some(Instant::now());
+        match heard.recv_timeout(Duration::from_millis(20)) {
+            Ok(Heard::Exited(status)) => break status,
+            Ok(Heard::Deadline(ns)) => deadline = ns,
+            Ok(Heard::Stop) => {
+                if termed_at.is_none() {
+                    signal(Signal::SIGTERM);
+                    termed_at = Some(std::time::Instant::now());
+                }
             }
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(std::io::Error::other(
+                    "lost the thread waiting for the command",
+                ));
+            }
         }
     };
     // Whatever the command left in its group goes with it, before the
     // agent hears that the command is gone (and may release the lock).
     signal(Signal::SIGKILL);
     let code = exit_code(status);
-    let _ = to.write_all(format!("exit {code}\n").as_bytes()).await;
+    let _ = to.write_all(format!("exit {code}\n").as_bytes());
     code
 }
 
-/// Our stdin, the socket the agent talks to us on, as async halves.
-fn agent_channel() -> std::io::Result<(OwnedReadHalf, OwnedWriteHalf)> {
+/// Our stdin, the socket the agent talks to us on: a line reader and a
+/// writer.
+fn agent_channel() -> std::io::Result<(
+    std::io::BufReader<std::os::unix::net::UnixStream>,
+    std::os::unix::net::UnixStream,
+)> {
     use std::os::fd::AsFd;
     let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
     let socket = std::os::unix::net::UnixStream::from(fd);
-    socket.set_nonblocking(true)?;
-    Ok(tokio::net::UnixStream::from_std(socket)?.into_split())
+    Ok((std::io::BufReader::new(socket.try_clone()?), socket))
 }
 
 /// How a guarded run ended.

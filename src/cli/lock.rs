@@ -163,9 +163,8 @@ pub struct SuperviseArgs {
     command: Vec<OsString>,
 }
 
-pub async fn supervise_command(args: SuperviseArgs) -> anyhow::Result<ExitCode> {
-    let code = supervise(&args.command, args.grace).await;
-    // Exit now, without waiting for the runtime to wind down the task that
-    // reads the agent's socket.
-    std::process::exit(code)
+/// Runs without an async runtime (see [`supervise`]); exits at once,
+/// without waiting for the thread that reads the agent's socket.
+pub fn supervise_command(args: &SuperviseArgs) -> ! {
+    std::process::exit(supervise(&args.command, args.grace))
 }

@@ -75,8 +75,31 @@ enum Command {
 }
 
 impl Cli {
+    /// Runs the command on the runtime it needs.
+    ///
+    /// The agent gets worker threads (renders, WASM calls and reconciles
+    /// run side by side); every other command is one request or one chain
+    /// of waits, where a single-threaded runtime wakes the waiting task on
+    /// the thread that saw the event, without a hand-over between threads —
+    /// the difference shows in a lock handover. The supervisor gets no
+    /// runtime at all.
+    pub fn execute(self) -> ExitCode {
+        let mut runtime = match &self.command {
+            Command::Supervise(args) => lock::supervise_command(args),
+            Command::Run(_) | Command::Dev(_) => tokio::runtime::Builder::new_multi_thread(),
+            _ => tokio::runtime::Builder::new_current_thread(),
+        };
+        match runtime.enable_all().build() {
+            Ok(rt) => rt.block_on(self.run()),
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
     /// Runs the command; errors are printed here, at the edge.
-    pub async fn run(self) -> ExitCode {
+    async fn run(self) -> ExitCode {
         let result = match self.command {
             Command::Run(args) => run::run(args).await,
             Command::Check(args) => check::check(args).await,
@@ -88,7 +111,7 @@ impl Cli {
             Command::Maint(args) => maint::maint(args).await,
             Command::Ids(args) => ids::ids(*args).await,
             Command::Lock(args) => lock::lock(*args).await,
-            Command::Supervise(args) => lock::supervise_command(args).await,
+            Command::Supervise(args) => lock::supervise_command(&args),
             Command::Kv(args) => kv::kv(args).await,
             Command::Status(args) => status::status(args).await,
         };
