@@ -449,3 +449,78 @@ async fn an_owner_re_enters_its_lock_and_releases_it_when_the_count_is_back_to_z
         "free once the count is back to zero"
     );
 }
+
+#[tokio::test]
+async fn a_waiter_whose_key_was_deleted_while_it_waited_does_not_take_the_lock() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let (_s1, l1) = session(&client).await;
+    let (_s2, l2) = session(&client).await;
+    let held = lock::acquire(&client, l1, "/coord", "gone", Mode::Mutex, &me())
+        .await
+        .expect("the free lock is taken");
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            lock::acquire(&client, l2, "/coord", "gone", Mode::Mutex, &me()).await
+        })
+    };
+    let waiter_key = lock::holder_key("/coord", "gone", Mode::Mutex, l2);
+    eventually("the waiter queues", || async {
+        client.get(&waiter_key).await.expect("get").map(|_| ())
+    })
+    .await;
+    // An operator removes the waiter's place (its lease lives on), then the
+    // holder lets go: the waiter must find its key gone, not hold.
+    client.delete(&waiter_key).await.expect("delete");
+    held.release(&client).await.expect("release");
+    let got = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("the waiter decides")
+        .expect("join");
+    assert!(
+        matches!(got, Err(lock::LockError::SessionExpired { .. })),
+        "{got:?}"
+    );
+    assert!(
+        lock::queue(&client, "/coord", "gone")
+            .await
+            .expect("queue")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_waiter_takes_the_lock_when_the_holder_goes_right_after_it_queued() {
+    // The waiter's watch starts from the revision it read the queue at, so a
+    // release just after it queued is seen like any other.
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let (_s1, l1) = session(&client).await;
+    let (_s2, l2) = session(&client).await;
+    for round in 0..20 {
+        let name = format!("quick-{round}");
+        let held = lock::acquire(&client, l1, "/coord", &name, Mode::Mutex, &me())
+            .await
+            .expect("the free lock is taken");
+        let waiter = {
+            let (client, name) = (client.clone(), name.clone());
+            tokio::spawn(async move {
+                lock::acquire(&client, l2, "/coord", &name, Mode::Mutex, &me()).await
+            })
+        };
+        let key = lock::holder_key("/coord", &name, Mode::Mutex, l2);
+        eventually("the waiter queues", || async {
+            client.get(&key).await.expect("get").map(|_| ())
+        })
+        .await;
+        held.release(&client).await.expect("release");
+        let next = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("the waiter takes the lock")
+            .expect("join")
+            .expect("acquire");
+        assert!(next.token > held.token, "fencing tokens only grow");
+        next.release(&client).await.expect("release");
+    }
+}
