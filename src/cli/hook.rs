@@ -147,3 +147,27 @@ fn parse_event(text: &str, agent: &str) -> anyhow::Result<Envelope> {
     }
     Ok(serde_json::from_value(value)?)
 }
+
+#[derive(Debug, Args)]
+pub struct CompileWasmArgs {
+    /// Where to write the compiled component.
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+/// Compiles the component on stdin into `--out` (see
+/// `coord::agent::hooks::compile_in_child_processes`); no runtime.
+pub fn compile_wasm(args: &CompileWasmArgs) -> ! {
+    let mut bytes = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut bytes) {
+        eprintln!("coord compile-wasm: cannot read the component: {e}");
+        std::process::exit(1);
+    }
+    match coord::agent::hooks::compile_to_file(&bytes, &args.out) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("coord compile-wasm: {e}");
+            std::process::exit(1)
+        }
+    }
+}

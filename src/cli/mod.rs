@@ -68,6 +68,9 @@ enum Command {
     /// (internal) Run a command that must die before its lock's deadline.
     #[command(hide = true)]
     Supervise(lock::SuperviseArgs),
+    /// (internal) Compile the WASM component on stdin into the agent's cache.
+    #[command(hide = true)]
+    CompileWasm(hook::CompileWasmArgs),
     /// The config center: get, set (compare-and-set by version), delete, list, watch, history, rollback.
     Kv(kv::KvArgs),
     /// Show what a running agent says about itself (from its [status] endpoint).
@@ -86,7 +89,13 @@ impl Cli {
     pub fn execute(self) -> ExitCode {
         let mut runtime = match &self.command {
             Command::Supervise(args) => lock::supervise_command(args),
-            Command::Run(_) | Command::Dev(_) => tokio::runtime::Builder::new_multi_thread(),
+            Command::CompileWasm(args) => hook::compile_wasm(args),
+            Command::Run(_) | Command::Dev(_) => {
+                if let Ok(exe) = std::env::current_exe() {
+                    coord::agent::hooks::compile_in_child_processes(exe);
+                }
+                tokio::runtime::Builder::new_multi_thread()
+            }
             _ => tokio::runtime::Builder::new_current_thread(),
         };
         match runtime.enable_all().build() {
@@ -112,6 +121,7 @@ impl Cli {
             Command::Ids(args) => ids::ids(*args).await,
             Command::Lock(args) => lock::lock(*args).await,
             Command::Supervise(args) => lock::supervise_command(&args),
+            Command::CompileWasm(args) => hook::compile_wasm(&args),
             Command::Kv(args) => kv::kv(args).await,
             Command::Status(args) => status::status(args).await,
         };

@@ -13,7 +13,7 @@ use coord::agent::hooks::{
 };
 use coord::agent::manifest::{HookSpec, Manifest};
 
-use super::support::{PATIENCE, plugins};
+use super::support::{CoordProcess, PATIENCE, etcd, eventually, manifest, plugins};
 
 /// The cache over which plugins read keys.
 struct Keys(HashMap<String, Vec<u8>>);
@@ -618,4 +618,48 @@ async fn the_compilation_cache_serves_the_second_load() {
             .expect("call"),
         Outcome::Done
     );
+}
+
+#[tokio::test]
+async fn the_agent_compiles_a_plugin_in_a_child_process_into_a_cache_any_host_loads() {
+    let etcd = etcd().await;
+    let state = tempfile::tempdir().expect("temp dir");
+    let out = state.path().join("out.txt");
+    let log_events = &plugins().log_events;
+    let body = manifest("wasm-child", &[etcd.endpoint()], 5).replace(
+        "ttl = \"5s\"\n",
+        &format!("ttl = \"5s\"\nstate_dir = '{}'\n", state.path().display()),
+    ) + &format!(
+        "\n[[file]]\npath = '{}'\nkey = \"/wasm-child/x\"\non_change = [\"audit\"]\n\n\
+         [[hook]]\nname = \"audit\"\nwasm = '{}'\n",
+        out.display(),
+        log_events.display()
+    );
+    let agent = CoordProcess::run(&body);
+    let loaded = eventually("the agent loads its plugin", || async {
+        agent
+            .log()
+            .lines()
+            .find(|l| l.contains("Plugin loaded."))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(loaded.contains("from_cache=false"), "{loaded}");
+    assert!(
+        agent.log().contains("Plugin compiled in a child process."),
+        "{}",
+        agent.log()
+    );
+    let cache = state.path().join("wasm-cache");
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .expect("the cache exists")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    // What the child compiled is what an agent's own engine loads.
+    let host = WasmHost::new(Some(&cache)).expect("host");
+    let plugin = host
+        .load(&wasm_hook("audit", log_events, ""), no_keys())
+        .expect("load");
+    assert!(plugin.from_cache(), "the child's compilation is usable");
 }

@@ -16,7 +16,10 @@ pub use event::{Envelope, Event, Health, SCHEMA_VERSION};
 pub use exec::ExecHook;
 pub use keys::CacheKeys;
 pub use runner::{HookRunner, HookStats, Plugins, Runnable};
-pub use wasm::{WIT_VERSION, WasmHost, WasmHostError, WasmPlugin, World};
+pub use wasm::{
+    WIT_VERSION, WasmHost, WasmHostError, WasmPlugin, World, compile_in_child_processes,
+    compile_to_file,
+};
 
 /// Environment every shell hook gets on top of its event (the agent's
 /// instance ids), kept current by the agent.

@@ -17,7 +17,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -99,6 +99,75 @@ pub enum WasmHostError {
     },
 }
 
+/// The engine every host uses, and `coord compile-wasm` too: code compiled
+/// by one loads in the other only if their settings are the same.
+fn engine() -> Result<Engine, WasmHostError> {
+    let mut config = Config::new();
+    // Epochs rather than fuel: an atomic load per loop back-edge instead
+    // of a counter update per basic block, and a deadline in time is
+    // what the manifest's `timeout` means.
+    config.epoch_interruption(true);
+    // The on-demand allocator is the default; the pooling one would
+    // reserve address space for every slot up front.
+    Engine::new(&config).map_err(|e| WasmHostError::Engine(format!("{e:#}")))
+}
+
+/// The binary that compiles plugins in a child process, if set.
+static CHILD_COMPILER: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes every host of this process compile plugins that are not in its
+/// cache in a child process, `<exe> compile-wasm --out <file>`, and load the
+/// result from the cache. For long-lived processes (the agent): what
+/// Cranelift leaves behind after compiling — some 8 MiB for a small plugin,
+/// most of it not given back to the system — goes with the child. Hosts
+/// without a cache, or a child that fails, compile in-process as before.
+pub fn compile_in_child_processes(exe: PathBuf) {
+    let _ = CHILD_COMPILER.set(exe);
+}
+
+/// `coord compile-wasm`: compiles the component `bytes` with the agent's
+/// engine settings and writes it, whole or not at all, to `out`.
+pub fn compile_to_file(bytes: &[u8], out: &Path) -> Result<(), String> {
+    let engine = engine().map_err(|e| e.to_string())?;
+    check_is_component(bytes)?;
+    let component =
+        Component::new(&engine, bytes).map_err(|e| format!("cannot compile it: {e:#}"))?;
+    let serialized = component
+        .serialize()
+        .map_err(|e| format!("cannot serialise it: {e:#}"))?;
+    write_atomically(out, &serialized).map_err(|e| format!("cannot write `{}`: {e}", out.display()))
+}
+
+/// Runs `exe compile-wasm --out out` on `bytes`.
+fn compile_in_child(exe: &Path, bytes: &[u8], out: &Path) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(exe)
+        .arg("compile-wasm")
+        .arg("--out")
+        .arg(out)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start `{}`: {e}", exe.display()))?;
+    // The child reads all of stdin before it writes anything, so writing
+    // first and reading its output after cannot deadlock.
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(bytes)
+            .map_err(|e| format!("cannot hand the plugin over: {e}"))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("lost the compiling process: {e}"))?;
+    if output.status.success() && out.is_file() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+    }
+}
+
 /// The agent's WebAssembly runtime: one engine, linker, epoch ticker and
 /// compilation cache, shared by every plugin. Cheap to clone.
 #[derive(Clone)]
@@ -125,14 +194,7 @@ impl WasmHost {
     /// Sets up the engine and, when `cache_dir` is given, a compilation
     /// cache there (created if missing).
     pub fn new(cache_dir: Option<&Path>) -> Result<WasmHost, WasmHostError> {
-        let mut config = Config::new();
-        // Epochs rather than fuel: an atomic load per loop back-edge instead
-        // of a counter update per basic block, and a deadline in time is
-        // what the manifest's `timeout` means.
-        config.epoch_interruption(true);
-        // The on-demand allocator is the default; the pooling one would
-        // reserve address space for every slot up front.
-        let engine = Engine::new(&config).map_err(|e| WasmHostError::Engine(format!("{e:#}")))?;
+        let engine = engine()?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| WasmHostError::Engine(format!("{e:#}")))?;
@@ -265,6 +327,21 @@ impl WasmHost {
                     error = %format!("{e:#}"),
                     "Cached compilation unusable; compiling again."
                 ),
+            }
+        }
+        if let Some(exe) = CHILD_COMPILER.get() {
+            let compiled = compile_in_child(exe, bytes, &cached)
+                .and_then(|()| load_cached(engine, &cached).map_err(|e| format!("{e:#}")));
+            match compiled {
+                Ok(component) => {
+                    debug!(hook, file = %cached.display(), "Plugin compiled in a child process.");
+                    return Ok((component, false));
+                }
+                // Compiling here tells what is wrong with the plugin, if
+                // anything, in the usual words.
+                Err(e) => {
+                    debug!(hook, error = %e, "Compiling in a child process failed; compiling here.")
+                }
             }
         }
         let component =
