@@ -2,7 +2,7 @@
 //! service with a TCP check, a rendered file with a WASM hook, a leader
 //! task, an instance id with a shell hook — idle for a while after it has
 //! settled, next to an idle `etcdctl watch --prefix /` started at the same
-//! time. VmRSS and VmHWM from /proc/<pid>/status.
+//! time. VmRSS, RssAnon and VmHWM from /proc/<pid>/status.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -40,6 +40,7 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let all = settle_and_idle(ctx, port, wasm.as_deref(), idle).await?;
     let (peer_rss, peer_hwm) = rss_mib(peer.pid());
     let peer_threads = proc_status_kib(peer.pid(), "Threads").unwrap_or(0);
+    let peer_anon = anon_mib(peer.pid());
     peer.stop(Duration::from_secs(1));
     // The same without the WASM hook: what the WASM engine costs.
     let shell_only = match wasm {
@@ -64,6 +65,15 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
             .target("≤ etcdctl watch's", all.rss <= peer_rss),
     );
     report.add(
+        Row::new(
+            "idle",
+            "of which private (RssAnon; the rest is mapped code)",
+            Unit::MiB,
+        )
+        .coord(Stat::one(all.anon))
+        .peer(Stat::one(peer_anon)),
+    );
+    report.add(
         Row::new("idle", "agent peak RSS (VmHWM)", Unit::MiB)
             .coord(Stat::one(all.hwm))
             .peer(Stat::one(peer_hwm)),
@@ -82,9 +92,16 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Anonymous (private) resident memory: heap and stacks, without the pages
+/// of the binary and libraries that VmRSS also counts.
+fn anon_mib(pid: u32) -> f64 {
+    proc_status_kib(pid, "RssAnon").map_or(f64::NAN, |k| k as f64 / 1024.0)
+}
+
 #[derive(Debug)]
 struct Idle {
     rss: f64,
+    anon: f64,
     hwm: f64,
     threads: u64,
     settled: Duration,
@@ -156,6 +173,7 @@ async fn settle_and_idle(
     tokio::time::sleep(idle).await;
     agent.check_running()?;
     let (rss, hwm) = rss_mib(agent.pid());
+    let anon = anon_mib(agent.pid());
     let threads = proc_status_kib(agent.pid(), "Threads").unwrap_or(0);
     let supervisors: Vec<String> = children(agent.pid())
         .into_iter()
@@ -168,6 +186,7 @@ async fn settle_and_idle(
     Ok(Idle {
         rss,
         hwm,
+        anon,
         threads,
         settled,
         supervisors: if supervisors.is_empty() {
