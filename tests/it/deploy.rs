@@ -299,7 +299,7 @@ fn the_dockerfile_builds_coord_locked_in_one_stage_and_runs_it_unprivileged_in_a
     assert_eq!(froms.len(), 2, "{froms:?}");
     assert!(froms[0].starts_with("FROM rust:") && froms[0].ends_with(" AS build"));
     assert!(dockerfile.contains("protobuf-compiler"));
-    assert!(dockerfile.contains("cargo build --release --locked --bin coord"));
+    assert!(dockerfile.contains("cargo build --profile dist --locked --bin coord"));
     assert!(dockerfile.contains("COPY --from=build "));
     let user = dockerfile
         .lines()
