@@ -36,6 +36,9 @@ impl std::fmt::Debug for PathWatcher {
     }
 }
 
+/// The link a Kubernetes ConfigMap or Secret volume swaps on an update.
+const KUBERNETES_DATA: &str = "..data";
+
 fn dir_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -55,6 +58,16 @@ impl PathWatcher {
                     return;
                 }
                 for path in event.paths {
+                    // Kubernetes mounts a ConfigMap as links through
+                    // `..data`, which it swaps by rename on every update:
+                    // then the files' own names see no event, and any of
+                    // them in that directory may have changed.
+                    if path.file_name().is_some_and(|n| n == KUBERNETES_DATA) {
+                        for hit in wanted.iter().filter(|w| dir_of(w) == dir_of(&path)) {
+                            let _ = tx.send(hit.clone());
+                        }
+                        continue;
+                    }
                     // Events name paths inside the watched directory; match
                     // by directory and file name, however the path was given.
                     if let Some(hit) = wanted.iter().find(|w| {
@@ -96,5 +109,44 @@ impl PathWatcher {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// What the kubelet's atomic writer does on a ConfigMap update: the new
+    /// content in a new timestamped directory, `..data` swapped to it by
+    /// rename, the old directory removed.
+    fn kubelet_update(dir: &Path, generation: u32, content: &str) {
+        let data = dir.join(format!("..2026_11_24_{generation:02}"));
+        std::fs::create_dir(&data).expect("data dir");
+        std::fs::write(data.join("agent.toml"), content).expect("write");
+        let tmp = dir.join("..data_tmp");
+        symlink(data.file_name().expect("name"), &tmp).expect("link");
+        std::fs::rename(&tmp, dir.join(KUBERNETES_DATA)).expect("swap");
+        if generation > 1 {
+            let old = dir.join(format!("..2026_11_24_{:02}", generation - 1));
+            std::fs::remove_dir_all(old).expect("remove the old generation");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_configmap_update_through_its_data_link_counts_as_a_change_of_its_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        kubelet_update(dir.path(), 1, "# one");
+        let manifest = dir.path().join("agent.toml");
+        symlink("..data/agent.toml", &manifest).expect("link");
+        let mut watcher =
+            PathWatcher::start(std::slice::from_ref(&manifest), Duration::from_millis(50))
+                .expect("watch");
+        kubelet_update(dir.path(), 2, "# two");
+        let changed = tokio::time::timeout(Duration::from_secs(10), watcher.changed())
+            .await
+            .expect("the update is noticed");
+        assert_eq!(changed, BTreeSet::from([manifest.clone()]));
+        assert_eq!(std::fs::read_to_string(&manifest).expect("read"), "# two");
     }
 }
