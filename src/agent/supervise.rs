@@ -138,10 +138,6 @@ impl Supervised {
             }
         }
     }
-
-    pub fn id(&self) -> Option<u32> {
-        self.child.id()
-    }
 }
 
 fn exit_code(status: std::io::Result<ExitStatus>) -> i32 {
