@@ -3,7 +3,6 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use tokio::signal::unix::{SignalKind, signal};
 
 use super::connection::EtcdArgs;
 use coord::agent::manifest::host_name;
@@ -132,14 +131,7 @@ async fn claim(args: ClaimArgs) -> anyhow::Result<ExitCode> {
             claim.generation.to_string(),
         ),
     ];
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let interrupted = async {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
+    let interrupted = super::stop_signal()?;
     let ended = run_guarded(supervised, lease, &env, session.subscribe(), interrupted).await;
     let _ = ids::release(&client, &claim).await;
     session.close().await;

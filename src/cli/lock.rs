@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::warn;
 
 use super::connection::EtcdArgs;
@@ -118,14 +117,7 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
         ("ETCD_LOCK_KEY".to_owned(), guard.key.clone()),
         ("ETCD_LOCK_REV".to_owned(), token),
     ];
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let interrupted = async {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
+    let interrupted = super::stop_signal()?;
     let ended = run_guarded(supervised, lease, &env, session.subscribe(), interrupted).await;
     match ended {
         Ended::LockLost => {

@@ -21,6 +21,21 @@ use clap::{Parser, Subcommand};
 
 use coord::agent::manifest::ManifestError;
 
+/// Resolves at the first SIGTERM or SIGINT: what stops a command run
+/// under a lock or an id. Set up before the command starts, so a signal
+/// that comes early is not lost.
+pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
 /// Exit status for a bad manifest or bad usage (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
