@@ -1,18 +1,95 @@
 #!/usr/bin/env bash
-# Installs what building and testing coord needs and a fresh Debian/Ubuntu
-# machine lacks, from the distribution's packages:
-#   etcd     (etcd-server)        the tests, `coord dev` and the quickstart run it
-#   etcdctl  (etcd-client)        the peer side of tests and benchmarks
-#   protoc   (protobuf-compiler)  etcd-client's build compiles etcd's .proto files
-# and, with rustup, the wasm32-wasip2 target (the WASM hook tests build the
-# plugins in plugins/ for it).
-# Rust itself comes from rustup (Debian's rustc is too old); see README.md.
+# Installs what building coord, running it and its benchmarks, and (with
+# --tests) running its test suite needs and a fresh Debian/Ubuntu machine
+# lacks, from the distribution's packages. Each need is checked by what it
+# must be able to do, not by a command's name, so a machine that has half
+# of something (protoc without its include files) is repaired:
+#
+#   a C toolchain  (gcc, libc6-dev)    rustc links with `cc`; ring and wasmtime
+#                                      compile C in their build scripts
+#   protoc         (protobuf-compiler, etcd-client's build compiles etcd's .proto
+#                   libprotobuf-dev)   files, which import google/protobuf/*.proto
+#   etcd, etcdctl  (etcd-server,       `coord dev`, the quickstart, the tests and
+#                   etcd-client)       the benchmarks run them
+# and with --tests (deploy/test.sh):
+#   systemd-analyze (systemd)          tests/it/deploy.rs verifies the unit
+#   man            (man-db)            tests/it/cli.rs renders `coord man`
+#   Go, etcd's     (golang-go,         tests/it/interop.rs builds a grpc-go
+#   resolver and    golang-etcd-server-dev,   client (tests/interop/grpc-go) in
+#   grpc-go         golang-google-grpc-dev)   GOPATH mode, without network
+#                                      (about 160 MB to download)
+#
+# Rust itself comes from rustup (Debian's rustc is too old). Without cargo
+# this script installs the packages above and then stops, saying so; with
+# --rustup it installs Rust (minimal profile, clippy, rustfmt) into
+# ~/.cargo with rustup-init from static.rust-lang.org, checked against its
+# published SHA-256, without editing shell profiles. Either way it adds the
+# wasm32-wasip2 target (the WASM hook tests build plugins/ for it).
 set -euo pipefail
 
+with_rustup=0
+with_tests=0
+for arg in "$@"; do
+  case $arg in
+    --rustup) with_rustup=1 ;;
+    --tests) with_tests=1 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "install-deps: unknown argument \`$arg\` (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+can_compile_c() {
+  printf 'int main(void) { return 0; }\n' >"$work/check.c"
+  cc "$work/check.c" -o "$work/check" >/dev/null 2>&1 && "$work/check"
+}
+
+# prost-build runs $PROTOC if set, else protoc from PATH.
+can_compile_protos() {
+  mkdir -p "$work/proto"
+  cat >"$work/proto/check.proto" <<'EOF'
+syntax = "proto3";
+import "google/protobuf/descriptor.proto";
+message Check { google.protobuf.FileDescriptorProto file = 1; }
+EOF
+  "${PROTOC:-protoc}" -I "$work/proto" --descriptor_set_out=/dev/null "$work/proto/check.proto" >/dev/null 2>&1
+}
+
+can_run_etcd() { "${ETCD_BIN:-etcd}" --version >/dev/null 2>&1; }
+can_run_etcdctl() { etcdctl version >/dev/null 2>&1; }
+can_verify_units() { systemd-analyze --version >/dev/null 2>&1; }
+
+can_render_man_pages() {
+  printf '.TH CHECK 1\n.SH NAME\ncheck \\- a page\n' >"$work/check.1"
+  man -l "$work/check.1" >/dev/null 2>&1
+}
+
+# The same build the integration test does: GOPATH mode, Debian's sources.
+can_build_grpc_go_client() {
+  GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= \
+    go list go.etcd.io/etcd/clientv3/naming/resolver google.golang.org/grpc/health/grpc_health_v1 >/dev/null 2>&1
+}
+
 missing=()
-if [ -z "${ETCD_BIN:-}" ] && ! command -v etcd >/dev/null 2>&1; then missing+=(etcd-server); fi
-command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
-command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+can_compile_c || missing+=(gcc libc6-dev)
+can_compile_protos || missing+=(protobuf-compiler libprotobuf-dev)
+can_run_etcd || missing+=(etcd-server)
+can_run_etcdctl || missing+=(etcd-client)
+if [ $with_tests = 1 ]; then
+  can_verify_units || missing+=(systemd)
+  can_render_man_pages || missing+=(man-db)
+  can_build_grpc_go_client || missing+=(golang-go golang-etcd-server-dev golang-google-grpc-dev)
+fi
+
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$cargo_home/bin/cargo" ]; then
+  export PATH="$cargo_home/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1 && [ $with_rustup = 1 ]; then
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}" >&2
@@ -22,9 +99,41 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if ! command -v cargo >/dev/null 2>&1; then
-  echo "install-deps: cargo not found. Install Rust with rustup (https://rustup.rs), then run this again." >&2
+# Installed but still unable: say which, rather than fail later in a build.
+failed=()
+can_compile_c || failed+=("cc cannot compile and link a C program")
+can_compile_protos || failed+=("${PROTOC:-protoc} cannot compile a file importing google/protobuf/descriptor.proto")
+can_run_etcd || failed+=("${ETCD_BIN:-etcd} does not run")
+can_run_etcdctl || failed+=("etcdctl does not run")
+if [ $with_tests = 1 ]; then
+  can_verify_units || failed+=("systemd-analyze does not run")
+  can_render_man_pages || failed+=("man -l cannot render a page")
+  can_build_grpc_go_client || failed+=("go cannot find etcd's resolver and grpc-go in /usr/share/gocode")
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'install-deps: still missing after installing: %s\n' "${failed[@]}" >&2
   exit 1
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ $with_rustup = 0 ]; then
+    echo "install-deps: cargo not found. Install Rust with rustup (https://rustup.rs) and run this again, or run it again with --rustup to have that done here." >&2
+    exit 1
+  fi
+  triple="$(uname -m)-unknown-linux-gnu"
+  url="https://static.rust-lang.org/rustup/dist/$triple/rustup-init"
+  echo "install-deps: installing Rust with rustup-init from $url" >&2
+  if ! curl --proto '=https' --tlsv1.2 -sSf -o "$work/rustup-init" "$url" ||
+    ! curl --proto '=https' --tlsv1.2 -sSf -o "$work/rustup-init.sha256" "$url.sha256"; then
+    echo "install-deps: could not download rustup-init; install Rust by hand (https://rustup.rs)." >&2
+    exit 1
+  fi
+  (cd "$work" && echo "$(cut -d' ' -f1 rustup-init.sha256)  rustup-init" | sha256sum --check --quiet)
+  chmod +x "$work/rustup-init"
+  "$work/rustup-init" -y --quiet --no-modify-path --profile minimal \
+    --component clippy --component rustfmt --target wasm32-wasip2
+  export PATH="$cargo_home/bin:$PATH"
+  echo "install-deps: Rust is in $cargo_home/bin; add it to PATH (\`. $cargo_home/env\`)." >&2
 fi
 
 if [ ! -d "$(rustc --print sysroot)/lib/rustlib/wasm32-wasip2" ]; then
