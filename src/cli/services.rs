@@ -116,7 +116,10 @@ fn print(all_instances: &[Instance], name: Option<&str>, all: bool, json: bool) 
             let line = serde_json::json!({
                 "service": i.service,
                 "id": i.id,
+                // The manifest's name; `addr` is kept for scripts written before.
+                "address": i.addr(),
                 "addr": i.addr(),
+                "weight": i.weight(),
                 "listed": i.is_listed(),
                 "health": i.health.as_ref().map(|h| h.status.name()),
                 "agent": i.health.as_ref().map(|h| h.agent.clone()),

@@ -351,6 +351,43 @@ async fn an_upstream_file_rendered_from_service_follows_instances_joining_and_le
     let _ = client;
 }
 
+/// Someone writing a template or a script from the manifest in front of
+/// them uses its names: `address`, `weight`, `id`.
+#[tokio::test]
+async fn templates_and_services_json_name_an_instance_as_the_manifest_does() {
+    let etcd = etcd().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("upstreams.conf");
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        &format!(
+            "[[service]]\nname = \"api\"\naddress = \"10.0.0.5:8080\"\nweight = 5\n\
+             [[file]]\npath = \"{}\"\nsource = \"\"\"\n\
+             {{% for i in service('api') %}}server {{{{ i.address }}}} weight={{{{ i.weight }}}}; # {{{{ i.id }}}} {{{{ i.addr }}}}\n{{% endfor %}}\"\"\"\n",
+            out.display()
+        ),
+    ));
+    file_is(
+        &out,
+        "server 10.0.0.5:8080 weight=5; # web-01-api 10.0.0.5:8080\n",
+    )
+    .await;
+    let (status, json, err) = coord(
+        &["services", "api", "--json", "--endpoints", &etcd.endpoint()],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    let line: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON line");
+    assert_eq!(line["id"], "web-01-api", "{line}");
+    assert_eq!(line["address"], "10.0.0.5:8080", "{line}");
+    assert_eq!(line["weight"], 5, "{line}");
+    assert_eq!(
+        line["addr"], "10.0.0.5:8080",
+        "the old name still answers: {line}"
+    );
+}
+
 async fn file_is(path: &Path, want: &str) {
     let what = format!("`{}` to read {want:?}", path.display());
     eventually(&what, || async {

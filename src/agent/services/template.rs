@@ -8,8 +8,10 @@ use crate::etcd::KeyValue;
 use crate::registry::{self, Health};
 
 /// `service("api")` → the instances listed for discovery, each a map with
-/// `id`, `addr`, `host`, `port`, `health`, `agent` and `metadata`, sorted
-/// by id. Keyword arguments filter: `health="any"` (or a list such as
+/// the manifest's names — `id`, `address`, `weight` (1 unless set),
+/// `metadata` — and `host`, `port`, `health` and `agent`, sorted by id.
+/// `addr` is `address` again, for templates written before it matched the
+/// manifest. Keyword arguments filter: `health="any"` (or a list such as
 /// `["passing"]`) chooses by health instead of discovery; any other keyword
 /// must equal that metadata value (`zone="eu-1"`).
 pub fn template_service(
@@ -79,17 +81,20 @@ pub fn template_service(
         if !matches {
             continue;
         }
-        let addr = inst.addr().unwrap_or_default().to_owned();
-        let (host, port) = addr
+        let address = inst.addr().unwrap_or_default().to_owned();
+        let weight = inst.weight();
+        let (host, port) = address
             .rsplit_once(':')
-            .map_or((addr.clone(), String::new()), |(h, p)| {
+            .map_or((address.clone(), String::new()), |(h, p)| {
                 (h.to_owned(), p.to_owned())
             });
         out.push(minijinja::context! {
             id => inst.id,
-            addr => addr,
+            address => address.clone(),
+            addr => address,
             host => host,
             port => port,
+            weight => weight,
             health => status.map(Health::name),
             agent => inst.health.as_ref().map(|h| h.agent.clone()),
             metadata => Value::from(minijinja::value::Serde(metadata)),
