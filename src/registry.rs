@@ -3,8 +3,9 @@
 //! An instance that may receive traffic is listed under
 //! `<namespace>/services/<service>/<instance>` with the value
 //! `{"Addr": "host:port", "Metadata": {…}}` — the format of gRPC-go's etcd
-//! resolver, so Go clients dialling `etcd:///coord/services/<service>`
-//! discover coord services unchanged. Its health lives beside it under
+//! resolver, so Go clients dialling `etcd:////coord/services/<service>/`
+//! (four slashes: grpc-go drops the first of the key's path) discover coord
+//! services unchanged. Its health lives beside it under
 //! `<namespace>/health/<service>/<instance>`, so an instance withdrawn from
 //! discovery (critical, or in maintenance) stays visible. Both hang off the
 //! registering agent's session lease.
@@ -567,7 +568,7 @@ fn diff_instances(old: &[Instance], new: &[Instance]) -> Vec<ServiceChange> {
 
 /// A gRPC channel balanced over a service's listed instances, following
 /// discovery: instances join and leave the channel as they are listed and
-/// withdrawn. The Rust counterpart of dialling `etcd:///coord/services/api`
+/// withdrawn. The Rust counterpart of dialling `etcd:////coord/services/api/`
 /// from Go. Drop the returned task handle's abort guard to stop following.
 ///
 /// Requests fail with UNAVAILABLE while no instance is listed.

@@ -14,6 +14,7 @@ mod deploy;
 mod files;
 mod hooks;
 mod ids;
+mod interop;
 mod locks;
 mod manifest;
 mod presence;
