@@ -5,6 +5,7 @@ mod agents;
 mod check;
 mod connection;
 mod dev;
+mod docs;
 mod hook;
 mod ids;
 mod kv;
@@ -39,9 +40,18 @@ pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 /// Exit status for a bad manifest or bad usage (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
+/// What `coord --version` says: the package version and the commit it was
+/// built from (build.rs; "unknown" outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("COORD_COMMIT"),
+    ")"
+);
+
 /// coord: a per-host agent that coordinates hosts through etcd.
 #[derive(Debug, Parser)]
-#[command(name = "coord", version, about, long_about = None)]
+#[command(name = "coord", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// How logs are written to stderr: `text` for people, `json` (one
     /// object per line) for log shippers.
@@ -90,6 +100,11 @@ enum Command {
     Kv(kv::KvArgs),
     /// Show what a running agent says about itself (from its [status] endpoint).
     Status(status::StatusArgs),
+    /// Print a shell completion script: `source <(coord completions bash)`.
+    Completions(docs::CompletionsArgs),
+    /// (for packagers) Print the man page, or write every page into a directory.
+    #[command(hide = true)]
+    Man(docs::ManArgs),
 }
 
 impl Cli {
@@ -99,10 +114,12 @@ impl Cli {
     /// run side by side); every other command is one request or one chain
     /// of waits, where a single-threaded runtime wakes the waiting task on
     /// the thread that saw the event, without a hand-over between threads —
-    /// the difference shows in a lock handover. The supervisor gets no
-    /// runtime at all.
+    /// the difference shows in a lock handover. The supervisor and the
+    /// commands that only print what clap knows get no runtime at all.
     pub fn execute(self) -> ExitCode {
         let mut runtime = match &self.command {
+            Command::Completions(args) => return docs::completions(args),
+            Command::Man(args) => return docs::man(args),
             Command::Supervise(args) => lock::supervise_command(args),
             Command::CompileWasm(args) => hook::compile_wasm(args),
             Command::Run(_) | Command::Dev(_) => {
@@ -139,6 +156,8 @@ impl Cli {
             Command::CompileWasm(args) => hook::compile_wasm(&args),
             Command::Kv(args) => kv::kv(args).await,
             Command::Status(args) => status::status(args).await,
+            Command::Completions(args) => Ok(docs::completions(&args)),
+            Command::Man(args) => Ok(docs::man(&args)),
         };
         match result {
             Ok(code) => code,

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use serde::Deserialize;
 use serde_norway::Value;
 
-use crate::support::repo_root;
+use crate::support::{repo_root, run_tool};
 
 const UNIT: &str = "deploy/systemd/coord.service";
 /// Where the unit expects the binary; the tests swap in the built one.
@@ -24,17 +24,6 @@ fn deploy(path: &str) -> PathBuf {
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(deploy(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
-}
-
-/// Runs a tool, failing with how to install it when it is not there.
-fn run_tool(program: &str, args: &[&str], install: &str) -> Output {
-    match Command::new(program).args(args).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("`{program}` is not installed; {install}")
-        }
-        Err(e) => panic!("cannot run `{program}`: {e}"),
-    }
 }
 
 fn systemd_analyze(args: &[&str]) -> Output {

@@ -17,6 +17,7 @@ mod ids;
 mod interop;
 mod locks;
 mod manifest;
+mod packaging;
 mod presence;
 mod reconcile;
 mod registry;

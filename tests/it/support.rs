@@ -165,6 +165,17 @@ pub fn coord(args: &[&str], cwd: Option<&Path>) -> (ExitStatus, String, String) 
     )
 }
 
+/// Runs a tool, failing with how to install it when it is not there.
+pub fn run_tool(program: &str, args: &[&str], install: &str) -> std::process::Output {
+    match Command::new(program).args(args).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("`{program}` is not installed; {install}")
+        }
+        Err(e) => panic!("cannot run `{program}`: {e}"),
+    }
+}
+
 /// The repository root (where `agent.toml.example` lives).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
