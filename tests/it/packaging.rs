@@ -142,3 +142,113 @@ fn version_names_the_package_version_and_the_commit_it_was_built_from() {
         )
     );
 }
+
+/// `[package.metadata.deb]` in Cargo.toml: what cargo-deb packages.
+fn deb_metadata() -> toml::Table {
+    let text = std::fs::read_to_string(repo_root().join("Cargo.toml")).expect("Cargo.toml");
+    let mut manifest: toml::Table = text.parse().expect("Cargo.toml parses");
+    let at = |key: &str, t: &mut toml::Table| match t.remove(key) {
+        Some(toml::Value::Table(inner)) => inner,
+        other => panic!("no [{key}] table in Cargo.toml: {other:?}"),
+    };
+    let mut package = at("package", &mut manifest);
+    let mut metadata = at("metadata", &mut package);
+    at("deb", &mut metadata)
+}
+
+/// (source, destination) of every asset.
+fn deb_assets(deb: &toml::Table) -> Vec<(String, String)> {
+    let assets = deb["assets"].as_array().expect("assets");
+    assets
+        .iter()
+        .map(|a| {
+            let a = a.as_array().expect("[source, dest, mode]");
+            let s = |i: usize| a[i].as_str().expect("a string").to_owned();
+            (s(0), s(1))
+        })
+        .collect()
+}
+
+#[test]
+fn every_file_of_the_debian_package_is_in_the_repository_or_generated_by_build_deb() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let script = repo_root().join("deploy/build-deb.sh");
+    let out = run_tool(
+        "bash",
+        &[
+            script.to_str().expect("utf-8"),
+            "--assets",
+            env!("CARGO_BIN_EXE_coord"),
+            dir.path().to_str().expect("utf-8"),
+        ],
+        "install bash",
+    );
+    assert!(
+        out.status.success(),
+        "build-deb.sh --assets: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = deb_metadata();
+    assert_eq!(deb["profile"].as_str(), Some("dist"));
+    let generated = |rest: &str| dir.path().join(rest);
+    for (source, dest) in deb_assets(&deb) {
+        if source == "target/release/coord" {
+            assert_eq!(dest, "usr/bin/");
+            continue;
+        }
+        let path = match source.strip_prefix("target/deb-assets/") {
+            Some(rest) => generated(rest),
+            None => repo_root().join(&source),
+        };
+        // A glob (`man/*.1.gz`) must match at least one file.
+        let found = match path.to_str().expect("utf-8").split_once('*') {
+            Some((prefix, suffix)) => {
+                let (parent, start) = prefix.rsplit_once('/').expect("a directory");
+                std::fs::read_dir(parent)
+                    .expect("the asset's directory")
+                    .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.starts_with(start) && name.ends_with(suffix))
+                    .count()
+            }
+            None => usize::from(path.is_file()),
+        };
+        assert!(found > 0, "{source} (for {dest}) is missing");
+    }
+
+    // The unit cargo-deb installs runs the binary where the package puts it.
+    let units = deb["systemd-units"]["unit-scripts"]
+        .as_str()
+        .expect("unit-scripts");
+    let units = generated(units.strip_prefix("target/deb-assets/").expect("generated"));
+    assert!(units.join("coord.sysusers").is_file());
+    let unit = std::fs::read_to_string(units.join("coord.service")).expect("the unit");
+    assert!(
+        unit.contains("\nExecStart=/usr/bin/coord run /etc/coord/agent.toml")
+            && !unit.contains("/usr/local/bin"),
+        "{unit}"
+    );
+    let verified = dir.path().join("coord.service");
+    std::fs::write(
+        &verified,
+        unit.replace("/usr/bin/coord", env!("CARGO_BIN_EXE_coord")),
+    )
+    .expect("write");
+    let out = run_tool(
+        "systemd-analyze",
+        &["verify", verified.to_str().expect("utf-8")],
+        "install systemd (bash deploy/install-deps.sh --tests)",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
+
+#[test]
+fn the_example_manifest_the_package_puts_in_etc_coord_passes_coord_check() {
+    let (source, _) = deb_assets(&deb_metadata())
+        .into_iter()
+        .find(|(_, dest)| dest == "etc/coord/agent.toml")
+        .expect("an asset for /etc/coord/agent.toml");
+    let path = repo_root().join(source);
+    let (status, out, err) = coord(&["check", path.to_str().expect("utf-8")], None);
+    assert!(status.success(), "{out}{err}");
+}
