@@ -15,6 +15,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::controller::Loops;
+use super::hold::key_gone;
 use super::hooks::{AmbientEnv, Event, HookRunner};
 use super::manifest::InstanceIdSpec;
 use super::sleep_or_stop;
@@ -101,48 +103,36 @@ impl InstanceIdsController {
         hooks: watch::Receiver<Arc<HookRunner>>,
         cancel: CancellationToken,
     ) {
-        let mut running: BTreeMap<
-            String,
-            (
-                InstanceIdSpec,
-                CancellationToken,
-                tokio::task::JoinHandle<()>,
-            ),
-        > = BTreeMap::new();
+        let mut loops: Loops<String> = Loops::new(&cancel);
+        let mut current: BTreeMap<String, InstanceIdSpec> = BTreeMap::new();
         loop {
             let wanted = specs.borrow_and_update().clone();
-            let gone: Vec<String> = running
-                .iter()
-                .filter(|(pool, (spec, _, _))| {
-                    !wanted.iter().any(|w| &w.pool == *pool && w == spec)
-                })
-                .map(|(pool, _)| pool.clone())
-                .collect();
-            for pool in gone {
-                if let Some((_, stop, task)) = running.remove(&pool) {
-                    // The loop releases its claim on the way out.
-                    stop.cancel();
-                    let _ = task.await;
+            // A removed or changed pool's loop releases its claim on the
+            // way out; a new loop for it starts once that is done.
+            current.retain(|pool, spec| {
+                let keep = wanted.iter().any(|w| &w.pool == pool && w == spec);
+                if !keep {
+                    loops.stop(pool);
                 }
-            }
+                keep
+            });
             for spec in wanted {
-                if running.contains_key(&spec.pool) {
+                if current.contains_key(&spec.pool) {
                     continue;
                 }
-                let stop = cancel.child_token();
-                let task = tokio::spawn(self.clone().pool_loop(
-                    spec.clone(),
-                    session.clone(),
-                    hooks.clone(),
-                    stop.clone(),
-                ));
-                running.insert(spec.pool.clone(), (spec, stop, task));
+                let (this, session, hooks, s) =
+                    (self.clone(), session.clone(), hooks.clone(), spec.clone());
+                loops.start(spec.pool.clone(), move |stop| {
+                    this.pool_loop(s, session, hooks, stop)
+                });
+                current.insert(spec.pool.clone(), spec);
             }
             tokio::select! {
-                _ = cancel.cancelled() => return,
-                changed = specs.changed() => if changed.is_err() { return },
+                _ = cancel.cancelled() => break,
+                changed = specs.changed() => if changed.is_err() { break },
             }
         }
+        loops.shutdown().await;
     }
 
     fn remembered(&self, pool: &str) -> PathBuf {
@@ -338,18 +328,5 @@ async fn lease_gone(session: &mut watch::Receiver<SessionState>, lease: LeaseId)
         if session.changed().await.is_err() {
             return;
         }
-    }
-}
-
-/// Returns once the claim key is really gone; an unreachable etcd is not
-/// a deletion (the lease, watched separately, decides then).
-async fn key_gone(client: &Client, key: &str, generation: i64) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    while client
-        .wait_deleted(key, generation, generation)
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

@@ -202,8 +202,10 @@ impl Connected {
         })
     }
 
-    /// Stops reconciling, then revokes the lease so everything the agent
-    /// held goes at once.
+    /// Stops reconciling and every loop — each guarded command stopped
+    /// (TERM, its grace, KILL) and its lock released once nothing of it
+    /// runs — then revokes the lease so everything the agent held goes at
+    /// once.
     async fn stop(self) {
         self.stop.cancel();
         let _ = self.reconciler.await;
@@ -304,6 +306,13 @@ fn hook_location(manifest: &Manifest, e: &HookError) -> super::manifest::Locatio
         })
 }
 
+/// The variable holding the etcd password reaches no child.
+fn withhold_password_env(manifest: &Manifest) {
+    if let Some(super::manifest::PasswordSource::Env(var)) = &manifest.etcd.password {
+        super::process::withhold_env(var);
+    }
+}
+
 fn apply_options(mut manifest: Manifest, opts: &RunOptions) -> Manifest {
     if let Some(endpoints) = &opts.endpoints {
         manifest.etcd.endpoints = endpoints.clone();
@@ -338,6 +347,7 @@ pub async fn run(
         manifest = %path.display(),
         "Agent starting."
     );
+    withhold_password_env(&manifest);
     let status = Status::new(&manifest.agent.name);
     status.declare(&manifest);
     // Bound before connecting, so /health answers (503) while etcd does not.
@@ -386,6 +396,7 @@ pub async fn run(
             info!(manifest = %path.display(), reason = ?request, "Manifest unchanged.");
             continue;
         }
+        withhold_password_env(&next);
         let next_hooks = if next.hooks == manifest.hooks {
             None
         } else {

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::check::{CheckResult, run as run_check};
+use crate::agent::controller::Loops;
 use crate::agent::hooks::{Event, HookRunner};
 use crate::agent::manifest::{CheckKind, ServiceSpec};
 use crate::agent::status::Status;
@@ -43,37 +43,40 @@ struct Instance {
     /// that report.
     ttl_seen: Instant,
     report_revision: i64,
-    checker: Option<JoinHandle<()>>,
 }
 
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if let Some(task) = self.checker.take() {
-            task.abort();
+/// An instance's active check: (kind, interval, timeout); none for TTL
+/// checks, which something outside reports.
+fn active_check(spec: &ServiceSpec) -> Option<(CheckKind, Duration, Duration)> {
+    let c = spec.check.as_ref()?;
+    (!matches!(c.kind, CheckKind::Ttl(_))).then(|| (c.kind.clone(), c.interval, c.timeout))
+}
+
+/// Runs an instance's check every `interval`, feeding `results`, until
+/// `stop` (a check cut short kills its process group).
+async fn check_loop(
+    key: Key,
+    (kind, interval, timeout): (CheckKind, Duration, Duration),
+    results: mpsc::UnboundedSender<(Key, CheckResult)>,
+    stop: CancellationToken,
+) {
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = run_check(&kind, timeout) => r,
+        };
+        if results.send((key.clone(), result)).is_err() {
+            return;
+        }
+        if crate::agent::sleep_or_stop(interval, &stop).await {
+            return;
         }
     }
 }
 
 impl Instance {
-    fn new(spec: ServiceSpec, results: &mpsc::UnboundedSender<(Key, CheckResult)>) -> Self {
+    fn new(spec: ServiceSpec) -> Self {
         let check = spec.check.as_ref().map_or(Health::Passing, |c| c.initial);
-        let checker = spec.check.as_ref().and_then(|c| {
-            if matches!(c.kind, CheckKind::Ttl(_)) {
-                return None;
-            }
-            let key = (spec.name.clone(), spec.id.clone());
-            let (kind, interval, timeout) = (c.kind.clone(), c.interval, c.timeout);
-            let tx = results.clone();
-            Some(tokio::spawn(async move {
-                loop {
-                    let result = run_check(&kind, timeout).await;
-                    if tx.send((key.clone(), result)).is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(interval).await;
-                }
-            }))
-        });
         Instance {
             spec,
             check,
@@ -84,7 +87,6 @@ impl Instance {
             since: now(),
             ttl_seen: Instant::now(),
             report_revision: 0,
-            checker,
         }
     }
 
@@ -192,10 +194,24 @@ impl ServicesController {
 
     pub async fn run(
         self,
+        session: watch::Receiver<SessionState>,
+        specs: watch::Receiver<Vec<ServiceSpec>>,
+        hooks: watch::Receiver<Arc<HookRunner>>,
+        cancel: CancellationToken,
+    ) {
+        let mut checkers: Loops<Key> = Loops::new(&cancel);
+        self.control(session, specs, hooks, &cancel, &mut checkers)
+            .await;
+        checkers.shutdown().await;
+    }
+
+    async fn control(
+        &self,
         mut session: watch::Receiver<SessionState>,
         mut specs: watch::Receiver<Vec<ServiceSpec>>,
         hooks: watch::Receiver<Arc<HookRunner>>,
-        cancel: CancellationToken,
+        cancel: &CancellationToken,
+        checkers: &mut Loops<Key>,
     ) {
         let (results_tx, mut results) = mpsc::unbounded_channel::<(Key, CheckResult)>();
         let mut instances: BTreeMap<Key, Instance> = BTreeMap::new();
@@ -218,11 +234,19 @@ impl ServicesController {
                 .collect();
             for k in gone {
                 instances.remove(&k);
+                checkers.stop(&k);
                 removed.push(k);
             }
             for (k, spec) in &keep {
                 if instances.get(k).is_none_or(|i| &i.spec != *spec) {
-                    instances.insert(k.clone(), Instance::new((*spec).clone(), &results_tx));
+                    instances.insert(k.clone(), Instance::new((*spec).clone()));
+                    match active_check(spec) {
+                        Some(check) => {
+                            let (key, tx) = (k.clone(), results_tx.clone());
+                            checkers.start(k.clone(), move |stop| check_loop(key, check, tx, stop));
+                        }
+                        None => checkers.stop(k),
+                    }
                 }
             }
             if instances.is_empty() && removed.is_empty() {
