@@ -320,26 +320,46 @@ pub async fn run(job: Job<'_>) -> Result<Finished, SpawnError> {
         job.log_as.clone(),
         budget.clone(),
     );
-    let ended = async {
-        let (_, status) = tokio::join!(feed, child.wait());
-        // The leader's exit ends the run: the rest of its group goes.
-        group.kill_and_wait().await;
-        status.ok()
+    // The readers run beside the wait (a child blocked on a full pipe
+    // would never exit), all of it bounded by the timeout.
+    let readers = async { tokio::join!(out, err) };
+    tokio::pin!(readers);
+    let mut outputs: Option<(Captured, Captured)> = None;
+    let status = {
+        let ended = async {
+            let (_, status) = tokio::join!(feed, child.wait());
+            // The leader's exit ends the run: the rest of its group goes.
+            group.kill_and_wait().await;
+            status.ok()
+        };
+        tokio::pin!(ended);
+        let mut status: Option<Option<ExitStatus>> = None;
+        let _ = tokio::time::timeout_at(deadline, async {
+            while status.is_none() || outputs.is_none() {
+                tokio::select! {
+                    s = &mut ended, if status.is_none() => status = Some(s),
+                    o = &mut readers, if outputs.is_none() => outputs = Some(o),
+                }
+            }
+        })
+        .await;
+        status
     };
-    let status = match tokio::time::timeout_at(deadline, ended).await {
-        Ok(status) => status,
-        Err(_) => {
+    let status = match status {
+        Some(status) => status,
+        None => {
             stop(&mut child, group, job.grace).await;
             None
         }
     };
     // The group is gone, so the pipes are closed unless something that
-    // left the group holds them: the readers get what is left of the time.
-    let readers = async { tokio::join!(out, err) };
-    let readers_until = deadline.max(tokio::time::Instant::now() + Duration::from_millis(100));
-    let (stdout, stderr) = tokio::time::timeout_at(readers_until, readers)
-        .await
-        .unwrap_or_default();
+    // left the group holds them: the readers get a moment more, no longer.
+    let (stdout, stderr) = match outputs {
+        Some(o) => o,
+        None => tokio::time::timeout(Duration::from_millis(100), &mut readers)
+            .await
+            .unwrap_or_default(),
+    };
     let unlogged = budget.load(std::sync::atomic::Ordering::Relaxed);
     if unlogged == 0
         && let Some(label) = &job.log_as
