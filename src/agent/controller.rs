@@ -1,15 +1,37 @@
-//! What the agent's per-item controllers share: one loop per item (a task,
-//! an instance-id pool, a service's checker), started, cancelled and
-//! joined by [`Loops`] — never detached, so a stop or a reload waits for
-//! what each loop holds to be let go. Retries are paced by
-//! [`crate::etcd::Backoff`] everywhere.
+//! What the agent's controllers share: the [`Context`] they all take, and
+//! one loop per item (a task, an instance-id pool, a service's checker),
+//! started, cancelled and joined by [`Loops`] — never detached, so a stop
+//! or a reload waits for what each loop holds to be let go. Retries are
+//! paced by [`crate::etcd::Backoff`] everywhere.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
+
+use super::hooks::HookRunner;
+use super::status::Status;
+use crate::etcd::{Cache, Client, SessionState};
+
+/// What every controller of one connected agent takes. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub client: Client,
+    pub cache: Cache,
+    /// The session's state: the lease everything is held on.
+    pub session: watch::Receiver<SessionState>,
+    /// The current hooks (replaced by a reload that changes them).
+    pub hooks: watch::Receiver<Arc<HookRunner>>,
+    pub status: Status,
+    /// Cancelled when the agent stops or reconnects.
+    pub cancel: CancellationToken,
+    pub namespace: String,
+    pub agent: String,
+}
 
 /// One loop per key. A loop that replaces another for the same key (a
 /// changed task, a pool removed and added again) starts only once the old

@@ -179,25 +179,49 @@ impl Group {
 
 /// Whether a process other than a zombie has process group `pgid`.
 fn members_running(pgid: i32) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+    match processes() {
+        Some(mut all) => all.any(|p| p.pgrp == pgid && p.running()),
         // Without /proc, trust the kernel's word that the group exists.
-        return true;
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .any(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // pid (comm) state ppid pgrp …; comm may hold spaces.
-                    let rest = &stat[stat.rfind(')')? + 2..];
-                    let mut f = rest.split(' ');
-                    let state = f.next()?;
-                    let pgrp: i32 = f.nth(1)?.parse().ok()?;
-                    Some(pgrp == pgid && state != "Z" && state != "X")
-                })
-                .unwrap_or(false)
+        None => true,
+    }
+}
+
+/// One process, as `/proc/<pid>/stat` tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    pub pgrp: i32,
+    /// `R`, `S`, `D`, `Z` (zombie), …
+    pub state: char,
+}
+
+impl ProcessInfo {
+    /// Not a zombie (nor dead): it may still run code.
+    pub fn running(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// Every process of the host, from /proc (`None` without /proc).
+pub fn processes() -> Option<impl Iterator<Item = ProcessInfo>> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    Some(dir.flatten().filter_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid pgrp …; comm may hold spaces.
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        let mut f = rest.split(' ');
+        let state = f.next()?.chars().next()?;
+        let ppid = f.next()?.parse().ok()?;
+        let pgrp = f.next()?.parse().ok()?;
+        Some(ProcessInfo {
+            pid,
+            ppid,
+            pgrp,
+            state,
         })
+    }))
 }
 
 /// Stops a child of ours and its group: TERM, up to `grace` for the leader

@@ -432,24 +432,13 @@ fn reap_descendants(group: Group) {
 
 /// The running (not zombie) children of `parent`.
 fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let rest = &stat[stat.rfind(')')? + 2..];
-                    let mut f = rest.split(' ');
-                    let state = f.next()?;
-                    let ppid: u32 = f.next()?.parse().ok()?;
-                    Some(ppid == parent && state != "Z")
-                })
-                .unwrap_or(false)
+    process::processes()
+        .map(|all| {
+            all.filter(|p| p.ppid == parent && p.running())
+                .map(|p| p.pid)
+                .collect()
         })
-        .collect()
+        .unwrap_or_default()
 }
 
 /// Our stdin, the socket our parent talks to us on: a line reader and a

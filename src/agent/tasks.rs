@@ -22,13 +22,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::controller::Loops;
+use super::controller::{Context, Loops};
 use super::hold::{Claim, Ended, Guarded, Held, HoldError, Holding};
 use super::hooks::{Event, HookRunner};
 use super::manifest::{Schedule, TaskSpec};
 use super::sleep_or_stop;
+use super::status::TaskExit;
 use super::status::report::ResourceKind;
-use super::status::{Status, TaskExit};
 use super::supervise::max_grace;
 use crate::etcd::{Backoff, Client, LeaseId, SessionState, alive_lease};
 use crate::lock::{self, Holder};
@@ -60,34 +60,22 @@ fn now_rfc3339() -> String {
 /// The task loops of one agent.
 #[derive(Debug, Clone)]
 pub struct TasksController {
-    client: Client,
-    namespace: String,
-    agent: String,
+    ctx: Context,
     coord: PathBuf,
     ids: Option<super::instance_ids::HeldIds>,
-    status: Status,
     /// The agent's local queue per lock name.
     turns: Arc<std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl TasksController {
     /// `coord` is the binary to run supervisors with (the agent itself).
-    pub fn new(client: Client, namespace: &str, agent: &str, coord: PathBuf) -> Self {
+    pub fn new(ctx: &Context, coord: PathBuf) -> Self {
         TasksController {
-            client,
-            namespace: namespace.to_owned(),
-            agent: agent.to_owned(),
+            ctx: ctx.clone(),
             coord,
             ids: None,
-            status: Status::default(),
             turns: Arc::default(),
         }
-    }
-
-    /// Reports task runs and locks to `status`.
-    pub fn with_status(mut self, status: Status) -> Self {
-        self.status = status;
-        self
     }
 
     /// Gives commands the agent's instance ids as
@@ -97,13 +85,12 @@ impl TasksController {
         self
     }
 
-    pub async fn run(
-        self,
-        session: watch::Receiver<SessionState>,
-        mut specs: watch::Receiver<Vec<TaskSpec>>,
-        hooks: watch::Receiver<Arc<HookRunner>>,
-        cancel: CancellationToken,
-    ) {
+    pub async fn run(self, mut specs: watch::Receiver<Vec<TaskSpec>>) {
+        let (session, hooks, cancel) = (
+            self.ctx.session.clone(),
+            self.ctx.hooks.clone(),
+            self.ctx.cancel.clone(),
+        );
         let mut loops: Loops<String> = Loops::new(&cancel);
         let mut current: BTreeMap<String, TaskSpec> = BTreeMap::new();
         loop {
@@ -186,7 +173,8 @@ impl TasksController {
                     slot
                 }
             };
-            self.status
+            self.ctx
+                .status
                 .set(ResourceKind::Task, &spec.name, "waiting for the lock", None);
             let lease = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -195,7 +183,7 @@ impl TasksController {
             let grace = spec.grace.min(max_grace(ttl_of(&session, lease)));
             let claim = self.claim(&spec, lease, &stop);
             let guarded = Guarded {
-                client: &self.client,
+                client: &self.ctx.client,
                 session: &session,
                 coord: &self.coord,
                 argv: &spec.run,
@@ -206,8 +194,12 @@ impl TasksController {
                 Err(HoldError::Claim(TaskClaimError::Stopped)) => return,
                 Err(e) => {
                     warn!(task = %spec.name, error = %e, "Could not take the task's lock.");
-                    self.status
-                        .set(ResourceKind::Lock, &spec.lock, "free", Some(e.to_string()));
+                    self.ctx.status.set(
+                        ResourceKind::Lock,
+                        &spec.lock,
+                        "free",
+                        Some(e.to_string()),
+                    );
                     if sleep_or_stop(backoff.next_delay(), &stop).await {
                         return;
                     }
@@ -216,7 +208,7 @@ impl TasksController {
             };
             let token = holding.held().guard.token;
             info!(task = %spec.name, lock = %spec.lock, token, "Task lock acquired.");
-            self.status.set(
+            self.ctx.status.set(
                 ResourceKind::Lock,
                 &spec.lock,
                 &format!("held (token {token})"),
@@ -241,7 +233,8 @@ impl TasksController {
             let mut restart = false;
             if run {
                 let started_at = now_rfc3339();
-                self.status
+                self.ctx
+                    .status
                     .set(ResourceKind::Task, &spec.name, "running", None);
                 let stopped = async {
                     match spec.timeout {
@@ -262,7 +255,7 @@ impl TasksController {
             match holding.finish().await {
                 Held::Lost { .. } => {
                     warn!(task = %spec.name, lock = %spec.lock, "Task lock lost; its command was stopped.");
-                    self.status.set(
+                    self.ctx.status.set(
                         ResourceKind::Lock,
                         &spec.lock,
                         "lost",
@@ -281,7 +274,8 @@ impl TasksController {
                     );
                 }
                 Held::Released { .. } => {
-                    self.status
+                    self.ctx
+                        .status
                         .set(ResourceKind::Lock, &spec.lock, "free", None);
                 }
             }
@@ -324,14 +318,14 @@ impl TasksController {
             t = self.local_turn(&spec.lock).lock_owned() => t,
         };
         let me = Holder {
-            agent: self.agent.clone(),
+            agent: self.ctx.agent.clone(),
             host: super::manifest::host_name(),
             pid: std::process::id(),
         };
         let acquire = lock::acquire(
-            &self.client,
+            &self.ctx.client,
             lease,
-            &self.namespace,
+            &self.ctx.namespace,
             &spec.lock,
             spec.mode,
             &me,
@@ -339,7 +333,7 @@ impl TasksController {
         tokio::select! {
             _ = stop.cancelled() => {
                 // Our place in the queue goes with its key.
-                let _ = self.client.delete(&lock::holder_key(&self.namespace, &spec.lock, spec.mode, lease)).await;
+                let _ = self.ctx.client.delete(&lock::holder_key(&self.ctx.namespace, &spec.lock, spec.mode, lease)).await;
                 Err(TaskClaimError::Stopped)
             }
             g = acquire => g.map(|guard| TaskClaim { guard, _turn: turn }).map_err(TaskClaimError::Lock),
@@ -363,7 +357,7 @@ impl TasksController {
             Ended::Stopped => (None, false),
         };
         info!(task = %spec.name, token, exit = ?exit, lock_lost, "Task run ended.");
-        self.status.task_ended(
+        self.ctx.status.task_ended(
             &spec.name,
             match (exit, lock_lost) {
                 (_, true) => TaskExit::LockLost,
@@ -375,7 +369,7 @@ impl TasksController {
         self.record(
             spec,
             RunRecord {
-                agent: self.agent.clone(),
+                agent: self.ctx.agent.clone(),
                 token,
                 started_at: started_at.to_owned(),
                 ended_at: now_rfc3339(),
@@ -400,11 +394,12 @@ impl TasksController {
         }
         if spec.schedule == Schedule::Once && exit == Some(0) {
             let done =
-                serde_json::json!({"agent": self.agent, "token": token, "at": now_rfc3339()});
+                serde_json::json!({"agent": self.ctx.agent, "token": token, "at": now_rfc3339()});
             let _ = self
+                .ctx
                 .client
                 .put(
-                    &tasks_key(&self.namespace, &spec.name, "done"),
+                    &tasks_key(&self.ctx.namespace, &spec.name, "done"),
                     done.to_string(),
                     None,
                 )
@@ -440,8 +435,9 @@ impl TasksController {
 
     async fn done(&self, spec: &TaskSpec) -> bool {
         matches!(
-            self.client
-                .get(&tasks_key(&self.namespace, &spec.name, "done"))
+            self.ctx
+                .client
+                .get(&tasks_key(&self.ctx.namespace, &spec.name, "done"))
                 .await,
             Ok(Some(_))
         )
@@ -451,8 +447,8 @@ impl TasksController {
     /// task's round record, so however many agents hold the lock at once
     /// (a semaphore), one runs the round. An etcd error skips the round.
     async fn claim_round(&self, spec: &TaskSpec, slot: i64) -> bool {
-        let key = tasks_key(&self.namespace, &spec.name, "slot");
-        let current = match self.client.get(&key).await {
+        let key = tasks_key(&self.ctx.namespace, &spec.name, "slot");
+        let current = match self.ctx.client.get(&key).await {
             Ok(kv) => kv,
             Err(e) => {
                 warn!(task = %spec.name, round = slot, error = %e, "Cannot read the task's last round; skipping this one.");
@@ -472,7 +468,8 @@ impl TasksController {
             None => 0,
         };
         matches!(
-            self.client
+            self.ctx
+                .client
                 .put_guarded(&key, slot.to_string(), Some(version))
                 .await,
             Ok(crate::etcd::Guarded::Applied { .. })
@@ -481,18 +478,18 @@ impl TasksController {
 
     /// Records a run and keeps the history bounded.
     async fn record(&self, spec: &TaskSpec, run: RunRecord) {
-        let prefix = tasks_key(&self.namespace, &spec.name, "runs/");
+        let prefix = tasks_key(&self.ctx.namespace, &spec.name, "runs/");
         let key = format!("{prefix}{:020}", run.token);
         let value = serde_json::to_vec(&run).unwrap_or_default();
-        if let Err(e) = self.client.put(&key, value, None).await {
+        if let Err(e) = self.ctx.client.put(&key, value, None).await {
             warn!(task = %spec.name, error = %e, "Could not record the task run.");
             return;
         }
-        if let Ok(all) = self.client.get_prefix(&prefix).await
+        if let Ok(all) = self.ctx.client.get_prefix(&prefix).await
             && all.kvs.len() > HISTORY
         {
             for old in &all.kvs[..all.kvs.len() - HISTORY] {
-                let _ = self.client.delete(&old.key).await;
+                let _ = self.ctx.client.delete(&old.key).await;
             }
         }
     }

@@ -1,16 +1,15 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::connection::EtcdArgs;
-use coord::agent::hold::{Ended, Guarded, Held, HoldError, hold_and_run};
+use coord::agent::hold::{Ended, Held, HoldError};
 use coord::agent::manifest::host_name;
 use coord::agent::supervise::max_grace;
 use coord::etcd::Session;
 use coord::ids::{self, ClaimRecord};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -94,8 +93,6 @@ async fn claim(args: ClaimArgs) -> anyhow::Result<ExitCode> {
         bail!("--ttl must be whole seconds, at least 2s (etcd leases count seconds)");
     }
     let (client, namespace) = args.etcd.connect().await?;
-    let coord =
-        std::env::current_exe().context("cannot find the coord binary to supervise with")?;
     let session = Session::start(client.clone(), args.ttl);
     let me = ClaimRecord {
         agent: format!("coord-ids@{}", host_name()),
@@ -109,35 +106,21 @@ async fn claim(args: ClaimArgs) -> anyhow::Result<ExitCode> {
             ids::claim(&client, &namespace, &args.pool, args.size, lease, None, &me).await
         }
     };
-    let stop = CancellationToken::new();
-    let interrupted = super::stop_signal()?;
-    let watcher = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            interrupted.await;
-            stop.cancel();
-        })
-    };
-    let subscribed = session.subscribe();
-    let guarded = Guarded {
-        client: &client,
-        session: &subscribed,
-        coord: &coord,
-        argv: &args.command,
-        grace: max_grace(args.ttl).min(Duration::from_secs(2)),
-    };
-    let held = hold_and_run(guarded, take, &stop).await;
-    watcher.abort();
+    let grace = max_grace(args.ttl).min(Duration::from_secs(2));
+    let held = super::hold_for_command(&client, &session, &args.command, grace, take).await?;
     session.close().await;
     Ok(match held {
-        Err(HoldError::Claim(e @ ids::IdError::Exhausted { .. })) => {
+        Err(HoldError::Claim(None)) => ExitCode::from(143),
+        Err(HoldError::Claim(Some(e @ ids::IdError::Exhausted { .. }))) => {
             eprintln!("coord ids: {e} (use --wait to wait for one)");
             ExitCode::from(75)
         }
-        Err(HoldError::Claim(e)) => return Err(e.into()),
-        Err(e @ HoldError::Supervisor(_)) => {
-            return Err(e)
-                .with_context(|| format!("cannot start `{}` under a supervisor", args.command[0]));
+        Err(HoldError::Claim(Some(e))) => return Err(e.into()),
+        Err(HoldError::Supervisor(e)) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot start `{}` under a supervisor",
+                args.command[0]
+            )));
         }
         Ok(Held::Released { last, .. }) => match last {
             Some(Ended::Exited(code)) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -4,11 +4,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::connection::EtcdArgs;
-use coord::agent::hold::{Ended, Guarded, Held, HoldError, hold_and_run};
+use coord::agent::hold::{Ended, Held, HoldError};
 use coord::agent::manifest::host_name;
 use coord::agent::supervise::{max_grace, supervise};
 use coord::etcd::Session;
@@ -57,8 +56,6 @@ enum TakeError {
     Lock(#[from] lock::LockError),
     #[error("`{name}` was not ours within {}", humantime::format_duration(*timeout))]
     Timeout { name: String, timeout: Duration },
-    #[error("interrupted while waiting for `{name}`")]
-    Interrupted { name: String },
 }
 
 pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
@@ -81,8 +78,6 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
     if grace < args.grace {
         warn!(grace = ?grace, ttl = ?args.ttl, "Grace period shortened to fit the TTL.");
     }
-    let coord =
-        std::env::current_exe().context("cannot find the coord binary to supervise with")?;
     let session = Session::start(client.clone(), args.ttl);
     let me = Holder {
         agent: format!("coord-lock@{}", host_name()),
@@ -105,35 +100,11 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
             },
         }
     };
-    let stop = CancellationToken::new();
-    let take = async {
-        tokio::select! {
-            taken = take => taken,
-            _ = stop.cancelled() => Err(TakeError::Interrupted { name: args.name.clone() }),
-        }
-    };
-    let interrupted = super::stop_signal()?;
-    let watcher = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            interrupted.await;
-            stop.cancel();
-        })
-    };
-    let subscribed = session.subscribe();
-    let guarded = Guarded {
-        client: &client,
-        session: &subscribed,
-        coord: &coord,
-        argv: &args.command,
-        grace,
-    };
-    let held = hold_and_run(guarded, take, &stop).await;
-    watcher.abort();
+    let held = super::hold_for_command(&client, &session, &args.command, grace, take).await?;
     // Revoking the lease removes our key (or our place in the queue).
     session.close().await;
     match held {
-        Err(HoldError::Claim(TakeError::Timeout { .. })) => {
+        Err(HoldError::Claim(Some(TakeError::Timeout { .. }))) => {
             eprintln!(
                 "coord lock: `{}` was not ours within {}",
                 args.name,
@@ -141,11 +112,12 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
-        Err(HoldError::Claim(TakeError::Interrupted { .. })) => Ok(ExitCode::from(143)),
-        Err(HoldError::Claim(e)) => Err(e.into()),
-        Err(e @ HoldError::Supervisor(_)) => {
-            Err(e).with_context(|| format!("cannot start `{}` under a supervisor", args.command[0]))
-        }
+        Err(HoldError::Claim(None)) => Ok(ExitCode::from(143)),
+        Err(HoldError::Claim(Some(e))) => Err(e.into()),
+        Err(HoldError::Supervisor(e)) => Err(anyhow::Error::new(e).context(format!(
+            "cannot start `{}` under a supervisor",
+            args.command[0]
+        ))),
         Ok(Held::Lost { .. }) => {
             warn!(lock = %args.name, "Lock lost; the command was stopped.");
             eprintln!(

@@ -140,6 +140,19 @@ fn leader_task(w: &Witness, who: &str, extra: &str) -> String {
     )
 }
 
+/// Agents `a` (leading, its command running) and `b` (queued behind it)
+/// with the same leader task on lock `L`.
+async fn a_leads_b_waits(etcd: &LocalEtcd, w: &Witness) -> (CoordProcess, CoordProcess) {
+    let a = CoordProcess::run(&agent("a", &etcd.endpoint(), &leader_task(w, "a", "")));
+    eventually("a to lead", || async {
+        (w.starts().len() == 1).then_some(())
+    })
+    .await;
+    let b = CoordProcess::run(&agent("b", &etcd.endpoint(), &leader_task(w, "b", "")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (a, b)
+}
+
 /// `coord lock` on `lock` running `script`, in the background.
 fn coord_lock(etcd: &LocalEtcd, args: &[&str], script: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_coord"))
@@ -215,13 +228,7 @@ async fn a_reload_that_changes_a_running_leader_task_never_gives_two_leaders() {
     let etcd = etcd().await;
     let dir = tempfile::tempdir().expect("tmp");
     let w = Witness::new(dir.path(), "L");
-    let mut a = CoordProcess::run(&agent("a", &etcd.endpoint(), &leader_task(&w, "a", "")));
-    eventually("a to lead", || async {
-        (w.starts().len() == 1).then_some(())
-    })
-    .await;
-    let _b = CoordProcess::run(&agent("b", &etcd.endpoint(), &leader_task(&w, "b", "")));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut a, _b) = a_leads_b_waits(&etcd, &w).await;
     // The same task with another environment: a changed task.
     std::fs::write(
         a.manifest_path(),
@@ -248,13 +255,7 @@ async fn sigterm_to_the_holders_agent_stops_its_command_before_the_waiter_starts
     let etcd = etcd().await;
     let dir = tempfile::tempdir().expect("tmp");
     let w = Witness::new(dir.path(), "L");
-    let mut a = CoordProcess::run(&agent("a", &etcd.endpoint(), &leader_task(&w, "a", "")));
-    eventually("a to lead", || async {
-        (w.starts().len() == 1).then_some(())
-    })
-    .await;
-    let _b = CoordProcess::run(&agent("b", &etcd.endpoint(), &leader_task(&w, "b", "")));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut a, _b) = a_leads_b_waits(&etcd, &w).await;
     a.signal(Signal::SIGTERM);
     let status = a.wait().await;
     assert!(status.success(), "a clean stop: {status}");
@@ -312,13 +313,7 @@ async fn kill_9_of_a_tasks_supervisor_stops_the_command_before_the_lock_moves() 
     let etcd = etcd().await;
     let dir = tempfile::tempdir().expect("tmp");
     let w = Witness::new(dir.path(), "L");
-    let a = CoordProcess::run(&agent("a", &etcd.endpoint(), &leader_task(&w, "a", "")));
-    eventually("a to lead", || async {
-        (w.starts().len() == 1).then_some(())
-    })
-    .await;
-    let _b = CoordProcess::run(&agent("b", &etcd.endpoint(), &leader_task(&w, "b", "")));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (a, _b) = a_leads_b_waits(&etcd, &w).await;
     let agent_pid = a.pid();
     let supervisor = eventually("a's supervisor", || async {
         supervisors_under(agent_pid).first().copied()

@@ -10,12 +10,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::check::{CheckResult, run as run_check};
-use crate::agent::controller::Loops;
+use crate::agent::controller::{Context, Loops};
 use crate::agent::hooks::{Event, HookRunner};
 use crate::agent::manifest::{CheckKind, ServiceSpec};
-use crate::agent::status::Status;
 use crate::agent::status::report::ResourceKind;
-use crate::etcd::{Backoff, Cache, Client, LeaseId, Op, SessionState, Subscription};
+use crate::etcd::{Backoff, LeaseId, Op, SessionState, Subscription};
 use crate::registry::{self, Endpoint, Health, HealthRecord};
 
 type Key = (String, String);
@@ -133,18 +132,14 @@ fn now() -> String {
 
 /// The services resource kind.
 pub struct ServicesController {
-    client: Client,
-    cache: Cache,
-    namespace: String,
-    agent: String,
+    ctx: Context,
     stats: watch::Sender<ServiceStats>,
-    status: Status,
 }
 
 impl std::fmt::Debug for ServicesController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServicesController")
-            .field("agent", &self.agent)
+            .field("agent", &self.ctx.agent)
             .finish_non_exhaustive()
     }
 }
@@ -167,21 +162,11 @@ impl Views {
 }
 
 impl ServicesController {
-    pub fn new(client: Client, cache: Cache, namespace: &str, agent: &str) -> Self {
+    pub fn new(ctx: &Context) -> Self {
         ServicesController {
-            client,
-            cache,
-            namespace: namespace.to_owned(),
-            agent: agent.to_owned(),
+            ctx: ctx.clone(),
             stats: watch::Sender::new(ServiceStats::default()),
-            status: Status::default(),
         }
-    }
-
-    /// Reports each instance's health to `status`.
-    pub fn with_status(mut self, status: Status) -> Self {
-        self.status = status;
-        self
     }
 
     pub fn stats(&self) -> watch::Receiver<ServiceStats> {
@@ -189,16 +174,15 @@ impl ServicesController {
     }
 
     fn maint_prefix(&self) -> String {
-        registry::maintenance_key(&self.namespace, &self.agent, None)
+        registry::maintenance_key(&self.ctx.namespace, &self.ctx.agent, None)
     }
 
-    pub async fn run(
-        self,
-        session: watch::Receiver<SessionState>,
-        specs: watch::Receiver<Vec<ServiceSpec>>,
-        hooks: watch::Receiver<Arc<HookRunner>>,
-        cancel: CancellationToken,
-    ) {
+    pub async fn run(self, specs: watch::Receiver<Vec<ServiceSpec>>) {
+        let (session, hooks, cancel) = (
+            self.ctx.session.clone(),
+            self.ctx.hooks.clone(),
+            self.ctx.cancel.clone(),
+        );
         let mut checkers: Loops<Key> = Loops::new(&cancel);
         self.control(session, specs, hooks, &cancel, &mut checkers)
             .await;
@@ -254,15 +238,18 @@ impl ServicesController {
             } else if views.is_none() {
                 views = Some(Views {
                     endpoints: self
+                        .ctx
                         .cache
-                        .subscribe(&registry::services_prefix(&self.namespace)),
+                        .subscribe(&registry::services_prefix(&self.ctx.namespace)),
                     health: self
+                        .ctx
                         .cache
-                        .subscribe(&registry::health_prefix(&self.namespace)),
-                    maint: self.cache.subscribe(&self.maint_prefix()),
+                        .subscribe(&registry::health_prefix(&self.ctx.namespace)),
+                    maint: self.ctx.cache.subscribe(&self.maint_prefix()),
                     checks: self
+                        .ctx
                         .cache
-                        .subscribe(&registry::checks_prefix(&self.namespace)),
+                        .subscribe(&registry::checks_prefix(&self.ctx.namespace)),
                 });
             }
             // Invariant 1: nothing is written before every view has been read.
@@ -286,7 +273,7 @@ impl ServicesController {
                         warn!(error = %e, retry_in = ?wait, "Could not register services.");
                         for ((service, id), inst) in &instances {
                             let state = inst.effective.map_or("pending", Health::name);
-                            self.status.set(
+                            self.ctx.status.set(
                                 ResourceKind::Service,
                                 &format!("{service}/{id}"),
                                 state,
@@ -355,7 +342,7 @@ impl ServicesController {
             ) {
                 continue;
             }
-            let key = registry::check_key(&self.namespace, &inst.spec.name, &inst.spec.id);
+            let key = registry::check_key(&self.ctx.namespace, &inst.spec.name, &inst.spec.id);
             let Some(kv) = checks.get(&key) else { continue };
             if kv.mod_revision <= inst.report_revision {
                 continue;
@@ -379,14 +366,18 @@ impl ServicesController {
         removed: &[Key],
         hooks: &Arc<HookRunner>,
     ) -> Result<(), crate::etcd::Error> {
-        let ns = &self.namespace;
+        let ns = &self.ctx.namespace;
         let agent_maint = views.maint.get(&self.maint_prefix()).is_some();
         let mut ops = Vec::new();
         for ((service, id), inst) in instances.iter_mut() {
             let maint = agent_maint
                 || views
                     .maint
-                    .get(&registry::maintenance_key(ns, &self.agent, Some(service)))
+                    .get(&registry::maintenance_key(
+                        ns,
+                        &self.ctx.agent,
+                        Some(service),
+                    ))
                     .is_some();
             let effective = if maint {
                 Health::Maintenance
@@ -412,7 +403,7 @@ impl ServicesController {
                 self.stats.send_modify(|s| {
                     s.health.insert(format!("{service}/{id}"), effective);
                 });
-                self.status.set(
+                self.ctx.status.set(
                     ResourceKind::Service,
                     &format!("{service}/{id}"),
                     effective.name(),
@@ -422,7 +413,7 @@ impl ServicesController {
             let record = HealthRecord {
                 status: effective,
                 output: inst.output.clone(),
-                agent: self.agent.clone(),
+                agent: self.ctx.agent.clone(),
                 addr: inst.spec.address.clone(),
                 metadata: inst.spec.metadata.clone(),
                 since: inst.since.clone(),
@@ -472,7 +463,7 @@ impl ServicesController {
             return Ok(());
         }
         debug!(writes = ops.len(), lease = %lease, "Registering services.");
-        self.client.apply(&ops).await?;
+        self.ctx.client.apply(&ops).await?;
         self.stats.send_modify(|s| s.writes += 1);
         Ok(())
     }
