@@ -147,7 +147,7 @@ pub struct Guarded<'a> {
 }
 
 /// A claim held for a command: taken with [`Holding::claim`], the command
-/// run under it with [`Holding::run`] (once, or again for a leader), given
+/// run under it with [`Holding::run`] (a task runs once per claim), given
 /// up with [`Holding::finish`].
 #[derive(Debug)]
 pub struct Holding<'a, C: Claim> {
