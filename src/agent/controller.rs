@@ -63,11 +63,6 @@ impl<K: Ord + Clone + std::fmt::Debug> Loops<K> {
         }
     }
 
-    /// Whether a loop runs (or ran and was not stopped) for `key`.
-    pub fn contains(&self, key: &K) -> bool {
-        self.running.contains_key(key)
-    }
-
     /// Starts the loop `make(stop)` for `key`, after the one it replaces (if
     /// any) has been stopped and has returned.
     pub fn start<F>(&mut self, key: K, make: impl FnOnce(CancellationToken) -> F)
@@ -101,11 +96,32 @@ impl<K: Ord + Clone + std::fmt::Debug> Loops<K> {
         self.reap();
     }
 
-    /// Stops every loop whose key `keep` refuses.
-    pub fn retain(&mut self, keep: impl Fn(&K) -> bool) {
-        let gone: Vec<K> = self.running.keys().filter(|k| !keep(k)).cloned().collect();
-        for key in gone {
-            self.stop(&key);
+    /// Makes the loops follow `wanted`, with `current` the specs they run
+    /// on: a loop whose spec is gone or changed is stopped, and one is
+    /// started for each new or changed spec (after the old one returned).
+    pub fn follow<S, F>(
+        &mut self,
+        current: &mut BTreeMap<K, S>,
+        wanted: impl IntoIterator<Item = (K, S)>,
+        mut make: impl FnMut(S, CancellationToken) -> F,
+    ) where
+        S: PartialEq + Clone,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let wanted: BTreeMap<K, S> = wanted.into_iter().collect();
+        current.retain(|key, spec| {
+            let keep = wanted.get(key) == Some(spec);
+            if !keep {
+                self.stop(key);
+            }
+            keep
+        });
+        for (key, spec) in wanted {
+            if current.contains_key(&key) {
+                continue;
+            }
+            current.insert(key.clone(), spec.clone());
+            self.start(key, |stop| make(spec, stop));
         }
     }
 

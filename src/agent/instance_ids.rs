@@ -96,24 +96,14 @@ impl InstanceIdsController {
             let wanted = specs.borrow_and_update().clone();
             // A removed or changed pool's loop releases its claim on the
             // way out; a new loop for it starts once that is done.
-            current.retain(|pool, spec| {
-                let keep = wanted.iter().any(|w| &w.pool == pool && w == spec);
-                if !keep {
-                    loops.stop(pool);
-                }
-                keep
-            });
-            for spec in wanted {
-                if current.contains_key(&spec.pool) {
-                    continue;
-                }
-                let (this, session, hooks, s) =
-                    (self.clone(), session.clone(), hooks.clone(), spec.clone());
-                loops.start(spec.pool.clone(), move |stop| {
-                    this.pool_loop(s, session, hooks, stop)
-                });
-                current.insert(spec.pool.clone(), spec);
-            }
+            loops.follow(
+                &mut current,
+                wanted.into_iter().map(|p| (p.pool.clone(), p)),
+                |spec, stop| {
+                    let this = self.clone();
+                    this.pool_loop(spec, session.clone(), hooks.clone(), stop)
+                },
+            );
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 changed = specs.changed() => if changed.is_err() { break },

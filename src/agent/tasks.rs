@@ -97,24 +97,14 @@ impl TasksController {
             let wanted = specs.borrow_and_update().clone();
             // A changed task's old loop stops, and its new one starts only
             // once the old one has returned: command gone, lock released.
-            current.retain(|name, spec| {
-                let keep = wanted.iter().any(|w| w.name == *name && w == spec);
-                if !keep {
-                    loops.stop(name);
-                }
-                keep
-            });
-            for spec in wanted {
-                if current.contains_key(&spec.name) {
-                    continue;
-                }
-                let this = self.clone();
-                let (session, hooks, s) = (session.clone(), hooks.clone(), spec.clone());
-                loops.start(spec.name.clone(), move |stop| {
-                    this.task_loop(s, session, hooks, stop)
-                });
-                current.insert(spec.name.clone(), spec);
-            }
+            loops.follow(
+                &mut current,
+                wanted.into_iter().map(|t| (t.name.clone(), t)),
+                |spec, stop| {
+                    let this = self.clone();
+                    this.task_loop(spec, session.clone(), hooks.clone(), stop)
+                },
+            );
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 changed = specs.changed() => if changed.is_err() { break },

@@ -354,19 +354,24 @@ async fn deleting_the_holder_key_by_hand_stops_the_command_and_fires_lock_lost()
         .output()
         .expect("etcdctl must be installed (apt-get install etcd-client)");
     assert!(out.status.success());
-    eventually("the old command to be stopped", || async {
-        w.lines()
-            .iter()
-            .any(|l| l.starts_with(&format!("end {first} ")))
-            .then_some(())
-    })
-    .await;
+    // lock-lost fires once the command is gone (TERM, grace, KILL).
     eventually("lock-lost to fire", || async {
         lines(&hooks)
             .contains(&format!("lock-lost {first}"))
             .then_some(())
     })
     .await;
+    let pid: u32 = w
+        .lines()
+        .first()
+        .and_then(|l| l.split(' ').nth(2)?.parse().ok())
+        .expect("the first command's pid");
+    assert!(
+        !processes()
+            .iter()
+            .any(|(p, _, state)| *p == pid && *state != 'Z'),
+        "the command whose key was deleted still runs"
+    );
     eventually("the leader to take the lock again", || async {
         (w.starts().len() >= 2).then_some(())
     })
