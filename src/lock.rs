@@ -34,6 +34,52 @@ pub enum Mode {
     Write,
 }
 
+impl Mode {
+    /// Whether holding a lock in this mode also gives what `wanted` asks
+    /// for, so a holder may re-enter the same lock in that mode: a writer
+    /// may read, a reader may not write; a mutex holder has the lock alone,
+    /// so it has any semaphore place too; a read/write key is not a mutex
+    /// key.
+    pub fn covers(self, wanted: Mode) -> bool {
+        match (self, wanted) {
+            (held, wanted) if held == wanted => true,
+            (Mode::Write, Mode::Read) => true,
+            (Mode::Mutex, Mode::Semaphore(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    /// `mutex`, `read`, `write` or `semaphore:<limit>`, as
+    /// `COORD_LOCK_MODE` says it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Mutex => f.write_str("mutex"),
+            Mode::Read => f.write_str("read"),
+            Mode::Write => f.write_str("write"),
+            Mode::Semaphore(n) => write!(f, "semaphore:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "mutex" => Ok(Mode::Mutex),
+            "read" => Ok(Mode::Read),
+            "write" => Ok(Mode::Write),
+            other => other
+                .strip_prefix("semaphore:")
+                .and_then(|n| n.parse().ok())
+                .map(Mode::Semaphore)
+                .ok_or_else(|| format!("unknown lock mode `{other}`")),
+        }
+    }
+}
+
 /// Who holds a lock, stored as the holder key's value (etcd's own tools
 /// ignore it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +173,41 @@ pub fn holder_key(namespace: &str, name: &str, mode: Mode, lease: LeaseId) -> St
         Mode::Write => format!("{base}write/{:x}", lease.0),
         Mode::Mutex | Mode::Semaphore(_) => format!("{base}{:x}", lease.0),
     }
+}
+
+/// The lease a holder key of lock `name` is on, if `key` is one (in any
+/// mode) — exactly that lock, not one below or above it.
+pub fn holder_lease(namespace: &str, name: &str, key: &str) -> Option<LeaseId> {
+    let rest = key.strip_prefix(&prefix(namespace, name))?;
+    let hex = rest
+        .strip_prefix("read/")
+        .or_else(|| rest.strip_prefix("write/"))
+        .unwrap_or(rest);
+    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    // `{:x}` of an i64 is its two's complement: read it back as such.
+    u64::from_str_radix(hex, 16).ok().map(|l| LeaseId(l as i64))
+}
+
+/// Whether `key`, a holder key of lock `name` with fencing token `token`,
+/// still holds it: it exists, with that create revision, on the lease its
+/// name says.
+pub async fn still_held(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    token: i64,
+) -> Result<bool, LockError> {
+    let Some(lease) = holder_lease(namespace, name, key) else {
+        return Ok(false);
+    };
+    client
+        .get(key)
+        .await
+        .map(|kv| kv.is_some_and(|kv| kv.create_revision == token && kv.lease == Some(lease)))
+        .map_err(etcd_error(name))
 }
 
 /// Whether a key queued before ours keeps us waiting in `mode`.

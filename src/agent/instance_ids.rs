@@ -15,12 +15,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::controller::{Context, Loops};
+use super::hold::key_gone;
 use super::hooks::{AmbientEnv, Event, HookRunner};
 use super::manifest::InstanceIdSpec;
 use super::sleep_or_stop;
-use super::status::Status;
 use super::status::report::ResourceKind;
-use crate::etcd::{Backoff, Client, LeaseId, SessionState, alive_lease};
+use crate::etcd::{Backoff, LeaseId, SessionState, alive_lease};
 use crate::ids::{self, ClaimRecord, IdError};
 
 /// The ids this agent holds, by pool.
@@ -29,25 +30,19 @@ pub type HeldIds = watch::Receiver<BTreeMap<String, u32>>;
 /// One loop per pool.
 #[derive(Debug, Clone)]
 pub struct InstanceIdsController {
-    client: Client,
-    namespace: String,
-    agent: String,
+    ctx: Context,
     state_dir: PathBuf,
     held: Arc<watch::Sender<BTreeMap<String, u32>>>,
     ambient: Option<AmbientEnv>,
-    status: Status,
 }
 
 impl InstanceIdsController {
-    pub fn new(client: Client, namespace: &str, agent: &str, state_dir: &Path) -> Self {
+    pub fn new(ctx: &Context, state_dir: &Path) -> Self {
         InstanceIdsController {
-            client,
-            namespace: namespace.to_owned(),
-            agent: agent.to_owned(),
+            ctx: ctx.clone(),
             state_dir: state_dir.to_owned(),
             held: Arc::new(watch::Sender::new(BTreeMap::new())),
             ambient: None,
-            status: Status::default(),
         }
     }
 
@@ -58,15 +53,10 @@ impl InstanceIdsController {
         self
     }
 
-    /// Reports claims, losses and claim errors to `status`.
-    pub fn with_status(mut self, status: Status) -> Self {
-        self.status = status;
-        self
-    }
-
     fn publish(&self, pool: &str, id: Option<u32>) {
         let state = id.map_or_else(|| "claiming".to_owned(), |id| format!("held id {id}"));
-        self.status
+        self.ctx
+            .status
             .set(ResourceKind::InstanceId, pool, &state, None);
         self.held.send_modify(|h| match id {
             Some(id) => {
@@ -94,55 +84,32 @@ impl InstanceIdsController {
         self.held.subscribe()
     }
 
-    pub async fn run(
-        self,
-        session: watch::Receiver<SessionState>,
-        mut specs: watch::Receiver<Vec<InstanceIdSpec>>,
-        hooks: watch::Receiver<Arc<HookRunner>>,
-        cancel: CancellationToken,
-    ) {
-        let mut running: BTreeMap<
-            String,
-            (
-                InstanceIdSpec,
-                CancellationToken,
-                tokio::task::JoinHandle<()>,
-            ),
-        > = BTreeMap::new();
+    pub async fn run(self, mut specs: watch::Receiver<Vec<InstanceIdSpec>>) {
+        let (session, hooks, cancel) = (
+            self.ctx.session.clone(),
+            self.ctx.hooks.clone(),
+            self.ctx.cancel.clone(),
+        );
+        let mut loops: Loops<String> = Loops::new(&cancel);
+        let mut current: BTreeMap<String, InstanceIdSpec> = BTreeMap::new();
         loop {
             let wanted = specs.borrow_and_update().clone();
-            let gone: Vec<String> = running
-                .iter()
-                .filter(|(pool, (spec, _, _))| {
-                    !wanted.iter().any(|w| &w.pool == *pool && w == spec)
-                })
-                .map(|(pool, _)| pool.clone())
-                .collect();
-            for pool in gone {
-                if let Some((_, stop, task)) = running.remove(&pool) {
-                    // The loop releases its claim on the way out.
-                    stop.cancel();
-                    let _ = task.await;
-                }
-            }
-            for spec in wanted {
-                if running.contains_key(&spec.pool) {
-                    continue;
-                }
-                let stop = cancel.child_token();
-                let task = tokio::spawn(self.clone().pool_loop(
-                    spec.clone(),
-                    session.clone(),
-                    hooks.clone(),
-                    stop.clone(),
-                ));
-                running.insert(spec.pool.clone(), (spec, stop, task));
-            }
+            // A removed or changed pool's loop releases its claim on the
+            // way out; a new loop for it starts once that is done.
+            loops.follow(
+                &mut current,
+                wanted.into_iter().map(|p| (p.pool.clone(), p)),
+                |spec, stop| {
+                    let this = self.clone();
+                    this.pool_loop(spec, session.clone(), hooks.clone(), stop)
+                },
+            );
             tokio::select! {
-                _ = cancel.cancelled() => return,
-                changed = specs.changed() => if changed.is_err() { return },
+                _ = cancel.cancelled() => break,
+                changed = specs.changed() => if changed.is_err() { break },
             }
         }
+        loops.shutdown().await;
     }
 
     fn remembered(&self, pool: &str) -> PathBuf {
@@ -169,12 +136,12 @@ impl InstanceIdsController {
                 self.await_own_stale_claim(&spec.pool, p, lease).await;
             }
             let me = ClaimRecord {
-                agent: self.agent.clone(),
+                agent: self.ctx.agent.clone(),
                 claimed_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             };
             let first = ids::claim(
-                &self.client,
-                &self.namespace,
+                &self.ctx.client,
+                &self.ctx.namespace,
                 &spec.pool,
                 spec.size,
                 lease,
@@ -187,7 +154,7 @@ impl InstanceIdsController {
                     // The operator must act (a bigger pool, fewer hosts);
                     // meanwhile the first id freed is ours.
                     error!(pool = %spec.pool, error = %e, "No free id; waiting for one.");
-                    self.status.set(
+                    self.ctx.status.set(
                         ResourceKind::InstanceId,
                         &spec.pool,
                         "waiting for a free id",
@@ -195,7 +162,7 @@ impl InstanceIdsController {
                     );
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        c = ids::claim_waiting(&self.client, &self.namespace, &spec.pool, spec.size, lease, preferred, &me) => c,
+                        c = ids::claim_waiting(&self.ctx.client, &self.ctx.namespace, &spec.pool, spec.size, lease, preferred, &me) => c,
                     }
                 }
                 other => other,
@@ -204,7 +171,7 @@ impl InstanceIdsController {
                 Ok(c) => c,
                 Err(e) => {
                     let wait = backoff.next_delay();
-                    self.status.set(
+                    self.ctx.status.set(
                         ResourceKind::InstanceId,
                         &spec.pool,
                         "claiming",
@@ -248,14 +215,14 @@ impl InstanceIdsController {
             let stopped = tokio::select! {
                 _ = stop.cancelled() => true,
                 _ = lease_gone(&mut session, lease) => false,
-                _ = key_gone(&self.client, &claim.key, claim.generation) => false,
+                _ = key_gone(&self.ctx.client, &claim.key, claim.generation) => false,
             };
             self.publish(&spec.pool, None);
             if let Some(file) = &spec.file {
                 let _ = std::fs::remove_file(file);
             }
             if stopped {
-                let _ = ids::release(&self.client, &claim).await;
+                let _ = ids::release(&self.ctx.client, &claim).await;
                 // The id stays remembered: after a restart it is claimed
                 // again if still free.
                 info!(pool = %spec.pool, id = claim.id, "Instance id released.");
@@ -277,23 +244,31 @@ impl InstanceIdsController {
     /// (its lease not yet revoked or expired), waits for it to go — at most
     /// that lease's remaining TTL — so the same id is claimed again.
     async fn await_own_stale_claim(&self, pool: &str, id: u32, lease: LeaseId) {
-        let key = format!("{}{id}", ids::prefix(&self.namespace, pool));
-        let Ok(Some(kv)) = self.client.get(&key).await else {
+        let key = format!("{}{id}", ids::prefix(&self.ctx.namespace, pool));
+        let Ok(Some(kv)) = self.ctx.client.get(&key).await else {
             return;
         };
-        let ours =
-            serde_json::from_slice::<ClaimRecord>(&kv.value).is_ok_and(|r| r.agent == self.agent);
+        let ours = serde_json::from_slice::<ClaimRecord>(&kv.value)
+            .is_ok_and(|r| r.agent == self.ctx.agent);
         if !ours || kv.lease == Some(lease) {
             return;
         }
         let left = match kv.lease {
-            Some(old) => self.client.lease_ttl(old).await.ok().flatten().unwrap_or(0),
+            Some(old) => self
+                .ctx
+                .client
+                .lease_ttl(old)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0),
             None => 0,
         };
         let wait = Duration::from_secs(left.max(0) as u64 + 1);
         let _ = tokio::time::timeout(
             wait,
-            self.client
+            self.ctx
+                .client
                 .wait_deleted(&key, kv.create_revision, kv.mod_revision),
         )
         .await;
@@ -338,18 +313,5 @@ async fn lease_gone(session: &mut watch::Receiver<SessionState>, lease: LeaseId)
         if session.changed().await.is_err() {
             return;
         }
-    }
-}
-
-/// Returns once the claim key is really gone; an unreachable etcd is not
-/// a deletion (the lease, watched separately, decides then).
-async fn key_gone(client: &Client, key: &str, generation: i64) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    while client
-        .wait_deleted(key, generation, generation)
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

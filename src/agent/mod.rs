@@ -2,11 +2,14 @@
 //! reconciler makes etcd agree and keeps it so. It uses the library
 //! ([`crate::etcd`], [`crate::presence`], …) and never etcd directly.
 
+pub mod controller;
 pub mod files;
+pub mod hold;
 pub mod hooks;
 pub mod instance_ids;
 pub mod manifest;
-pub mod reconciler;
+pub mod presence;
+pub mod process;
 mod reload;
 mod runtime;
 pub mod services;

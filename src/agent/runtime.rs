@@ -8,13 +8,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::controller::Context;
 use super::files::FilesController;
 use super::hooks::{AmbientEnv, CacheKeys, HookError, HookRunner, KeyReader};
 use super::instance_ids::InstanceIdsController;
 use super::manifest::{
     FileSpec, HookAction, InstanceIdSpec, Manifest, PasswordError, ServiceSpec, TaskSpec,
 };
-use super::reconciler::{Desired, Reconciler};
+use super::presence::{Desired, PresenceController};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
 use super::status::{Notifier, ServeError, Status, StatusServer};
@@ -116,14 +117,7 @@ impl Connected {
             Session::start_counted(client.clone(), manifest.agent.ttl, status.session_stats());
         let cache = Cache::counted(client.clone(), status.watch_stats());
         let (desired, desired_rx) = watch::channel(desired_state(manifest, started_at));
-        let services = ServicesController::new(
-            client.clone(),
-            cache.clone(),
-            &manifest.agent.namespace,
-            &manifest.agent.name,
-        )
-        .with_status(status.clone());
-        let reconciler = Reconciler::new(
+        let reconciler = PresenceController::new(
             client.clone(),
             cache.clone(),
             session.subscribe(),
@@ -131,51 +125,34 @@ impl Connected {
         )
         .with_status(status.clone());
         let stop = CancellationToken::new();
+        // What the services, tasks and instance-id controllers take.
+        let ctx = Context {
+            client: client.clone(),
+            cache: cache.clone(),
+            session: session.subscribe(),
+            hooks: shared.hooks.subscribe(),
+            status: status.clone(),
+            cancel: stop.clone(),
+            namespace: manifest.agent.namespace.clone(),
+            agent: manifest.agent.name.clone(),
+        };
         let follower = tokio::spawn(follow_session(
             session.subscribe(),
             status.clone(),
             stop.clone(),
         ));
         let reconciler = tokio::spawn(reconciler.run(stop.clone()));
-        let services = tokio::spawn(services.run(
-            session.subscribe(),
-            shared.services.subscribe(),
-            shared.hooks.subscribe(),
-            stop.clone(),
-        ));
-        let ids_controller = InstanceIdsController::new(
-            client.clone(),
-            &manifest.agent.namespace,
-            &manifest.agent.name,
-            &manifest.agent.state_dir,
-        );
-        let ids_controller = ids_controller
-            .with_ambient(shared.ambient.clone())
-            .with_status(status.clone());
+        let services = tokio::spawn(ServicesController::new(&ctx).run(shared.services.subscribe()));
+        let ids_controller = InstanceIdsController::new(&ctx, &manifest.agent.state_dir)
+            .with_ambient(shared.ambient.clone());
         let held_ids = ids_controller.held();
         let coord = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coord"));
         let tasks = tokio::spawn(
-            TasksController::new(
-                client.clone(),
-                &manifest.agent.namespace,
-                &manifest.agent.name,
-                coord,
-            )
-            .with_ids(held_ids)
-            .with_status(status.clone())
-            .run(
-                session.subscribe(),
-                shared.tasks.subscribe(),
-                shared.hooks.subscribe(),
-                stop.clone(),
-            ),
+            TasksController::new(&ctx, coord)
+                .with_ids(held_ids)
+                .run(shared.tasks.subscribe()),
         );
-        let ids = tokio::spawn(ids_controller.run(
-            session.subscribe(),
-            shared.instance_ids.subscribe(),
-            shared.hooks.subscribe(),
-            stop.clone(),
-        ));
+        let ids = tokio::spawn(ids_controller.run(shared.instance_ids.subscribe()));
         shared.keys.follow(&cache, &read_prefixes(manifest));
         let files = tokio::spawn(
             FilesController::new(&manifest.agent.namespace)
@@ -202,8 +179,10 @@ impl Connected {
         })
     }
 
-    /// Stops reconciling, then revokes the lease so everything the agent
-    /// held goes at once.
+    /// Stops reconciling and every loop — each guarded command stopped
+    /// (TERM, its grace, KILL) and its lock released once nothing of it
+    /// runs — then revokes the lease so everything the agent held goes at
+    /// once.
     async fn stop(self) {
         self.stop.cancel();
         let _ = self.reconciler.await;
@@ -304,6 +283,13 @@ fn hook_location(manifest: &Manifest, e: &HookError) -> super::manifest::Locatio
         })
 }
 
+/// The variable holding the etcd password reaches no child.
+fn withhold_password_env(manifest: &Manifest) {
+    if let Some(super::manifest::PasswordSource::Env(var)) = &manifest.etcd.password {
+        super::process::withhold_env(var);
+    }
+}
+
 fn apply_options(mut manifest: Manifest, opts: &RunOptions) -> Manifest {
     if let Some(endpoints) = &opts.endpoints {
         manifest.etcd.endpoints = endpoints.clone();
@@ -338,6 +324,7 @@ pub async fn run(
         manifest = %path.display(),
         "Agent starting."
     );
+    withhold_password_env(&manifest);
     let status = Status::new(&manifest.agent.name);
     status.declare(&manifest);
     // Bound before connecting, so /health answers (503) while etcd does not.
@@ -386,6 +373,7 @@ pub async fn run(
             info!(manifest = %path.display(), reason = ?request, "Manifest unchanged.");
             continue;
         }
+        withhold_password_env(&next);
         let next_hooks = if next.hooks == manifest.hooks {
             None
         } else {

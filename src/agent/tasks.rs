@@ -1,9 +1,15 @@
 //! `[[task]]`: commands that run only while the agent holds their lock.
 //!
 //! Each task has its own loop: wait for its time, take the lock on the
-//! agent's session lease, run the command under a supervisor (so it never
-//! outlives the lock), record the run, release. A leader keeps the lock
-//! and restarts its command with backoff.
+//! agent's session lease ([`Holding`]: the command runs under a
+//! supervisor, so it never outlives the lock), record the run, release. A
+//! leader holds the lock while its command runs; when the command exits,
+//! it releases and takes the lock again after a backoff.
+//!
+//! Runs of this agent on one lock queue locally first (one holder per lock
+//! and agent, each run with its own key and fencing token); a changed
+//! task's new loop starts once the old one has stopped its command and
+//! released; a stop waits for every loop.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,12 +22,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::controller::{Context, Loops};
+use super::hold::{Claim, Ended, Guarded, Held, HoldError, Holding};
 use super::hooks::{Event, HookRunner};
 use super::manifest::{Schedule, TaskSpec};
 use super::sleep_or_stop;
+use super::status::TaskExit;
 use super::status::report::ResourceKind;
-use super::status::{Status, TaskExit};
-use super::supervise::{Ended, Supervised, max_grace, run_guarded};
+use super::supervise::max_grace;
 use crate::etcd::{Backoff, Client, LeaseId, SessionState, alive_lease};
 use crate::lock::{self, Holder};
 
@@ -52,31 +60,22 @@ fn now_rfc3339() -> String {
 /// The task loops of one agent.
 #[derive(Debug, Clone)]
 pub struct TasksController {
-    client: Client,
-    namespace: String,
-    agent: String,
+    ctx: Context,
     coord: PathBuf,
     ids: Option<super::instance_ids::HeldIds>,
-    status: Status,
+    /// The agent's local queue per lock name.
+    turns: Arc<std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl TasksController {
     /// `coord` is the binary to run supervisors with (the agent itself).
-    pub fn new(client: Client, namespace: &str, agent: &str, coord: PathBuf) -> Self {
+    pub fn new(ctx: &Context, coord: PathBuf) -> Self {
         TasksController {
-            client,
-            namespace: namespace.to_owned(),
-            agent: agent.to_owned(),
+            ctx: ctx.clone(),
             coord,
             ids: None,
-            status: Status::default(),
+            turns: Arc::default(),
         }
-    }
-
-    /// Reports task runs and locks to `status`.
-    pub fn with_status(mut self, status: Status) -> Self {
-        self.status = status;
-        self
     }
 
     /// Gives commands the agent's instance ids as
@@ -86,39 +85,45 @@ impl TasksController {
         self
     }
 
-    pub async fn run(
-        self,
-        session: watch::Receiver<SessionState>,
-        mut specs: watch::Receiver<Vec<TaskSpec>>,
-        hooks: watch::Receiver<Arc<HookRunner>>,
-        cancel: CancellationToken,
-    ) {
-        let mut running: BTreeMap<String, (TaskSpec, CancellationToken)> = BTreeMap::new();
+    pub async fn run(self, mut specs: watch::Receiver<Vec<TaskSpec>>) {
+        let (session, hooks, cancel) = (
+            self.ctx.session.clone(),
+            self.ctx.hooks.clone(),
+            self.ctx.cancel.clone(),
+        );
+        let mut loops: Loops<String> = Loops::new(&cancel);
+        let mut current: BTreeMap<String, TaskSpec> = BTreeMap::new();
         loop {
             let wanted = specs.borrow_and_update().clone();
-            running.retain(|name, (spec, stop)| {
-                let keep = wanted.iter().any(|w| w.name == *name && w == spec);
-                if !keep {
-                    stop.cancel();
-                }
-                keep
-            });
-            for spec in wanted {
-                if running.contains_key(&spec.name) {
-                    continue;
-                }
-                let stop = cancel.child_token();
-                let this = self.clone();
-                let (session, hooks, s) = (session.clone(), hooks.clone(), spec.clone());
-                let token = stop.clone();
-                tokio::spawn(async move { this.task_loop(s, session, hooks, token).await });
-                running.insert(spec.name.clone(), (spec, stop));
-            }
+            // A changed task's old loop stops, and its new one starts only
+            // once the old one has returned: command gone, lock released.
+            loops.follow(
+                &mut current,
+                wanted.into_iter().map(|t| (t.name.clone(), t)),
+                |spec, stop| {
+                    let this = self.clone();
+                    this.task_loop(spec, session.clone(), hooks.clone(), stop)
+                },
+            );
             tokio::select! {
-                _ = cancel.cancelled() => return,
-                changed = specs.changed() => if changed.is_err() { return },
+                _ = cancel.cancelled() => break,
+                changed = specs.changed() => if changed.is_err() { break },
             }
         }
+        // Every command stopped and every lock released before the caller
+        // may revoke the lease.
+        loops.shutdown().await;
+    }
+
+    /// The agent's local queue for `lock`: one holder per (lock, agent),
+    /// whatever the number of tasks naming it.
+    fn local_turn(&self, lock: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(lock.to_owned())
+            .or_default()
+            .clone()
     }
 
     async fn task_loop(
@@ -158,60 +163,45 @@ impl TasksController {
                     slot
                 }
             };
-            // Take the lock on the current lease.
-            self.status
+            self.ctx
+                .status
                 .set(ResourceKind::Task, &spec.name, "waiting for the lock", None);
             let lease = tokio::select! {
                 _ = stop.cancelled() => return,
                 l = alive_lease(&mut session) => l,
             };
             let grace = spec.grace.min(max_grace(ttl_of(&session, lease)));
-            let prepared = match Supervised::prepare(&self.coord, &spec.run, grace) {
-                Ok(p) => p,
+            let claim = self.claim(&spec, lease, &stop);
+            let guarded = Guarded {
+                client: &self.ctx.client,
+                session: &session,
+                coord: &self.coord,
+                argv: &spec.run,
+                grace,
+            };
+            let mut holding = match Holding::claim(guarded, claim).await {
+                Ok(h) => h,
+                Err(HoldError::Claim(TaskClaimError::Stopped)) => return,
                 Err(e) => {
-                    warn!(task = %spec.name, error = %e, "Cannot start the task's supervisor.");
+                    warn!(task = %spec.name, error = %e, "Could not take the task's lock.");
+                    self.ctx.status.set(
+                        ResourceKind::Lock,
+                        &spec.lock,
+                        "free",
+                        Some(e.to_string()),
+                    );
                     if sleep_or_stop(backoff.next_delay(), &stop).await {
                         return;
                     }
                     continue;
                 }
             };
-            let me = Holder {
-                agent: self.agent.clone(),
-                host: super::manifest::host_name(),
-                pid: std::process::id(),
-            };
-            let acquire = lock::acquire(
-                &self.client,
-                lease,
-                &self.namespace,
-                &spec.lock,
-                spec.mode,
-                &me,
-            );
-            let guard = tokio::select! {
-                _ = stop.cancelled() => {
-                    // Our place in the queue goes with its key.
-                    let _ = self.client.delete(&lock::holder_key(&self.namespace, &spec.lock, spec.mode, lease)).await;
-                    return;
-                }
-                g = acquire => match g {
-                    Ok(g) => g,
-                    Err(e) => {
-                        warn!(task = %spec.name, error = %e, "Could not take the task's lock.");
-                        self.status.set(ResourceKind::Lock, &spec.lock, "free", Some(e.to_string()));
-                        if sleep_or_stop(backoff.next_delay(), &stop).await {
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
-            info!(task = %spec.name, lock = %spec.lock, token = guard.token, "Task lock acquired.");
-            self.status.set(
+            let token = holding.held().guard.token;
+            info!(task = %spec.name, lock = %spec.lock, token, "Task lock acquired.");
+            self.ctx.status.set(
                 ResourceKind::Lock,
                 &spec.lock,
-                &format!("held (token {})", guard.token),
+                &format!("held (token {token})"),
                 None,
             );
             self.fire(
@@ -219,149 +209,82 @@ impl TasksController {
                 &spec,
                 Event::LockAcquired {
                     lock: spec.lock.clone(),
-                    fencing_token: guard.token,
+                    fencing_token: token,
                 },
             );
-            // A round (or the one-off) someone else already ran is skipped.
-            let skip = match &spec.schedule {
-                Schedule::Once => self.done(&spec).await,
-                Schedule::Every(_) | Schedule::Cron(_) => self.slot_taken(&spec, slot).await,
-                Schedule::Leader => false,
+            // A round (or the one-off) someone else already ran is skipped;
+            // a round is claimed by one compare-and-set, so holders of a
+            // semaphore never both run it.
+            let run = match &spec.schedule {
+                Schedule::Once => !self.done(&spec).await,
+                Schedule::Every(_) | Schedule::Cron(_) => self.claim_round(&spec, slot).await,
+                Schedule::Leader => true,
             };
-            if skip {
-                let _ = guard.release(&self.client).await;
-                self.status
-                    .set(ResourceKind::Lock, &spec.lock, "free", None);
-                continue;
-            }
-            if matches!(spec.schedule, Schedule::Every(_) | Schedule::Cron(_)) {
-                let _ = self
-                    .client
-                    .put(
-                        &tasks_key(&self.namespace, &spec.name, "slot"),
-                        slot.to_string(),
-                        None,
-                    )
-                    .await;
-            }
-            let mut prepared = Some(prepared);
-            let lost = loop {
-                let supervised = match prepared.take() {
-                    Some(p) => p,
-                    None => match Supervised::prepare(&self.coord, &spec.run, grace) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            warn!(task = %spec.name, error = %e, "Cannot restart the task's supervisor.");
-                            break false;
-                        }
-                    },
-                };
+            let mut restart = false;
+            if run {
                 let started_at = now_rfc3339();
-                self.status
+                self.ctx
+                    .status
                     .set(ResourceKind::Task, &spec.name, "running", None);
-                let env = self.env(&spec, &guard);
-                let timeout = spec.timeout;
-                let stopping = stop.clone();
-                let stop_or_timeout = async move {
-                    match timeout {
+                let stopped = async {
+                    match spec.timeout {
                         Some(t) => {
                             tokio::select! {
-                                _ = stopping.cancelled() => {}
+                                _ = stop.cancelled() => {}
                                 _ = tokio::time::sleep(t) => {}
                             }
                         }
-                        None => stopping.cancelled().await,
+                        None => stop.cancelled().await,
                     }
                 };
-                let ended =
-                    run_guarded(supervised, lease, &env, session.clone(), stop_or_timeout).await;
-                let (exit, lock_lost) = match ended {
-                    Ended::Exited(code) => (Some(code), false),
-                    Ended::LockLost => (None, true),
-                    Ended::Stopped => (None, false),
-                };
-                info!(task = %spec.name, token = guard.token, exit = ?exit, lock_lost, "Task run ended.");
-                self.status.task_ended(
-                    &spec.name,
-                    match (exit, lock_lost) {
-                        (_, true) => TaskExit::LockLost,
-                        (Some(c), _) if c > 128 => TaskExit::Signal(c - 128),
-                        (Some(c), _) => TaskExit::Code(c),
-                        (None, false) => TaskExit::Stopped,
-                    },
-                );
-                self.record(
-                    &spec,
-                    RunRecord {
-                        agent: self.agent.clone(),
-                        token: guard.token,
-                        started_at,
-                        ended_at: now_rfc3339(),
-                        exit,
-                        lock_lost,
-                    },
-                )
-                .await;
-                let signal = exit.filter(|c| *c > 128).map(|c| c - 128);
-                self.fire(
-                    &hooks,
-                    &spec,
-                    Event::TaskFinished {
-                        task: spec.name.clone(),
-                        fencing_token: guard.token,
-                        exit_code: exit.filter(|c| *c <= 128),
-                        signal,
-                    },
-                );
-                if lock_lost {
-                    break true;
+                let ended = holding.run(self.env(&spec, slot), stopped).await;
+                restart = self
+                    .ran(&spec, &hooks, token, &started_at, ended, &stop)
+                    .await;
+            }
+            match holding.finish().await {
+                Held::Lost { .. } => {
+                    warn!(task = %spec.name, lock = %spec.lock, "Task lock lost; its command was stopped.");
+                    self.ctx.status.set(
+                        ResourceKind::Lock,
+                        &spec.lock,
+                        "lost",
+                        Some(
+                            "lost (the lease, or the holder key was deleted); the command was stopped"
+                                .to_owned(),
+                        ),
+                    );
+                    self.fire(
+                        &hooks,
+                        &spec,
+                        Event::LockLost {
+                            lock: spec.lock.clone(),
+                            fencing_token: token,
+                        },
+                    );
                 }
-                if spec.schedule == Schedule::Once && exit == Some(0) {
-                    let done = serde_json::json!({"agent": self.agent, "token": guard.token, "at": now_rfc3339()});
-                    let _ = self
-                        .client
-                        .put(
-                            &tasks_key(&self.namespace, &spec.name, "done"),
-                            done.to_string(),
-                            None,
-                        )
-                        .await;
+                Held::Released { .. } => {
+                    self.ctx
+                        .status
+                        .set(ResourceKind::Lock, &spec.lock, "free", None);
                 }
-                if stop.is_cancelled() || spec.schedule != Schedule::Leader {
-                    break false;
-                }
-                // A leader's command exited: restart it while we hold the lock.
-                let wait = backoff.next_delay();
-                warn!(task = %spec.name, exit = ?exit, retry_in = ?wait, "Leader command exited; restarting it.");
-                if sleep_or_stop(wait, &stop).await {
-                    break false;
-                }
-            };
-            if lost {
-                warn!(task = %spec.name, lock = %spec.lock, "Task lock lost; its command was stopped.");
-                self.status.set(
-                    ResourceKind::Lock,
-                    &spec.lock,
-                    "lost",
-                    Some("lost with the session lease; the command was stopped".to_owned()),
-                );
-                self.fire(
-                    &hooks,
-                    &spec,
-                    Event::LockLost {
-                        lock: spec.lock.clone(),
-                        fencing_token: guard.token,
-                    },
-                );
-            } else {
-                let _ = guard.release(&self.client).await;
-                self.status
-                    .set(ResourceKind::Lock, &spec.lock, "free", None);
             }
             if stop.is_cancelled() {
                 return;
             }
-            if spec.schedule == Schedule::Once && !lost && self.done(&spec).await {
+            if restart {
+                // A leader whose command exited lets the lock go and takes
+                // it again after a pause: every run has its own fencing
+                // token, and a host where the command keeps failing lets
+                // another one lead.
+                let wait = backoff.next_delay();
+                warn!(task = %spec.name, retry_in = ?wait, "Leader command exited; taking the lock again after a pause.");
+                if sleep_or_stop(wait, &stop).await {
+                    return;
+                }
+                continue;
+            }
+            if spec.schedule == Schedule::Once && self.done(&spec).await {
                 return;
             }
             if spec.schedule == Schedule::Once && sleep_or_stop(backoff.next_delay(), &stop).await {
@@ -370,21 +293,121 @@ impl TasksController {
         }
     }
 
-    fn env(&self, spec: &TaskSpec, guard: &lock::Guard) -> Vec<(String, String)> {
-        let token = guard.token.to_string();
+    /// Takes the task's lock on `lease`: first this agent's local turn on
+    /// the lock, then the lock in etcd — a fresh holder key, so a fresh
+    /// fencing token, for every run. Stopping while waiting gives up the
+    /// place in the queue.
+    async fn claim(
+        &self,
+        spec: &TaskSpec,
+        lease: LeaseId,
+        stop: &CancellationToken,
+    ) -> Result<TaskClaim, TaskClaimError> {
+        let turn = tokio::select! {
+            _ = stop.cancelled() => return Err(TaskClaimError::Stopped),
+            t = self.local_turn(&spec.lock).lock_owned() => t,
+        };
+        let me = Holder {
+            agent: self.ctx.agent.clone(),
+            host: super::manifest::host_name(),
+            pid: std::process::id(),
+        };
+        let acquire = lock::acquire(
+            &self.ctx.client,
+            lease,
+            &self.ctx.namespace,
+            &spec.lock,
+            spec.mode,
+            &me,
+        );
+        tokio::select! {
+            _ = stop.cancelled() => {
+                // Our place in the queue goes with its key.
+                let _ = self.ctx.client.delete(&lock::holder_key(&self.ctx.namespace, &spec.lock, spec.mode, lease)).await;
+                Err(TaskClaimError::Stopped)
+            }
+            g = acquire => g.map(|guard| TaskClaim { guard, _turn: turn }).map_err(TaskClaimError::Lock),
+        }
+    }
+
+    /// Records a run that ended and fires its hook; whether it was a
+    /// leader's command that exited by itself (to be started again).
+    async fn ran(
+        &self,
+        spec: &TaskSpec,
+        hooks: &watch::Receiver<Arc<HookRunner>>,
+        token: i64,
+        started_at: &str,
+        ended: Ended,
+        stop: &CancellationToken,
+    ) -> bool {
+        let (exit, lock_lost) = match ended {
+            Ended::Exited(code) => (Some(code), false),
+            Ended::LockLost => (None, true),
+            Ended::Stopped => (None, false),
+        };
+        info!(task = %spec.name, token, exit = ?exit, lock_lost, "Task run ended.");
+        self.ctx.status.task_ended(
+            &spec.name,
+            match (exit, lock_lost) {
+                (_, true) => TaskExit::LockLost,
+                (Some(c), _) if c > 128 => TaskExit::Signal(c - 128),
+                (Some(c), _) => TaskExit::Code(c),
+                (None, false) => TaskExit::Stopped,
+            },
+        );
+        self.record(
+            spec,
+            RunRecord {
+                agent: self.ctx.agent.clone(),
+                token,
+                started_at: started_at.to_owned(),
+                ended_at: now_rfc3339(),
+                exit,
+                lock_lost,
+            },
+        )
+        .await;
+        let signal = exit.filter(|c| *c > 128).map(|c| c - 128);
+        self.fire(
+            hooks,
+            spec,
+            Event::TaskFinished {
+                task: spec.name.clone(),
+                fencing_token: token,
+                exit_code: exit.filter(|c| *c <= 128),
+                signal,
+            },
+        );
+        if lock_lost {
+            return false;
+        }
+        if spec.schedule == Schedule::Once && exit == Some(0) {
+            let done =
+                serde_json::json!({"agent": self.ctx.agent, "token": token, "at": now_rfc3339()});
+            let _ = self
+                .ctx
+                .client
+                .put(
+                    &tasks_key(&self.ctx.namespace, &spec.name, "done"),
+                    done.to_string(),
+                    None,
+                )
+                .await;
+        }
+        !stop.is_cancelled() && spec.schedule == Schedule::Leader && exit.is_some()
+    }
+
+    fn env(&self, spec: &TaskSpec, slot: i64) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = spec
             .env
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        env.extend([
-            ("COORD_TASK".to_owned(), spec.name.clone()),
-            ("COORD_LOCK_NAME".to_owned(), spec.lock.clone()),
-            ("COORD_LOCK_KEY".to_owned(), guard.key.clone()),
-            ("COORD_FENCING_TOKEN".to_owned(), token.clone()),
-            ("ETCD_LOCK_KEY".to_owned(), guard.key.clone()),
-            ("ETCD_LOCK_REV".to_owned(), token),
-        ]);
+        env.push(("COORD_TASK".to_owned(), spec.name.clone()));
+        if matches!(spec.schedule, Schedule::Every(_) | Schedule::Cron(_)) {
+            env.push(("COORD_TASK_ROUND".to_owned(), slot.to_string()));
+        }
         if let Some(ids) = &self.ids {
             for (pool, id) in ids.borrow().iter() {
                 let name = pool.to_uppercase().replace('-', "_");
@@ -402,51 +425,109 @@ impl TasksController {
 
     async fn done(&self, spec: &TaskSpec) -> bool {
         matches!(
-            self.client
-                .get(&tasks_key(&self.namespace, &spec.name, "done"))
+            self.ctx
+                .client
+                .get(&tasks_key(&self.ctx.namespace, &spec.name, "done"))
                 .await,
             Ok(Some(_))
         )
     }
 
-    async fn slot_taken(&self, spec: &TaskSpec, slot: i64) -> bool {
-        match self
-            .client
-            .get(&tasks_key(&self.namespace, &spec.name, "slot"))
-            .await
-        {
-            Ok(Some(kv)) => kv
-                .value_str()
-                .parse::<i64>()
-                .is_ok_and(|taken| taken >= slot),
-            _ => false,
-        }
+    /// Claims round `slot` for this run: one compare-and-set on the
+    /// task's round record, so however many agents hold the lock at once
+    /// (a semaphore), one runs the round. An etcd error skips the round.
+    async fn claim_round(&self, spec: &TaskSpec, slot: i64) -> bool {
+        let key = tasks_key(&self.ctx.namespace, &spec.name, "slot");
+        let current = match self.ctx.client.get(&key).await {
+            Ok(kv) => kv,
+            Err(e) => {
+                warn!(task = %spec.name, round = slot, error = %e, "Cannot read the task's last round; skipping this one.");
+                return false;
+            }
+        };
+        let version = match &current {
+            Some(kv)
+                if kv
+                    .value_str()
+                    .parse::<i64>()
+                    .is_ok_and(|taken| taken >= slot) =>
+            {
+                return false;
+            }
+            Some(kv) => kv.version,
+            None => 0,
+        };
+        matches!(
+            self.ctx
+                .client
+                .put_guarded(&key, slot.to_string(), Some(version))
+                .await,
+            Ok(crate::etcd::Guarded::Applied { .. })
+        )
     }
 
     /// Records a run and keeps the history bounded.
     async fn record(&self, spec: &TaskSpec, run: RunRecord) {
-        let prefix = tasks_key(&self.namespace, &spec.name, "runs/");
+        let prefix = tasks_key(&self.ctx.namespace, &spec.name, "runs/");
         let key = format!("{prefix}{:020}", run.token);
         let value = serde_json::to_vec(&run).unwrap_or_default();
-        if let Err(e) = self.client.put(&key, value, None).await {
+        if let Err(e) = self.ctx.client.put(&key, value, None).await {
             warn!(task = %spec.name, error = %e, "Could not record the task run.");
             return;
         }
-        if let Ok(all) = self.client.get_prefix(&prefix).await
+        if let Ok(all) = self.ctx.client.get_prefix(&prefix).await
             && all.kvs.len() > HISTORY
         {
             for old in &all.kvs[..all.kvs.len() - HISTORY] {
-                let _ = self.client.delete(&old.key).await;
+                let _ = self.ctx.client.delete(&old.key).await;
             }
         }
     }
+}
+
+/// A task's lock, held with this agent's local turn on it.
+#[derive(Debug)]
+pub struct TaskClaim {
+    guard: lock::Guard,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Claim for TaskClaim {
+    fn key(&self) -> &str {
+        self.guard.key()
+    }
+
+    fn created(&self) -> i64 {
+        self.guard.created()
+    }
+
+    fn lease(&self) -> LeaseId {
+        Claim::lease(&self.guard)
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        self.guard.env()
+    }
+
+    async fn release(&self, client: &Client) -> Result<(), String> {
+        Claim::release(&self.guard, client).await
+    }
+}
+
+/// Why a task's lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskClaimError {
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    #[error("stopped while waiting for the lock")]
+    Stopped,
 }
 
 /// The lease's TTL, from how far its deadline is (never below 2 s).
 fn ttl_of(session: &watch::Receiver<SessionState>, lease: LeaseId) -> Duration {
     match *session.borrow() {
         SessionState::Alive { lease: l, deadline } if l == lease => deadline
-            .saturating_duration_since(tokio::time::Instant::now())
+            .saturating_duration_since(crate::etcd::Clock::system().now())
             .max(Duration::from_secs(2)),
         _ => Duration::from_secs(2),
     }

@@ -1,12 +1,13 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::connection::EtcdArgs;
+use coord::agent::hold::{Ended, Held, HoldError};
 use coord::agent::manifest::host_name;
-use coord::agent::supervise::{Ended, Supervised, max_grace, run_guarded};
+use coord::agent::supervise::max_grace;
 use coord::etcd::Session;
 use coord::ids::{self, ClaimRecord};
 
@@ -92,53 +93,40 @@ async fn claim(args: ClaimArgs) -> anyhow::Result<ExitCode> {
         bail!("--ttl must be whole seconds, at least 2s (etcd leases count seconds)");
     }
     let (client, namespace) = args.etcd.connect().await?;
-    let coord =
-        std::env::current_exe().context("cannot find the coord binary to supervise with")?;
-    let supervised = Supervised::prepare(
-        &coord,
-        &args.command,
-        max_grace(args.ttl).min(Duration::from_secs(2)),
-    )
-    .with_context(|| format!("cannot start `{}` under a supervisor", args.command[0]))?;
     let session = Session::start(client.clone(), args.ttl);
-    let lease = session.wait_alive().await;
     let me = ClaimRecord {
         agent: format!("coord-ids@{}", host_name()),
         claimed_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     };
-    let claimed = if args.wait {
-        ids::claim_waiting(&client, &namespace, &args.pool, args.size, lease, None, &me).await
-    } else {
-        ids::claim(&client, &namespace, &args.pool, args.size, lease, None, &me).await
-    };
-    let claim = match claimed {
-        Ok(c) => c,
-        Err(e @ ids::IdError::Exhausted { .. }) => {
-            session.close().await;
-            eprintln!("coord ids: {e} (use --wait to wait for one)");
-            return Ok(ExitCode::from(75));
-        }
-        Err(e) => {
-            session.close().await;
-            return Err(e.into());
+    let take = async {
+        let lease = session.wait_alive().await;
+        if args.wait {
+            ids::claim_waiting(&client, &namespace, &args.pool, args.size, lease, None, &me).await
+        } else {
+            ids::claim(&client, &namespace, &args.pool, args.size, lease, None, &me).await
         }
     };
-    let env = vec![
-        ("COORD_INSTANCE_ID".to_owned(), claim.id.to_string()),
-        ("COORD_ID_POOL".to_owned(), claim.pool.clone()),
-        (
-            "COORD_ID_GENERATION".to_owned(),
-            claim.generation.to_string(),
-        ),
-    ];
-    let interrupted = super::stop_signal()?;
-    let ended = run_guarded(supervised, lease, &env, session.subscribe(), interrupted).await;
-    let _ = ids::release(&client, &claim).await;
+    let grace = max_grace(args.ttl).min(Duration::from_secs(2));
+    let held = super::hold_for_command(&client, &session, &args.command, grace, take).await?;
     session.close().await;
-    Ok(match ended {
-        Ended::Exited(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Ended::Stopped => ExitCode::from(143),
-        Ended::LockLost => {
+    Ok(match held {
+        Err(HoldError::Claim(None)) => ExitCode::from(143),
+        Err(HoldError::Claim(Some(e @ ids::IdError::Exhausted { .. }))) => {
+            eprintln!("coord ids: {e} (use --wait to wait for one)");
+            ExitCode::from(75)
+        }
+        Err(HoldError::Claim(Some(e))) => return Err(e.into()),
+        Err(HoldError::Supervisor(e)) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot start `{}` under a supervisor",
+                args.command[0]
+            )));
+        }
+        Ok(Held::Released { last, .. }) => match last {
+            Some(Ended::Exited(code)) => ExitCode::from(code.clamp(0, 255) as u8),
+            _ => ExitCode::from(143),
+        },
+        Ok(Held::Lost { claim }) => {
             eprintln!(
                 "coord ids: the claim on id {} was lost; the command was stopped",
                 claim.id

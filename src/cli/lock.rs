@@ -7,8 +7,9 @@ use clap::{Args, ValueEnum};
 use tracing::warn;
 
 use super::connection::EtcdArgs;
+use coord::agent::hold::{Ended, Held, HoldError};
 use coord::agent::manifest::host_name;
-use coord::agent::supervise::{Ended, Supervised, max_grace, run_guarded, supervise};
+use coord::agent::supervise::{max_grace, supervise};
 use coord::etcd::Session;
 use coord::lock::{self, Holder, Mode};
 
@@ -45,8 +46,17 @@ pub struct LockArgs {
     etcd: EtcdArgs,
 }
 
-/// Exit status when `--timeout` ran out (EX_TEMPFAIL).
+/// Exit status when `--timeout` ran out or the lock was lost (EX_TEMPFAIL).
 const EXIT_TIMEOUT: u8 = 75;
+
+/// Why the lock was not taken.
+#[derive(Debug, thiserror::Error)]
+enum TakeError {
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    #[error("`{name}` was not ours within {}", humantime::format_duration(*timeout))]
+    Timeout { name: String, timeout: Duration },
+}
 
 pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
     let (client, namespace) = args.etcd.connect().await?;
@@ -56,16 +66,10 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
         ModeArg::Read => Mode::Read,
         ModeArg::Write => Mode::Write,
     };
-    // Inside a command that already holds this lock: re-enter instead of
-    // queueing behind ourselves.
-    let prefix = lock::prefix(&namespace, &args.name);
-    if std::env::var("COORD_LOCK_KEY").is_ok_and(|k| k.starts_with(&prefix)) {
-        let status = tokio::process::Command::new(&args.command[0])
-            .args(&args.command[1..])
-            .status()
-            .await
-            .with_context(|| format!("cannot run `{}`", args.command[0]))?;
-        return Ok(exit_code(status));
+    // Inside a command that already holds this very lock: re-enter
+    // instead of queueing behind ourselves.
+    if let Some(held) = held_here(&client, &namespace, &args.name, mode).await? {
+        return re_enter(&args, &held).await;
     }
     if args.ttl < Duration::from_secs(2) || args.ttl.subsec_nanos() != 0 {
         bail!("--ttl must be whole seconds, at least 2s (etcd leases count seconds)");
@@ -74,12 +78,6 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
     if grace < args.grace {
         warn!(grace = ?grace, ttl = ?args.ttl, "Grace period shortened to fit the TTL.");
     }
-    let coord =
-        std::env::current_exe().context("cannot find the coord binary to supervise with")?;
-    // The supervisor starts while we queue, so that taking the lock costs
-    // no process start.
-    let mut supervised = Supervised::prepare(&coord, &args.command, grace)
-        .with_context(|| format!("cannot start `{}` under a supervisor", args.command[0]))?;
     let session = Session::start(client.clone(), args.ttl);
     let me = Holder {
         agent: format!("coord-lock@{}", host_name()),
@@ -88,55 +86,120 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
     };
     let take = async {
         let lease = session.wait_alive().await;
-        lock::acquire(&client, lease, &namespace, &args.name, mode, &me)
-            .await
-            .map(|guard| (lease, guard))
+        lock::acquire(&client, lease, &namespace, &args.name, mode, &me).await
     };
-    let (lease, guard) = match args.timeout {
-        None => take.await?,
-        Some(t) => match tokio::time::timeout(t, take).await {
-            Ok(g) => g?,
-            Err(_) => {
-                // Revoking the lease removes our place in the queue.
-                supervised.stop().await;
-                session.close().await;
-                eprintln!(
-                    "coord lock: `{}` was not ours within {}",
-                    args.name,
-                    humantime::format_duration(t)
-                );
-                return Ok(ExitCode::from(EXIT_TIMEOUT));
-            }
-        },
+    let take = async {
+        match args.timeout {
+            None => Ok(take.await?),
+            Some(t) => match tokio::time::timeout(t, take).await {
+                Ok(g) => Ok(g?),
+                Err(_) => Err(TakeError::Timeout {
+                    name: args.name.clone(),
+                    timeout: t,
+                }),
+            },
+        }
     };
-    let token = guard.token.to_string();
-    let env = vec![
-        ("COORD_LOCK_NAME".to_owned(), args.name.clone()),
-        ("COORD_LOCK_KEY".to_owned(), guard.key.clone()),
-        ("COORD_FENCING_TOKEN".to_owned(), token.clone()),
-        ("ETCD_LOCK_KEY".to_owned(), guard.key.clone()),
-        ("ETCD_LOCK_REV".to_owned(), token),
-    ];
-    let interrupted = super::stop_signal()?;
-    let ended = run_guarded(supervised, lease, &env, session.subscribe(), interrupted).await;
-    match ended {
-        Ended::LockLost => {
-            warn!(lock = %args.name, "Lock lost with the session; the command was stopped.");
-            session.close().await;
+    let held = super::hold_for_command(&client, &session, &args.command, grace, take).await?;
+    // Revoking the lease removes our key (or our place in the queue).
+    session.close().await;
+    match held {
+        Err(HoldError::Claim(Some(TakeError::Timeout { .. }))) => {
+            eprintln!(
+                "coord lock: `{}` was not ours within {}",
+                args.name,
+                humantime::format_duration(args.timeout.unwrap_or_default())
+            );
+            Ok(ExitCode::from(EXIT_TIMEOUT))
+        }
+        Err(HoldError::Claim(None)) => Ok(ExitCode::from(143)),
+        Err(HoldError::Claim(Some(e))) => Err(e.into()),
+        Err(HoldError::Supervisor(e)) => Err(anyhow::Error::new(e).context(format!(
+            "cannot start `{}` under a supervisor",
+            args.command[0]
+        ))),
+        Ok(Held::Lost { .. }) => {
+            warn!(lock = %args.name, "Lock lost; the command was stopped.");
             eprintln!(
                 "coord lock: lost `{}` while the command ran; it was stopped",
                 args.name
             );
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
-        Ended::Exited(_) | Ended::Stopped => {
-            let _ = guard.release(&client).await;
-            session.close().await;
+        Ok(Held::Released { last, .. }) => {
             // Stopped by a signal: the shell convention for TERM.
-            let code = if let Ended::Exited(c) = ended { c } else { 143 };
+            let code = match last {
+                Some(Ended::Exited(c)) => c,
+                _ => 143,
+            };
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
     }
+}
+
+/// The lock this process's environment says it holds — only when it is
+/// exactly `name` (not a lock above or below it), held in a mode that
+/// covers `mode`, and its holder key is still in etcd on the lease its name
+/// says. A held lock that does not cover `mode` (a reader asking to write)
+/// is an error: queueing behind our own key would wait forever.
+async fn held_here(
+    client: &coord::etcd::Client,
+    namespace: &str,
+    name: &str,
+    mode: Mode,
+) -> anyhow::Result<Option<HeldHere>> {
+    let (Ok(held_name), Ok(key)) = (
+        std::env::var("COORD_LOCK_NAME"),
+        std::env::var("COORD_LOCK_KEY"),
+    ) else {
+        return Ok(None);
+    };
+    if held_name != name || lock::holder_lease(namespace, name, &key).is_none() {
+        return Ok(None);
+    }
+    let held_mode: Mode = std::env::var("COORD_LOCK_MODE")
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| {
+            anyhow::anyhow!("COORD_LOCK_MODE: {e}; cannot tell whether `{name}` may be re-entered")
+        })?;
+    if !held_mode.covers(mode) {
+        bail!(
+            "this command holds `{name}` in mode {held_mode}, which does not cover {mode}:              re-entering would wait for itself forever; release it first"
+        );
+    }
+    let token: i64 = std::env::var("COORD_FENCING_TOKEN")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .context("COORD_FENCING_TOKEN is missing or not a number; cannot re-enter")?;
+    if !lock::still_held(client, namespace, name, &key, token).await? {
+        bail!(
+            "`{name}` is no longer held by the command that started this one (its key `{key}` is gone); not re-entering"
+        );
+    }
+    Ok(Some(HeldHere { token }))
+}
+
+/// A lock held by the command we run inside.
+#[derive(Debug)]
+struct HeldHere {
+    token: i64,
+}
+
+/// Runs the command in our own process group — the guarded command's, so
+/// its supervisor stops it with the rest — and returns its status.
+async fn re_enter(args: &LockArgs, held: &HeldHere) -> anyhow::Result<ExitCode> {
+    let cmd = coord::agent::process::command(
+        &args.command,
+        coord::agent::process::Grouping::Caller,
+        coord::agent::process::OnParentDeath::Kill,
+    );
+    tracing::debug!(lock = %args.name, token = held.token, "Re-entering a lock this command holds.");
+    let status = tokio::process::Command::from(cmd)
+        .status()
+        .await
+        .with_context(|| format!("cannot run `{}`", args.command[0]))?;
+    Ok(exit_code(status))
 }
 
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {

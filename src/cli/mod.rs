@@ -20,21 +20,60 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use coord::agent::hold::{Claim, Guarded, Held, HoldError, hold_and_run};
 use coord::agent::manifest::ManifestError;
+use coord::etcd::{Client, Session};
 
-/// Resolves at the first SIGTERM or SIGINT: what stops a command run
-/// under a lock or an id. Set up before the command starts, so a signal
-/// that comes early is not lost.
-pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+/// A token cancelled at the first SIGTERM or SIGINT: what stops a command
+/// run under a lock or an id. Set up before the command starts, so a
+/// signal that comes early is not lost.
+pub fn stop_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cancel = stop.clone();
+    // Ends with the command's runtime.
+    tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-    })
+        cancel.cancel();
+    });
+    Ok(stop)
+}
+
+/// The command line's side of [`hold_and_run`] (`coord lock`, `coord ids
+/// claim`): runs `command` under the claim `take` makes on `session`'s
+/// lease, stopped by SIGTERM or SIGINT — also while waiting for the claim,
+/// which then fails with `None`. The caller closes the session after.
+pub async fn hold_for_command<C: Claim, E>(
+    client: &Client,
+    session: &Session,
+    command: &[String],
+    grace: std::time::Duration,
+    take: impl std::future::Future<Output = Result<C, E>>,
+) -> anyhow::Result<Result<Held<C>, HoldError<Option<E>>>> {
+    use anyhow::Context as _;
+    let coord =
+        std::env::current_exe().context("cannot find the coord binary to supervise with")?;
+    let stop = stop_signal()?;
+    let take = async {
+        tokio::select! {
+            taken = take => taken.map_err(Some),
+            _ = stop.cancelled() => Err(None),
+        }
+    };
+    let subscribed = session.subscribe();
+    let guarded = Guarded {
+        client,
+        session: &subscribed,
+        coord: &coord,
+        argv: command,
+        grace,
+    };
+    Ok(hold_and_run(guarded, take, &stop).await)
 }
 
 /// Exit status for a bad manifest or bad usage (EX_USAGE).

@@ -7,6 +7,7 @@
 mod backoff;
 mod cache;
 mod changes;
+mod clock;
 mod connection;
 mod error;
 pub mod local;
@@ -18,6 +19,7 @@ mod watcher;
 pub use backoff::Backoff;
 pub use cache::{Cache, CacheEvent, CacheSnapshot, Subscription};
 pub use changes::{ChangeWatcher, ValueChange};
+pub use clock::{BootInstant, Clock, Suspender};
 pub use connection::{
     BATCH, Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KeyValue,
     LeaseId, Op, Password, Snapshot, TlsFiles,

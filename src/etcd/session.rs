@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
+
+use super::clock::{BootInstant, Clock};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -25,8 +27,12 @@ use super::{Backoff, Client, Error, LeaseId};
 pub enum SessionState {
     /// No lease yet: etcd has not answered the first grant.
     Pending,
-    /// The lease is ours at least until `deadline` (local clock).
-    Alive { lease: LeaseId, deadline: Instant },
+    /// The lease is ours at least until `deadline` (on `CLOCK_BOOTTIME`,
+    /// which counts suspend as the server does).
+    Alive {
+        lease: LeaseId,
+        deadline: BootInstant,
+    },
     /// The lease may be gone; a new one is being requested.
     Lost { lease: LeaseId },
     /// The session was closed and its lease revoked (or left to expire).
@@ -99,6 +105,17 @@ impl Session {
     /// Like [`Session::start`], counting into `stats` (which may outlive
     /// this session and be handed to the next one).
     pub fn start_counted(client: Client, ttl: Duration, stats: Arc<SessionStats>) -> Session {
+        Self::start_with_clock(client, ttl, stats, Clock::system())
+    }
+
+    /// Like [`Session::start_counted`], keeping the local deadline on
+    /// `clock` (tests suspend it with a [`super::Suspender`]).
+    pub fn start_with_clock(
+        client: Client,
+        ttl: Duration,
+        stats: Arc<SessionStats>,
+        clock: Clock,
+    ) -> Session {
         let (tx, rx) = watch::channel(SessionState::Pending);
         let cancel = CancellationToken::new();
         let keeper = Keeper {
@@ -107,6 +124,7 @@ impl Session {
             state: tx,
             cancel: cancel.clone(),
             stats: stats.clone(),
+            clock,
         };
         let task = tokio::spawn(keeper.run());
         Session {
@@ -164,6 +182,7 @@ struct Keeper {
     state: watch::Sender<SessionState>,
     cancel: CancellationToken,
     stats: Arc<SessionStats>,
+    clock: Clock,
 }
 
 enum Ended {
@@ -216,10 +235,10 @@ impl Keeper {
 
     /// Grants a lease, retrying with backoff until etcd answers. `None` on
     /// shutdown.
-    async fn grant(&self) -> Option<(LeaseId, Instant)> {
+    async fn grant(&self) -> Option<(LeaseId, BootInstant)> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            let sent = Instant::now();
+            let sent = self.clock.now();
             let ttl = self.ttl_secs;
             let attempt = self.client.unary("lease grant", |mut c| async move {
                 c.lease_grant(ttl, None).await
@@ -245,7 +264,7 @@ impl Keeper {
         }
     }
 
-    async fn keep_alive(&self, lease: LeaseId, mut deadline: Instant) -> Ended {
+    async fn keep_alive(&self, lease: LeaseId, mut deadline: BootInstant) -> Ended {
         let ttl = Duration::from_secs(self.ttl_secs as u64);
         let interval = ttl / 3;
         // After a broken stream, try again soon (another endpoint may answer)
@@ -253,7 +272,9 @@ impl Keeper {
         let retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
         let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
             None;
-        let mut in_flight: VecDeque<Instant> = VecDeque::new();
+        // Send times of unanswered keepalives, on both clocks: the boot
+        // clock for the deadline, the monotonic one for the next ping.
+        let mut in_flight: VecDeque<(BootInstant, Instant)> = VecDeque::new();
         let mut next_ping = Instant::now() + interval;
         loop {
             let message = async {
@@ -264,7 +285,7 @@ impl Keeper {
             };
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ended::Shutdown,
-                _ = sleep_until(deadline) => {
+                _ = self.clock.sleep_until(deadline) => {
                     return Ended::Lost("no keepalive answer before the local deadline");
                 }
                 _ = sleep_until(next_ping) => {
@@ -272,11 +293,12 @@ impl Keeper {
                         // Opening the stream sends a keepalive and waits for
                         // its answer, so a successful open is a renewal.
                         let opened_at = Instant::now();
+                        let opened_boot = self.clock.now();
                         match self.open(lease, deadline).await {
                             Ok(s) => {
                                 stream = Some(s);
                                 in_flight.clear();
-                                deadline = deadline.max(opened_at + ttl);
+                                deadline = deadline.max(opened_boot + ttl);
                                 self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                                 self.state.send_replace(SessionState::Alive { lease, deadline });
                                 next_ping = opened_at + interval;
@@ -292,6 +314,7 @@ impl Keeper {
                         continue;
                     }
                     let sent = Instant::now();
+                    let sent_boot = self.clock.now();
                     let Some((keeper, _)) = stream.as_mut() else { continue };
                     if let Err(e) = keeper.keep_alive().await {
                         debug!(lease = %lease, error = %e, "Keepalive send failed.");
@@ -299,17 +322,19 @@ impl Keeper {
                         next_ping = Instant::now() + retry;
                         continue;
                     }
-                    in_flight.push_back(sent);
+                    in_flight.push_back((sent_boot, sent));
                     // An unanswered ping is retried sooner than a regular one.
                     next_ping = if in_flight.len() > 1 { sent + retry } else { sent + interval };
                 }
                 msg = message => match msg {
                     Ok(Some(resp)) => {
-                        let sent = in_flight.pop_front().unwrap_or_else(Instant::now);
+                        let (sent_boot, sent) = in_flight
+                            .pop_front()
+                            .unwrap_or_else(|| (self.clock.now(), Instant::now()));
                         if resp.ttl() <= 0 {
                             return Ended::Lost("etcd says the lease has expired");
                         }
-                        deadline = deadline.max(sent + Duration::from_secs(resp.ttl() as u64));
+                        deadline = deadline.max(sent_boot + Duration::from_secs(resp.ttl() as u64));
                         self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                         self.state.send_replace(SessionState::Alive { lease, deadline });
                         if in_flight.is_empty() {
@@ -329,10 +354,10 @@ impl Keeper {
     async fn open(
         &self,
         lease: LeaseId,
-        deadline: Instant,
+        deadline: BootInstant,
     ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), Error> {
         let budget = deadline
-            .saturating_duration_since(Instant::now())
+            .saturating_duration_since(self.clock.now())
             .min(self.client.request_timeout());
         self.client
             .unary_within("lease keepalive", budget, |mut c| async move {

@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod deploy;
 mod files;
+mod guarded;
 mod hooks;
 mod ids;
 mod interop;

@@ -51,7 +51,7 @@ async fn the_local_deadline_moves_forward_with_each_renewal_and_stays_within_the
     let SessionState::Alive { deadline: d2, .. } = renewed else {
         panic!("alive")
     };
-    let now = tokio::time::Instant::now();
+    let now = coord::etcd::Clock::system().now();
     assert!(
         d2 <= now + Duration::from_secs(3),
         "the deadline must never be later than now + TTL"
@@ -68,4 +68,34 @@ async fn closing_a_session_revokes_its_lease_and_the_keys_on_it() {
     client.put("/t/held", "x", Some(lease)).await.expect("put");
     session.close().await;
     assert_eq!(client.get("/t/held").await.expect("get"), None);
+}
+
+/// The lease keeps expiring on the server while the host is suspended; the
+/// session's deadline counts that time too (CLOCK_BOOTTIME), so a suspend
+/// past the deadline loses the lease at the resume, not a TTL later.
+#[tokio::test]
+async fn a_suspend_past_the_deadline_loses_the_lease_at_the_resume() {
+    let etcd = etcd().await;
+    let (clock, suspender) = coord::etcd::Clock::with_suspender();
+    let session = Session::start_with_clock(
+        etcd.client().await,
+        Duration::from_secs(60),
+        Default::default(),
+        clock,
+    );
+    let first = session.wait_alive().await;
+    let mut rx = session.subscribe();
+    suspender.suspend_for(Duration::from_secs(61));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_for(&mut rx, "lost", |s| s.lease() != Some(first)),
+    )
+    .await
+    .expect(
+        "the lease is given up at the resume, long before the monotonic clock reaches its deadline",
+    );
+    assert_eq!(session.stats().lost(), 1);
+    let again = wait_for(&mut rx, "a new lease", |s| s.lease().is_some()).await;
+    assert_ne!(again.lease(), Some(first));
+    session.close().await;
 }

@@ -109,6 +109,11 @@ impl CoordProcess {
         kill(Pid::from_raw(pid as i32), signal).expect("signal coord");
     }
 
+    /// The process id (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }

@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -14,6 +13,7 @@ use tracing::warn;
 
 use crate::agent::hooks::{Event, HookRunner, Outcome};
 use crate::agent::manifest::FileSpec;
+use crate::agent::process::{self, Job};
 
 /// How long a `check` command may run.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -231,34 +231,37 @@ async fn check(spec: &FileSpec, argv: &[String], staged: &Path) -> Result<(), Wr
         command: command.clone(),
         output,
     };
-    let Some((program, args)) = argv.split_first() else {
+    if argv.is_empty() {
         return Err(fail("empty command".into()));
+    }
+    let out = match process::run(Job {
+        argv: &argv,
+        env: Vec::new(),
+        stdin: None,
+        timeout: CHECK_TIMEOUT,
+        grace: Duration::from_secs(2),
+        log_as: None,
+    })
+    .await
+    {
+        Err(e) => return Err(fail(e.to_string())),
+        Ok(out) => out,
     };
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .env_remove(crate::agent::status::NOTIFY_SOCKET)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(CHECK_TIMEOUT, child).await {
-        Err(_) => return Err(fail(format!("still running after {CHECK_TIMEOUT:?}"))),
-        Ok(Err(e)) => return Err(fail(format!("cannot run `{program}`: {e}"))),
-        Ok(Ok(out)) => out,
+    let Some(status) = out.status else {
+        return Err(fail(format!("still running after {CHECK_TIMEOUT:?}")));
     };
-    if out.status.success() {
+    if status.success() {
         return Ok(());
     }
-    let mut output = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !stdout.trim().is_empty() {
+    let mut output = out.stderr.joined(" | ");
+    let stdout = out.stdout.joined(" | ");
+    if !stdout.is_empty() {
         if !output.is_empty() {
             output.push_str(" | ");
         }
-        output.push_str(stdout.trim());
+        output.push_str(&stdout);
     }
-    Err(fail(format!("{}: {output}", out.status)))
+    Err(fail(format!("{status}: {output}")))
 }
 
 /// Makes the staged file the real one: backup, rename, sync the directory.

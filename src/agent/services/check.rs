@@ -1,6 +1,5 @@
 //! Running one health check.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use http_body_util::Empty;
@@ -9,6 +8,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::agent::manifest::CheckKind;
+use crate::agent::process::{self, Job};
 use crate::registry::Health;
 
 /// Most of a check's output kept in the health record.
@@ -48,7 +48,7 @@ pub async fn run(kind: &CheckKind, timeout: Duration) -> CheckResult {
                     CheckResult::new(Health::Critical, format!("cannot connect to {addr}: {e}"))
                 }
             },
-            CheckKind::Exec(argv) => exec(argv).await,
+            CheckKind::Exec(argv) => exec(argv, timeout).await,
             CheckKind::Ttl(_) => CheckResult::new(Health::Passing, ""),
         }
     };
@@ -77,32 +77,44 @@ async fn http(url: &str) -> CheckResult {
 }
 
 /// Exit 0 passing, 1 warning, anything else (or a signal) critical — the
-/// Nagios convention Consul also follows.
-async fn exec(argv: &[String]) -> CheckResult {
-    let Some((program, args)) = argv.split_first() else {
+/// Nagios convention Consul also follows. The caller's timeout bounds it;
+/// a check cut short kills its process group.
+async fn exec(argv: &[String], timeout: Duration) -> CheckResult {
+    let Some(program) = argv.first() else {
         return CheckResult::new(Health::Critical, "no program to run");
     };
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .env_remove(crate::agent::status::NOTIFY_SOCKET)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await;
-    match out {
-        Err(e) => CheckResult::new(Health::Critical, format!("cannot run `{program}`: {e}")),
+    let finished = process::run(Job {
+        argv,
+        env: Vec::new(),
+        stdin: None,
+        timeout,
+        grace: (timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+        log_as: None,
+    })
+    .await;
+    match finished {
+        Err(e) => CheckResult::new(
+            Health::Critical,
+            format!("cannot run `{program}`: {}", e.source),
+        ),
         Ok(out) => {
-            let mut text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            let err = String::from_utf8_lossy(&out.stderr);
-            if !err.trim().is_empty() {
+            let mut text = out.stdout.joined("\n");
+            let err = out.stderr.joined("\n");
+            if !err.is_empty() {
                 if !text.is_empty() {
                     text.push('\n');
                 }
-                text.push_str(err.trim());
+                text.push_str(&err);
             }
-            let status = match out.status.code() {
+            let status = match out.status.and_then(|s| s.code()) {
                 Some(0) => Health::Passing,
                 Some(1) => Health::Warning,
+                _ if out.status.is_none() => {
+                    return CheckResult::new(
+                        Health::Critical,
+                        format!("no answer within {}", humantime::format_duration(timeout)),
+                    );
+                }
                 _ => Health::Critical,
             };
             CheckResult::new(status, text)

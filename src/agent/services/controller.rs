@@ -5,17 +5,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::check::{CheckResult, run as run_check};
+use crate::agent::controller::{Context, Loops};
 use crate::agent::hooks::{Event, HookRunner};
 use crate::agent::manifest::{CheckKind, ServiceSpec};
-use crate::agent::status::Status;
 use crate::agent::status::report::ResourceKind;
-use crate::etcd::{Backoff, Cache, Client, LeaseId, Op, SessionState, Subscription};
+use crate::etcd::{Backoff, LeaseId, Op, SessionState, Subscription};
 use crate::registry::{self, Endpoint, Health, HealthRecord};
 
 type Key = (String, String);
@@ -43,37 +42,40 @@ struct Instance {
     /// that report.
     ttl_seen: Instant,
     report_revision: i64,
-    checker: Option<JoinHandle<()>>,
 }
 
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if let Some(task) = self.checker.take() {
-            task.abort();
+/// An instance's active check: (kind, interval, timeout); none for TTL
+/// checks, which something outside reports.
+fn active_check(spec: &ServiceSpec) -> Option<(CheckKind, Duration, Duration)> {
+    let c = spec.check.as_ref()?;
+    (!matches!(c.kind, CheckKind::Ttl(_))).then(|| (c.kind.clone(), c.interval, c.timeout))
+}
+
+/// Runs an instance's check every `interval`, feeding `results`, until
+/// `stop` (a check cut short kills its process group).
+async fn check_loop(
+    key: Key,
+    (kind, interval, timeout): (CheckKind, Duration, Duration),
+    results: mpsc::UnboundedSender<(Key, CheckResult)>,
+    stop: CancellationToken,
+) {
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = run_check(&kind, timeout) => r,
+        };
+        if results.send((key.clone(), result)).is_err() {
+            return;
+        }
+        if crate::agent::sleep_or_stop(interval, &stop).await {
+            return;
         }
     }
 }
 
 impl Instance {
-    fn new(spec: ServiceSpec, results: &mpsc::UnboundedSender<(Key, CheckResult)>) -> Self {
+    fn new(spec: ServiceSpec) -> Self {
         let check = spec.check.as_ref().map_or(Health::Passing, |c| c.initial);
-        let checker = spec.check.as_ref().and_then(|c| {
-            if matches!(c.kind, CheckKind::Ttl(_)) {
-                return None;
-            }
-            let key = (spec.name.clone(), spec.id.clone());
-            let (kind, interval, timeout) = (c.kind.clone(), c.interval, c.timeout);
-            let tx = results.clone();
-            Some(tokio::spawn(async move {
-                loop {
-                    let result = run_check(&kind, timeout).await;
-                    if tx.send((key.clone(), result)).is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(interval).await;
-                }
-            }))
-        });
         Instance {
             spec,
             check,
@@ -84,7 +86,6 @@ impl Instance {
             since: now(),
             ttl_seen: Instant::now(),
             report_revision: 0,
-            checker,
         }
     }
 
@@ -131,18 +132,14 @@ fn now() -> String {
 
 /// The services resource kind.
 pub struct ServicesController {
-    client: Client,
-    cache: Cache,
-    namespace: String,
-    agent: String,
+    ctx: Context,
     stats: watch::Sender<ServiceStats>,
-    status: Status,
 }
 
 impl std::fmt::Debug for ServicesController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServicesController")
-            .field("agent", &self.agent)
+            .field("agent", &self.ctx.agent)
             .finish_non_exhaustive()
     }
 }
@@ -165,21 +162,11 @@ impl Views {
 }
 
 impl ServicesController {
-    pub fn new(client: Client, cache: Cache, namespace: &str, agent: &str) -> Self {
+    pub fn new(ctx: &Context) -> Self {
         ServicesController {
-            client,
-            cache,
-            namespace: namespace.to_owned(),
-            agent: agent.to_owned(),
+            ctx: ctx.clone(),
             stats: watch::Sender::new(ServiceStats::default()),
-            status: Status::default(),
         }
-    }
-
-    /// Reports each instance's health to `status`.
-    pub fn with_status(mut self, status: Status) -> Self {
-        self.status = status;
-        self
     }
 
     pub fn stats(&self) -> watch::Receiver<ServiceStats> {
@@ -187,15 +174,28 @@ impl ServicesController {
     }
 
     fn maint_prefix(&self) -> String {
-        registry::maintenance_key(&self.namespace, &self.agent, None)
+        registry::maintenance_key(&self.ctx.namespace, &self.ctx.agent, None)
     }
 
-    pub async fn run(
-        self,
+    pub async fn run(self, specs: watch::Receiver<Vec<ServiceSpec>>) {
+        let (session, hooks, cancel) = (
+            self.ctx.session.clone(),
+            self.ctx.hooks.clone(),
+            self.ctx.cancel.clone(),
+        );
+        let mut checkers: Loops<Key> = Loops::new(&cancel);
+        self.control(session, specs, hooks, &cancel, &mut checkers)
+            .await;
+        checkers.shutdown().await;
+    }
+
+    async fn control(
+        &self,
         mut session: watch::Receiver<SessionState>,
         mut specs: watch::Receiver<Vec<ServiceSpec>>,
         hooks: watch::Receiver<Arc<HookRunner>>,
-        cancel: CancellationToken,
+        cancel: &CancellationToken,
+        checkers: &mut Loops<Key>,
     ) {
         let (results_tx, mut results) = mpsc::unbounded_channel::<(Key, CheckResult)>();
         let mut instances: BTreeMap<Key, Instance> = BTreeMap::new();
@@ -218,11 +218,19 @@ impl ServicesController {
                 .collect();
             for k in gone {
                 instances.remove(&k);
+                checkers.stop(&k);
                 removed.push(k);
             }
             for (k, spec) in &keep {
                 if instances.get(k).is_none_or(|i| &i.spec != *spec) {
-                    instances.insert(k.clone(), Instance::new((*spec).clone(), &results_tx));
+                    instances.insert(k.clone(), Instance::new((*spec).clone()));
+                    match active_check(spec) {
+                        Some(check) => {
+                            let (key, tx) = (k.clone(), results_tx.clone());
+                            checkers.start(k.clone(), move |stop| check_loop(key, check, tx, stop));
+                        }
+                        None => checkers.stop(k),
+                    }
                 }
             }
             if instances.is_empty() && removed.is_empty() {
@@ -230,15 +238,18 @@ impl ServicesController {
             } else if views.is_none() {
                 views = Some(Views {
                     endpoints: self
+                        .ctx
                         .cache
-                        .subscribe(&registry::services_prefix(&self.namespace)),
+                        .subscribe(&registry::services_prefix(&self.ctx.namespace)),
                     health: self
+                        .ctx
                         .cache
-                        .subscribe(&registry::health_prefix(&self.namespace)),
-                    maint: self.cache.subscribe(&self.maint_prefix()),
+                        .subscribe(&registry::health_prefix(&self.ctx.namespace)),
+                    maint: self.ctx.cache.subscribe(&self.maint_prefix()),
                     checks: self
+                        .ctx
                         .cache
-                        .subscribe(&registry::checks_prefix(&self.namespace)),
+                        .subscribe(&registry::checks_prefix(&self.ctx.namespace)),
                 });
             }
             // Invariant 1: nothing is written before every view has been read.
@@ -262,7 +273,7 @@ impl ServicesController {
                         warn!(error = %e, retry_in = ?wait, "Could not register services.");
                         for ((service, id), inst) in &instances {
                             let state = inst.effective.map_or("pending", Health::name);
-                            self.status.set(
+                            self.ctx.status.set(
                                 ResourceKind::Service,
                                 &format!("{service}/{id}"),
                                 state,
@@ -331,7 +342,7 @@ impl ServicesController {
             ) {
                 continue;
             }
-            let key = registry::check_key(&self.namespace, &inst.spec.name, &inst.spec.id);
+            let key = registry::check_key(&self.ctx.namespace, &inst.spec.name, &inst.spec.id);
             let Some(kv) = checks.get(&key) else { continue };
             if kv.mod_revision <= inst.report_revision {
                 continue;
@@ -355,14 +366,18 @@ impl ServicesController {
         removed: &[Key],
         hooks: &Arc<HookRunner>,
     ) -> Result<(), crate::etcd::Error> {
-        let ns = &self.namespace;
+        let ns = &self.ctx.namespace;
         let agent_maint = views.maint.get(&self.maint_prefix()).is_some();
         let mut ops = Vec::new();
         for ((service, id), inst) in instances.iter_mut() {
             let maint = agent_maint
                 || views
                     .maint
-                    .get(&registry::maintenance_key(ns, &self.agent, Some(service)))
+                    .get(&registry::maintenance_key(
+                        ns,
+                        &self.ctx.agent,
+                        Some(service),
+                    ))
                     .is_some();
             let effective = if maint {
                 Health::Maintenance
@@ -388,7 +403,7 @@ impl ServicesController {
                 self.stats.send_modify(|s| {
                     s.health.insert(format!("{service}/{id}"), effective);
                 });
-                self.status.set(
+                self.ctx.status.set(
                     ResourceKind::Service,
                     &format!("{service}/{id}"),
                     effective.name(),
@@ -398,7 +413,7 @@ impl ServicesController {
             let record = HealthRecord {
                 status: effective,
                 output: inst.output.clone(),
-                agent: self.agent.clone(),
+                agent: self.ctx.agent.clone(),
                 addr: inst.spec.address.clone(),
                 metadata: inst.spec.metadata.clone(),
                 since: inst.since.clone(),
@@ -448,7 +463,7 @@ impl ServicesController {
             return Ok(());
         }
         debug!(writes = ops.len(), lease = %lease, "Registering services.");
-        self.client.apply(&ops).await?;
+        self.ctx.client.apply(&ops).await?;
         self.stats.send_modify(|s| s.writes += 1);
         Ok(())
     }

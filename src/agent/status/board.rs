@@ -4,8 +4,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::SystemTime;
 
-use tokio::time::Instant;
-
 use super::report::{
     HookRunReport, QueueName, QueueReport, ResourceKind, ResourceReport, SessionPhase,
     SessionReport, StatusReport,
@@ -148,7 +146,7 @@ impl Board {
                 Some(lease),
                 Some(
                     deadline
-                        .saturating_duration_since(Instant::now())
+                        .saturating_duration_since(crate::etcd::Clock::system().now())
                         .as_millis() as u64,
                 ),
             ),

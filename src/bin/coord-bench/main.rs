@@ -5,6 +5,7 @@
 //! target/release/coord-bench all            # every scenario (several minutes)
 //! target/release/coord-bench all --quick    # fewer rounds
 //! target/release/coord-bench reaction locks # some scenarios
+//! target/release/coord-bench nemesis --runs 300   # guarded runs under faults
 //! ```
 //!
 //! It starts its own single-member etcd on free loopback ports, runs each
@@ -20,6 +21,7 @@ mod hooks;
 mod idle;
 mod ids;
 mod locks;
+mod nemesis;
 mod reaction;
 mod report;
 mod scale;
@@ -50,6 +52,9 @@ struct Args {
     /// How many agents (and etcdctl watchers) the fan-out scenario starts.
     #[arg(long, default_value_t = 100)]
     fanout_agents: usize,
+    /// Guarded runs the nemesis scenario goes on for.
+    #[arg(long, default_value_t = 300)]
+    runs: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +68,8 @@ enum Scenario {
     Hooks,
     Idle,
     Services,
+    /// Not in `all`: guarded commands under random faults, several minutes.
+    Nemesis,
 }
 
 const ALL: [Scenario; 8] = [
@@ -169,6 +176,7 @@ async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
             Scenario::Hooks => hooks::run(&ctx, &mut report).await,
             Scenario::Idle => idle::run(&ctx, &mut report).await,
             Scenario::Services => services::run(&ctx, &mut report).await,
+            Scenario::Nemesis => nemesis::run(&ctx, &mut report, args.runs).await,
         };
         if let Err(e) = result {
             all_ran = false;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use coord::agent::controller::Context;
 use coord::agent::hooks::HookRunner;
 use coord::agent::manifest::Manifest;
 use coord::agent::services::ServicesController;
@@ -65,19 +66,23 @@ async fn registration(ctx: &Ctx) -> anyhow::Result<f64> {
         .map_err(|e| anyhow::anyhow!("bench manifest: {e:?}"))?;
     let session = Session::start(client.clone(), Duration::from_secs(10));
     session.wait_alive().await;
-    let controller = ServicesController::new(
-        client.clone(),
-        Cache::new(client.clone()),
-        "/coord",
-        "bench",
-    );
     let (specs_tx, specs) = watch::channel(Vec::new());
     let (_hooks_tx, hooks) =
         watch::channel(Arc::new(HookRunner::new("bench", &[]).context("hooks")?));
     let cancel = CancellationToken::new();
+    let ctx = Context {
+        client: client.clone(),
+        cache: Cache::new(client.clone()),
+        session: session.subscribe(),
+        hooks,
+        status: Default::default(),
+        cancel: cancel.clone(),
+        namespace: "/coord".to_owned(),
+        agent: "bench".to_owned(),
+    };
     let started = Instant::now();
     specs_tx.send_replace(m.services.clone());
-    tokio::spawn(controller.run(session.subscribe(), specs, hooks, cancel.clone()));
+    let controller = tokio::spawn(ServicesController::new(&ctx).run(specs));
     loop {
         let listed = client
             .get_prefix(&registry::services_prefix("/coord"))
@@ -95,6 +100,7 @@ async fn registration(ctx: &Ctx) -> anyhow::Result<f64> {
     }
     let took = started.elapsed().as_secs_f64() * 1e3;
     cancel.cancel();
+    let _ = controller.await;
     session.close().await;
     Ok(took)
 }

@@ -150,22 +150,9 @@ pub fn rss_mib(pid: u32) -> (f64, f64) {
 
 /// The direct children of `pid`.
 pub fn children(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // pid (comm) state ppid …; comm may hold spaces.
-                    let rest = &s[s.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
+    coord::agent::process::processes()
+        .map(|all| all.filter(|p| p.ppid == pid).map(|p| p.pid).collect())
+        .unwrap_or_default()
 }
 
 /// `etcdctl --endpoints <endpoint>` with the v3 API.

@@ -1,4 +1,6 @@
-//! Makes etcd agree with the desired state, and keeps it so.
+//! The presence controller: keeps the agent's presence key in etcd
+//! (`<namespace>/agents/<name>`, on the session lease) as the desired
+//! state says.
 //!
 //! Level-triggered, in the style of kube-runtime's controller: every trigger
 //! (a cache change, a new session lease, a new desired state) only *queues*
@@ -96,7 +98,7 @@ impl Queue {
 
 /// Runs until `cancel`; nothing is deleted on the way out — the caller
 /// revokes the session lease, which removes everything at once.
-pub struct Reconciler {
+pub struct PresenceController {
     client: Client,
     cache: Cache,
     session: watch::Receiver<SessionState>,
@@ -105,20 +107,20 @@ pub struct Reconciler {
     status: Status,
 }
 
-impl std::fmt::Debug for Reconciler {
+impl std::fmt::Debug for PresenceController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reconciler").finish_non_exhaustive()
+        f.debug_struct("PresenceController").finish_non_exhaustive()
     }
 }
 
-impl Reconciler {
+impl PresenceController {
     pub fn new(
         client: Client,
         cache: Cache,
         session: watch::Receiver<SessionState>,
         desired: watch::Receiver<Desired>,
     ) -> Self {
-        Reconciler {
+        PresenceController {
             client,
             cache,
             session,
