@@ -191,6 +191,14 @@ impl Keeper {
                     debug!(lease = %old, "Stale session lease revoked.");
                 }
             }
+            if deadline <= Instant::now() {
+                // Answered (or the old lease revoked) only after the TTL
+                // counted from the send had run out: nothing says this lease
+                // still lives, so nobody gets to use it.
+                debug!(lease = %lease, "Session lease granted too late to use; granting another.");
+                previous = Some(lease);
+                continue;
+            }
             self.state
                 .send_replace(SessionState::Alive { lease, deadline });
             match self.keep_alive(lease, deadline).await {
@@ -254,7 +262,13 @@ impl Keeper {
         let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
             None;
         let mut in_flight: VecDeque<Instant> = VecDeque::new();
-        let mut next_ping = Instant::now() + interval;
+        // The first renewal is due one interval after the send that
+        // `deadline` counts from, like every later one: at once when the
+        // grant was answered late (etcd frozen, then thawed) and the
+        // deadline is already nearer than a whole interval.
+        let mut next_ping = deadline
+            .checked_sub(ttl - interval)
+            .unwrap_or_else(Instant::now);
         loop {
             let message = async {
                 match stream.as_mut() {
