@@ -199,3 +199,87 @@ async fn dev_whose_log_reader_exits_stops_its_etcd_on_ctrl_c() {
 async fn dev_whose_log_reader_stops_reading_stops_its_etcd_on_ctrl_c() {
     dev_stops_its_etcd_when_its_log_reader(Reader::StopsReading).await;
 }
+
+/// Text from etcd and from hooks, each carrying a forged log line: a TTL
+/// note, another agent's host name, a shell hook's output and a value a
+/// WASM plugin logs. None may start a line of the agent's log, move the
+/// cursor or recolour a terminal.
+#[tokio::test]
+async fn text_from_etcd_and_hooks_never_starts_a_log_line_of_its_own() {
+    const FORGED: &str = "2026-01-01T00:00:00.000000Z ERROR coord: FORGED";
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    // The name is held, for now, by an "agent" whose host name forges a line.
+    let holder = coord::etcd::Session::start(client.clone(), Duration::from_secs(60));
+    let lease = holder.wait_alive().await;
+    let record = serde_json::json!({
+        "version": "0", "manifest_hash": "", "started_at": "",
+        "host": format!("evil\n{FORGED}-HOST"), "pid": 1,
+    });
+    client
+        .put("/coord/agents/forger", record.to_string(), Some(lease))
+        .await
+        .expect("put the holder's record");
+    client
+        .put("/app/evil", format!("x\n{FORGED}-PLUGIN\r\x1b[2K"), None)
+        .await
+        .expect("put");
+    let misbehave = crate::support::plugins().misbehave.display().to_string();
+    let text = format!(
+        "{}
+[[service]]
+name = \"api\"
+address = \"127.0.0.1:1\"
+check = {{ ttl = \"1h\" }}
+on_change = [\"shout\", \"reader\"]
+
+[[hook]]
+name = \"shout\"
+exec = [\"printf\", \"hook says\\r{FORGED}-HOOK \\u001b[2K\\n\"]
+
+[[hook]]
+name = \"reader\"
+wasm = \"{misbehave}\"
+config = {{ mode = \"read\", key = \"/app/evil\" }}
+read_prefixes = [\"/app/\"]
+",
+        manifest("forger", &[etcd.endpoint()], 10)
+    );
+    let agent = CoordProcess::run(&text);
+    let logged = |what: &'static str| {
+        let agent = &agent;
+        async move {
+            eventually(&format!("the agent to log {what}"), || async {
+                agent.log().contains(what).then_some(())
+            })
+            .await
+        }
+    };
+    logged("Another agent already uses this name").await;
+    holder.close().await;
+    // Now the agent holds its name; a report with a forged line arrives.
+    let report =
+        serde_json::json!({ "status": "passing", "output": format!("fine\n{FORGED}-NOTE") });
+    client
+        .put(
+            &coord::registry::check_key("/coord", "api", "forger-api"),
+            report.to_string(),
+            None,
+        )
+        .await
+        .expect("put the report");
+    for what in ["FORGED-HOST", "FORGED-NOTE", "FORGED-HOOK", "FORGED-PLUGIN"] {
+        logged(what).await;
+    }
+    let log = agent.log();
+    for line in log.lines() {
+        assert!(
+            !line.contains("FORGED") || !line.starts_with("2026-01-01"),
+            "a forged line made it into the log:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains('\r') && !log.contains('\x1b'),
+        "control characters reached the log:\n{log}"
+    );
+}

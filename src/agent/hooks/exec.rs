@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 use tracing::{debug, info, warn};
 
 use super::{Envelope, Event, HookError, Outcome};
+use crate::untrusted::Untrusted;
 
 /// Lines of stderr kept to explain a failure or a veto.
 const KEPT_LINES: usize = 5;
@@ -153,6 +154,8 @@ fn pump(
         let mut lines = BufReader::new(pipe).lines();
         let mut tail = VecDeque::new();
         while let Ok(Some(line)) = lines.next_line().await {
+            // Escaped once here: it is logged now and maybe in an error later.
+            let line = Untrusted(&line).to_string();
             info!(hook = %hook, stream, "{line}");
             if tail.len() == KEPT_LINES {
                 tail.pop_front();

@@ -32,6 +32,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::{Envelope, Event, Health, HookError, KeyReader, Outcome};
 use crate::agent::manifest::{HookAction, HookSpec, WasmSpec};
+use crate::untrusted::Untrusted;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -593,14 +594,16 @@ impl WasmPlugin {
         let stderr = output.stderr.take();
         for (stream, text) in [("stdout", &stdout), ("stderr", &stderr)] {
             if !text.is_empty() {
-                debug!(hook, stream, output = %text.trim_end(), "Plugin wrote output.");
+                debug!(hook, stream, output = %Untrusted(text.trim_end()), "Plugin wrote output.");
             }
         }
         match result {
+            // What the plugin says goes into logs: escaped here, once.
+            Ok(Ok(Outcome::Vetoed(reason))) => Ok(Outcome::Vetoed(Untrusted(&reason).to_string())),
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(message)) => Err(HookError::Plugin {
                 hook: hook.to_owned(),
-                message,
+                message: Untrusted(&message).to_string(),
             }),
             Err(_) if store.data().limiter.hit => Err(HookError::MemoryLimit {
                 hook: hook.to_owned(),
@@ -622,7 +625,7 @@ impl WasmPlugin {
                 if !said.is_empty() {
                     let said: Vec<&str> = tail(said, 1024).lines().map(str::trim).collect();
                     message.push_str(" (stderr: ");
-                    message.push_str(&said.join(" / "));
+                    message.push_str(&Untrusted(&said.join(" / ")).to_string());
                     message.push(')');
                 }
                 Err(HookError::Trap {
@@ -836,7 +839,7 @@ impl host::Host for State {
             }
             return;
         }
-        let message = head(&message, MAX_LOG_MESSAGE);
+        let message = Untrusted(head(&message, MAX_LOG_MESSAGE));
         match level {
             host::Level::Trace => tracing::trace!(hook, "{message}"),
             host::Level::Debug => tracing::debug!(hook, "{message}"),

@@ -17,6 +17,7 @@ use crate::agent::status::Status;
 use crate::agent::status::report::ResourceKind;
 use crate::etcd::{Backoff, Cache, Client, LeaseId, Op, SessionState, Subscription};
 use crate::registry::{self, Endpoint, Health, HealthRecord};
+use crate::untrusted::Untrusted;
 
 type Key = (String, String);
 
@@ -373,7 +374,7 @@ impl ServicesController {
                 let old = inst.effective;
                 inst.effective = Some(effective);
                 inst.since = now();
-                info!(service = %service, instance = %id, old = ?old, new = effective.name(), output = %inst.output, "Service health changed.");
+                info!(service = %service, instance = %id, old = ?old, new = effective.name(), output = %Untrusted(&inst.output), "Service health changed.");
                 if !inst.spec.on_change.is_empty() {
                     hooks.fire(
                         &inst.spec.on_change,
