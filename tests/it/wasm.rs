@@ -454,6 +454,50 @@ async fn get_key_returns_values_only_within_the_granted_prefixes() {
 }
 
 #[tokio::test]
+async fn a_prefix_without_a_trailing_slash_grants_that_key_and_below_it_not_its_neighbours() {
+    let keys: Arc<dyn KeyReader> = Arc::new(Keys(HashMap::from([
+        ("/app".to_owned(), b"the-app-key".to_vec()),
+        ("/app/db/url".to_owned(), b"postgres://db".to_vec()),
+        ("/apple/pie".to_owned(), b"apple-secret".to_vec()),
+        ("/app-secrets/token".to_owned(), b"hunter2".to_vec()),
+    ])));
+    let read = |name: &str, key: &str| {
+        let spec = wasm_hook(
+            name,
+            &plugins().misbehave,
+            &format!("config = {{ mode = \"read\", key = \"{key}\" }}\nread_prefixes = [\"/app\"]"),
+        );
+        host().load(&spec, keys.clone()).expect("load reader")
+    };
+    let (logs, _guard) = Logs::capture();
+    for (name, key) in [
+        ("segment-1", "/app"),
+        ("segment-2", "/app/db/url"),
+        ("segment-3", "/apple/pie"),
+        ("segment-4", "/app-secrets/token"),
+    ] {
+        assert_eq!(
+            call(&read(name, key), &lock_event("x"), PATIENCE)
+                .await
+                .expect("read"),
+            Outcome::Done
+        );
+    }
+    let text = logs.text();
+    assert!(text.contains("key=/app value=the-app-key"), "{text}");
+    assert!(
+        text.contains("key=/app/db/url value=postgres://db"),
+        "{text}"
+    );
+    assert!(text.contains("key=/apple/pie absent"), "{text}");
+    assert!(text.contains("key=/app-secrets/token absent"), "{text}");
+    assert!(
+        !text.contains("apple-secret") && !text.contains("hunter2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn a_plugin_sees_no_files_unless_a_directory_is_granted_and_then_only_to_read() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("motd");

@@ -850,11 +850,7 @@ impl host::Host for State {
     }
 
     fn get_key(&mut self, key: String) -> Option<Vec<u8>> {
-        let granted = self
-            .grants
-            .read_prefixes
-            .iter()
-            .any(|p| key.starts_with(p.as_str()));
+        let granted = self.grants.read_prefixes.iter().any(|p| grants(p, &key));
         if !granted {
             debug!(hook = %self.grants.hook, key, "Plugin read a key outside its read_prefixes; it reads as absent.");
             return None;
@@ -864,6 +860,18 @@ impl host::Host for State {
 
     fn config(&mut self) -> String {
         self.grants.config.clone()
+    }
+}
+
+/// Whether `read_prefixes` entry `prefix` lets a plugin read `key`. A
+/// prefix ending in `/` grants what starts with it; any other grants the
+/// key itself and the keys below it, `/app` giving `/app` and `/app/db` but
+/// not `/apple` nor `/app-secrets`: a grant follows key segments, as an
+/// operator reads it, not bytes.
+fn grants(prefix: &str, key: &str) -> bool {
+    match key.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
     }
 }
 

@@ -55,7 +55,8 @@ pub struct WasmSpec {
     pub path: PathBuf,
     /// The plugin's own configuration, as JSON text.
     pub config: String,
-    /// Key prefixes the plugin may read from the agent's cache.
+    /// Key prefixes the plugin may read from the agent's cache, by key
+    /// segment: `/app` grants `/app` and `/app/…`, not `/apple`.
     pub read_prefixes: Vec<String>,
     /// The most linear memory one instance may have, in bytes.
     pub max_memory: u64,
