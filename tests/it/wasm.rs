@@ -707,3 +707,62 @@ async fn the_agent_compiles_a_plugin_in_a_child_process_into_a_cache_any_host_lo
         .expect("load");
     assert!(plugin.from_cache(), "the child's compilation is usable");
 }
+
+#[test]
+fn a_compilation_cache_others_could_have_written_is_never_loaded_as_code() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("cache");
+    let host = WasmHost::new(Some(&cache)).expect("wasm host");
+    // The smallest plugin: every load that is not from the cache compiles.
+    let spec = wasm_hook("cached", &plugins().log_events, "");
+    let from_cache = || {
+        host.load(&spec, no_keys())
+            .expect("load (compiling again if need be)")
+            .from_cache()
+    };
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    assert!(!from_cache(), "the first load compiles");
+    assert!(from_cache(), "the second comes from the cache");
+    let file = std::fs::read_dir(&cache)
+        .expect("cache dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .expect("a cached compilation");
+
+    // A file its group may write: compiled again (and replaced by a safe one).
+    chmod(&file, 0o664);
+    assert!(
+        !from_cache(),
+        "a group-writable cache file was loaded as code"
+    );
+    assert!(from_cache(), "the file was replaced by a private one");
+    chmod(&file, 0o606);
+    assert!(
+        !from_cache(),
+        "a world-writable cache file was loaded as code"
+    );
+
+    // A directory others may write to: no cache at all.
+    chmod(&cache, 0o777);
+    assert!(
+        !from_cache(),
+        "a file in a world-writable cache directory was loaded"
+    );
+    assert!(!from_cache(), "a world-writable cache directory was used");
+    chmod(&cache, 0o700);
+    assert!(from_cache(), "a private cache directory is used again");
+
+    // Owned by someone else (only root can make it so; CI runs as root).
+    if nix::unistd::geteuid().is_root() {
+        let other = Some(nix::unistd::Uid::from_raw(4242));
+        nix::unistd::chown(&file, other, None).expect("chown");
+        assert!(
+            !from_cache(),
+            "a cache file owned by another user was loaded"
+        );
+    }
+}

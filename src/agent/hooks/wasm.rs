@@ -180,6 +180,8 @@ struct HostInner {
     engine: Engine,
     linker: Linker<State>,
     cache_dir: Option<PathBuf>,
+    /// Whether an unsafe cache directory was already warned about.
+    cache_distrust_told: AtomicBool,
     ticker: Ticker,
 }
 
@@ -215,6 +217,7 @@ impl WasmHost {
                 engine,
                 linker,
                 cache_dir: cache_dir.map(Path::to_owned),
+                cache_distrust_told: AtomicBool::new(false),
             }),
         })
     }
@@ -313,7 +316,7 @@ impl WasmHost {
     /// else compiled (and written to the cache). Says which.
     fn compile(&self, hook: &str, bytes: &[u8]) -> Result<(Component, bool), String> {
         let engine = &self.inner.engine;
-        let Some(dir) = &self.inner.cache_dir else {
+        let Some(dir) = self.trusted_cache_dir(hook) else {
             return Component::new(engine, bytes)
                 .map(|c| (c, false))
                 .map_err(|e| format!("cannot compile it: {e:#}"));
@@ -361,6 +364,46 @@ impl WasmHost {
     }
 }
 
+impl WasmHost {
+    /// The cache directory, if there is one and it is safe to run code
+    /// from; else warns, once, and there is none: plugins compile in memory.
+    fn trusted_cache_dir(&self, hook: &str) -> Option<&Path> {
+        let dir = self.inner.cache_dir.as_deref()?;
+        let distrust = match std::fs::metadata(dir) {
+            Ok(meta) => distrust(&meta),
+            Err(e) => Some(format!("it cannot be read: {e}")),
+        };
+        let Some(why) = distrust else {
+            return Some(dir);
+        };
+        if !self.inner.cache_distrust_told.swap(true, Ordering::Relaxed) {
+            warn!(hook, dir = %dir.display(), reason = %why, "The WASM compilation cache is not safe to load native code from; compiling plugins in memory instead.");
+        }
+        None
+    }
+}
+
+/// Why a cache directory or file, as `meta` describes it, cannot be
+/// trusted to hold code the agent will run: anyone who can write there
+/// runs code as the agent. `None` when it is the current user's or root's
+/// and nobody else may write to it.
+fn distrust(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = meta.uid();
+    if owner != nix::unistd::geteuid().as_raw() && owner != 0 {
+        return Some(format!(
+            "it is owned by uid {owner}, neither this user nor root"
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "its group or others may write to it (mode {mode:o})"
+        ));
+    }
+    None
+}
+
 /// The cache file for `bytes` compiled by `engine`: the SHA-256 of the
 /// component plus wasmtime's own hash of everything that makes compiled code
 /// incompatible (its version, the target, the engine's settings), so an
@@ -389,7 +432,7 @@ fn cache_file_name(engine: &Engine, bytes: &[u8]) -> String {
 /// someone else would crash the agent with SIGBUS.
 #[allow(unsafe_code)]
 fn load_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
-    let bytes = std::fs::read(path)?;
+    let bytes = read_trusted(path)?;
     // SAFETY: wasmtime requires that the bytes come from
     // `Component::serialize` of a compatible engine: it runs them as native
     // code. Files in the cache are only ever written by `compile` above,
@@ -398,8 +441,29 @@ fn load_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
     // compatibility hash, which covers the wasmtime version and settings;
     // wasmtime checks its header and settings again here. The directory is
     // created owner-only and must be as protected as the agent's binary:
-    // anyone who can write there can run native code in the agent.
+    // anyone who can write there can run native code in the agent, so a
+    // directory or file that others own or may write to is not read
+    // (`trusted_cache_dir`, `read_trusted`).
     unsafe { Component::deserialize(engine, &bytes) }
+}
+
+/// The bytes of the cache file at `path`, if it can be trusted: not a
+/// symbolic link, and (checked on the file opened, so it cannot be swapped
+/// between the check and the read) owned by this user or root and writable
+/// by nobody else.
+fn read_trusted(path: &Path) -> wasmtime::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)?;
+    if let Some(why) = distrust(&file.metadata()?) {
+        wasmtime::bail!("not loaded as code: {why}");
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
