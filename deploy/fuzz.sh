@@ -8,7 +8,9 @@
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`) and a C++ compiler
 # (libFuzzer is built from source). Works on the stable toolchain:
 # cargo-fuzz passes nightly-only flags (-Zsanitizer=address), which
-# RUSTC_BOOTSTRAP=1 lets stable rustc accept.
+# RUSTC_BOOTSTRAP=1 lets stable rustc accept. The first build compiles
+# coord and all its dependencies instrumented, in release mode, into
+# fuzz/target: expect tens of minutes on two cores (wasmtime, cranelift).
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 minutes="${1:-10}"
