@@ -4,7 +4,8 @@
 //! ([`presence`], [`registry`], [`config`], and with their issues lock and
 //! ids).
 //! [`agent`] is the declarative layer on top: manifest, reconciler, hooks.
-//! The primitives know nothing of the agent.
+//! The primitives know nothing of the agent. [`untrusted`] shows text
+//! coord does not control (etcd values, hook output) safely in logs.
 
 pub mod agent;
 pub mod config;
@@ -13,3 +14,4 @@ pub mod ids;
 pub mod lock;
 pub mod presence;
 pub mod registry;
+pub mod untrusted;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::etcd::{Client, Error, KeyValue, LeaseId};
+use crate::untrusted::Untrusted;
 
 /// What an agent says about itself in its presence key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,9 +116,17 @@ impl Agent {
         if name.is_empty() || name.contains('/') {
             return None;
         }
+        let record = serde_json::from_slice::<AgentRecord>(&kv.value)
+            .ok()
+            .map(|r| AgentRecord {
+                // Anyone may write the key, and the host is logged: a
+                // newline in it must not start a forged log line.
+                host: Untrusted(&r.host).to_string(),
+                ..r
+            });
         Some(Agent {
             name: name.to_owned(),
-            record: serde_json::from_slice(&kv.value).ok(),
+            record,
             lease: kv.lease,
         })
     }

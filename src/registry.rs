@@ -159,6 +159,32 @@ pub fn maintenance_key(namespace: &str, agent: &str, service: Option<&str>) -> S
     }
 }
 
+/// Most bytes of a check's output, or of a TTL report's note, that coord
+/// stores. *Why a bound:* the output goes into the instance's health
+/// record, and health records are written in transactions of up to 64
+/// operations that etcd refuses whole past its request limit (1.5 MiB by
+/// default) — one huge note would keep every other service from
+/// registering.
+pub const OUTPUT_LIMIT: usize = 1024;
+
+/// What ends an output that was cut to [`OUTPUT_LIMIT`].
+pub const TRUNCATED: &str = " …[truncated]";
+
+/// `output` cut to at most [`OUTPUT_LIMIT`] bytes, at a character
+/// boundary, ending with [`TRUNCATED`] when something was cut.
+pub fn bounded_output(mut output: String) -> String {
+    if output.len() <= OUTPUT_LIMIT {
+        return output;
+    }
+    let mut cut = OUTPUT_LIMIT - TRUNCATED.len();
+    while !output.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    output.truncate(cut);
+    output.push_str(TRUNCATED);
+    output
+}
+
 /// A TTL check's report, written by whoever watches the instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckReport {
@@ -167,12 +193,18 @@ pub struct CheckReport {
     pub output: String,
 }
 
-/// Parses a TTL report.
+/// Parses a TTL report, its note cut to [`OUTPUT_LIMIT`]: anyone may
+/// write the key, not only [`report_check`].
 pub fn parse_report(kv: &KeyValue) -> Option<CheckReport> {
-    serde_json::from_slice(&kv.value).ok()
+    let report: CheckReport = serde_json::from_slice(&kv.value).ok()?;
+    Some(CheckReport {
+        output: bounded_output(report.output),
+        ..report
+    })
 }
 
-/// Reports a TTL check's result (no lease: the reporter may be a cron job).
+/// Reports a TTL check's result (no lease: the reporter may be a cron job),
+/// its note cut to [`OUTPUT_LIMIT`].
 pub async fn report_check(
     client: &Client,
     namespace: &str,
@@ -180,8 +212,12 @@ pub async fn report_check(
     id: &str,
     report: &CheckReport,
 ) -> Result<(), Error> {
+    let report = CheckReport {
+        status: report.status,
+        output: bounded_output(report.output.clone()),
+    };
     client
-        .put(&check_key(namespace, service, id), json(report), None)
+        .put(&check_key(namespace, service, id), json(&report), None)
         .await
         .map(|_| ())
 }

@@ -32,6 +32,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tracing::info;
 
+use crate::untrusted::Untrusted;
+
 /// Longest line kept or logged from a child's output; the rest of the
 /// line is cut.
 pub const LINE_LIMIT: usize = 4096;
@@ -449,7 +451,9 @@ async fn read_lines(
         if ended && line_len == 0 {
             return kept;
         }
-        let line = String::from_utf8_lossy(&buf).into_owned();
+        // Escaped once here: it is logged now and maybe quoted in an error
+        // later, and a child's output must never forge a log line.
+        let line = Untrusted(&String::from_utf8_lossy(&buf)).to_string();
         if let Some(label) = &log_as
             && budget
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))

@@ -18,34 +18,36 @@ pub struct DevArgs {
     data_dir: PathBuf,
 }
 
-pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+pub async fn dev(args: DevArgs, stderr: &super::Stderr) -> anyhow::Result<ExitCode> {
     // Validate first: a typo should not cost an etcd start.
     let manifest = Manifest::load(&args.manifest)?;
     let bin = etcd_binary()?;
-    eprintln!(
+    stderr.say(format_args!(
         "coord dev: starting etcd ({}) with its data in {}",
         bin.display(),
         args.data_dir.display()
-    );
+    ));
     let etcd = LocalEtcd::start_in(&args.data_dir)
         .await
         .context("failed to start the local etcd")?;
     let endpoint = etcd.endpoint();
-    eprintln!("coord dev: etcd is up at {endpoint}");
-    eprintln!(
+    stderr.say(format_args!("coord dev: etcd is up at {endpoint}"));
+    stderr.say(format_args!(
         "coord dev: running the agent on {}; Ctrl-C stops both",
         args.manifest.display()
-    );
-    eprintln!("coord dev: in another terminal try: coord agents --endpoints {endpoint}");
+    ));
+    stderr.say(format_args!(
+        "coord dev: in another terminal try: coord agents --endpoints {endpoint}"
+    ));
     let opts = RunOptions {
         endpoints: Some(vec![endpoint]),
         watch_manifest: true,
     };
     let code = super::run::run_agent(manifest, opts).await?;
     drop(etcd);
-    eprintln!(
+    stderr.say(format_args!(
         "coord dev: etcd stopped; its data stays in {}",
         args.data_dir.display()
-    );
+    ));
     Ok(code)
 }

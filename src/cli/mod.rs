@@ -88,6 +88,33 @@ const VERSION: &str = concat!(
     ")"
 );
 
+/// The CLI's own messages to stderr. They go through the log writer, so
+/// they stay in order with the log lines and, like them, never block or
+/// fail when stderr is a pipe nobody reads (`eprintln!` would panic).
+#[derive(Clone)]
+pub struct Stderr(tracing_appender::non_blocking::NonBlocking);
+
+impl std::fmt::Debug for Stderr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stderr")
+    }
+}
+
+impl Stderr {
+    /// Wraps the writer the logs go to.
+    pub fn new(writer: tracing_appender::non_blocking::NonBlocking) -> Stderr {
+        Stderr(writer)
+    }
+
+    /// Writes `message` and a newline, as one piece.
+    pub fn say(&self, message: impl std::fmt::Display) {
+        use std::io::Write;
+        let line = format!("{message}\n");
+        // Lossy by design: nothing to do when nobody reads stderr.
+        let _ = self.0.clone().write_all(line.as_bytes());
+    }
+}
+
 /// coord: a per-host agent that coordinates hosts through etcd.
 #[derive(Debug, Parser)]
 #[command(name = "coord", version = VERSION, about, long_about = None)]
@@ -155,7 +182,7 @@ impl Cli {
     /// the thread that saw the event, without a hand-over between threads —
     /// the difference shows in a lock handover. The supervisor and the
     /// commands that only print what clap knows get no runtime at all.
-    pub fn execute(self) -> ExitCode {
+    pub fn execute(self, stderr: Stderr) -> ExitCode {
         let mut runtime = match &self.command {
             Command::Completions(args) => return docs::completions(args),
             Command::Man(args) => return docs::man(args),
@@ -170,21 +197,21 @@ impl Cli {
             _ => tokio::runtime::Builder::new_current_thread(),
         };
         match runtime.enable_all().build() {
-            Ok(rt) => rt.block_on(self.run()),
+            Ok(rt) => rt.block_on(self.run(stderr)),
             Err(e) => {
-                eprintln!("error: cannot start the async runtime: {e}");
+                stderr.say(format_args!("error: cannot start the async runtime: {e}"));
                 ExitCode::FAILURE
             }
         }
     }
 
     /// Runs the command; errors are printed here, at the edge.
-    async fn run(self) -> ExitCode {
+    async fn run(self, stderr: Stderr) -> ExitCode {
         let result = match self.command {
             Command::Run(args) => run::run(args).await,
             Command::Check(args) => check::check(args).await,
             Command::Agents(args) => agents::agents(args).await,
-            Command::Dev(args) => dev::dev(args).await,
+            Command::Dev(args) => dev::dev(args, &stderr).await,
             Command::Hook(args) => hook::hook(args).await,
             Command::Render(args) => render::render(args).await,
             Command::Services(args) => services::services(*args).await,
@@ -202,15 +229,14 @@ impl Cli {
             Ok(code) => code,
             Err(e) => {
                 if let Some(m) = e.downcast_ref::<ManifestError>() {
-                    eprintln!("{m}");
                     let n = m.diagnostics.len();
-                    eprintln!(
-                        "error: the manifest has {n} problem{}; nothing was done",
+                    stderr.say(format_args!(
+                        "{m}\nerror: the manifest has {n} problem{}; nothing was done",
                         if n == 1 { "" } else { "s" }
-                    );
+                    ));
                     return ExitCode::from(EXIT_USAGE);
                 }
-                eprintln!("error: {e:#}");
+                stderr.say(format_args!("error: {e:#}"));
                 ExitCode::FAILURE
             }
         }

@@ -210,6 +210,14 @@ impl Keeper {
                     debug!(lease = %old, "Stale session lease revoked.");
                 }
             }
+            if deadline <= self.clock.now() {
+                // Answered (or the old lease revoked) only after the TTL
+                // counted from the send had run out: nothing says this lease
+                // still lives, so nobody gets to use it.
+                debug!(lease = %lease, "Session lease granted too late to use; granting another.");
+                previous = Some(lease);
+                continue;
+            }
             self.state
                 .send_replace(SessionState::Alive { lease, deadline });
             match self.keep_alive(lease, deadline).await {
@@ -275,7 +283,12 @@ impl Keeper {
         // Send times of unanswered keepalives, on both clocks: the boot
         // clock for the deadline, the monotonic one for the next ping.
         let mut in_flight: VecDeque<(BootInstant, Instant)> = VecDeque::new();
-        let mut next_ping = Instant::now() + interval;
+        // The first renewal is due one interval after the send that
+        // `deadline` counts from, like every later one: at once when the
+        // grant was answered late (etcd frozen, then thawed) and the
+        // deadline is already nearer than a whole interval.
+        let left = deadline.saturating_duration_since(self.clock.now());
+        let mut next_ping = Instant::now() + left.saturating_sub(ttl - interval);
         loop {
             let message = async {
                 match stream.as_mut() {

@@ -233,3 +233,44 @@ async fn values_from_etcd_never_reach_the_command_line() {
     assert_eq!(argv, "fixed-arg\n", "only the manifest's arguments");
     assert!(!dir.path().join("pwned").exists() && !dir.path().join("pwned2").exists());
 }
+
+#[test]
+fn a_nul_byte_in_an_event_value_still_lets_a_shell_hook_run() {
+    // The environment cannot hold a NUL: the value arrives with U+FFFD in
+    // its place, and exactly on stdin.
+    let dir = tempfile::tempdir().expect("tmp");
+    let manifest = dir.path().join("agent.toml");
+    std::fs::write(
+        &manifest,
+        "[agent]\nname = \"web-01\"\n[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\n\
+         [[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"printf %s \\\"$COORD_LOCK\\\" > lock.txt; cat > event.json\"]\n",
+    )
+    .expect("manifest");
+    let event = dir.path().join("event.json.in");
+    std::fs::write(
+        &event,
+        r#"{"type":"lock-acquired","lock":"a\u0000b\nc","fencing_token":7}"#,
+    )
+    .expect("event");
+    let (status, out, err) = crate::support::coord(
+        &[
+            "hook",
+            "note",
+            "--event",
+            event.to_str().expect("utf-8"),
+            "--manifest",
+            manifest.to_str().expect("utf-8"),
+        ],
+        Some(dir.path()),
+    );
+    assert!(status.success(), "the hook did not run: {out}{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("lock.txt")).expect("lock.txt"),
+        "a\u{fffd}b\nc"
+    );
+    let seen: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("event.json")).expect("event.json"),
+    )
+    .expect("JSON");
+    assert_eq!(seen["lock"], "a\u{0}b\nc");
+}

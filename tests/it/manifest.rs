@@ -69,7 +69,7 @@ fn each_kind_of_mistake_is_reported_at_its_line_and_column() {
             format!("[agent]\nttl = \"1s\"\n{GOOD_ETCD}"),
             2,
             7,
-            &["invalid `ttl`", "at least 2"],
+            &["invalid `ttl`", "1s is below", "2s to 1h"],
         ),
         (
             "tls client cert without its key",
@@ -240,5 +240,154 @@ read_prefixes = [\"/app/\"]
     assert!(
         !w.network && w.dirs.is_empty(),
         "nothing granted by default"
+    );
+}
+
+/// Where `needle` starts in `text`, as (line, column), both from 1.
+fn position(text: &str, needle: &str) -> (usize, usize) {
+    let at = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("`{needle}` not in the manifest"));
+    let line = text[..at].matches('\n').count() + 1;
+    let column = at - text[..at].rfind('\n').map_or(0, |n| n + 1) + 1;
+    (line, column)
+}
+
+#[test]
+fn absurd_durations_and_sizes_are_each_reported_where_they_are_never_a_panic() {
+    let text = r#"[agent]
+ttl = "100years"
+
+[etcd]
+endpoints = ["http://127.0.0.1:2379"]
+dial_timeout = "0s"
+request_timeout = "3000years"
+
+[[service]]
+name = "api"
+address = "127.0.0.1:80"
+check = { http = "http://127.0.0.1/", interval = "0s", timeout = "0ms", successes = 0, failures = 4000000000 }
+
+[[service]]
+name = "reported"
+address = "127.0.0.1:81"
+check = { ttl = "0ms" }
+
+[[file]]
+path = "out"
+source = "x"
+debounce = { max = "500000000years" }
+
+[[task]]
+name = "nightly"
+run = ["true"]
+schedule = "every 0s"
+timeout = "-"
+grace = "9000years"
+
+[[task]]
+name = "yearly"
+run = ["true"]
+schedule = "every 10000years"
+timeout = "0s"
+
+[[task]]
+name = "pool"
+run = ["true"]
+mode = "semaphore"
+limit = 0
+schedule = "once"
+
+[[hook]]
+name = "plugin"
+wasm = "p.wasm"
+timeout = "0s"
+max_memory_mib = 9223372036854775807
+
+[[instance_id]]
+pool = "workers"
+size = 4294967295
+"#;
+    // (where the value starts, words its message must contain)
+    let expected: &[(&str, &[&str])] = &[
+        (
+            r#""100years""#,
+            &["invalid `ttl` in [agent]", "above", "2s to 1h"],
+        ),
+        (
+            r#""0s"
+request"#,
+            &["invalid `dial_timeout` in [etcd]", "below", "10ms"],
+        ),
+        (r#""3000years""#, &["invalid `request_timeout`", "above"]),
+        (
+            r#""0s", timeout"#,
+            &["invalid `interval`", "0s is below", "100ms to 1day"],
+        ),
+        (r#""0ms", succ"#, &["invalid `timeout`", "below"]),
+        ("0, failures", &["invalid `successes`", "below"]),
+        ("4000000000", &["invalid `failures`", "above", "1 to 1000"]),
+        (
+            r#""0ms" }"#,
+            &["invalid `ttl` in [service.check]", "below", "1s"],
+        ),
+        (
+            r#""500000000years""#,
+            &["invalid `max` in [file.debounce]", "above", "1h"],
+        ),
+        (r#""every 0s""#, &["invalid `schedule`", "below", "1s"]),
+        (r#""-""#, &["invalid `timeout`", "duration"]),
+        (r#""9000years""#, &["invalid `grace`", "above", "1h"]),
+        (r#""every 10000years""#, &["invalid `schedule`", "above"]),
+        (
+            r#""0s"
+
+[[task]]"#,
+            &["invalid `timeout`", "below", "1ms"],
+        ),
+        ("0\nschedule", &["invalid `limit`", "below"]),
+        (
+            r#""0s"
+max_memory"#,
+            &["invalid `timeout` in [[hook]]", "below"],
+        ),
+        (
+            "9223372036854775807",
+            &["invalid `max_memory_mib`", "above", "1 to 4096"],
+        ),
+        (
+            "4294967295",
+            &["invalid `size` in [[instance_id]]", "above", "1 to 1000000"],
+        ),
+    ];
+    let found = errors(text);
+    for (needle, words) in expected {
+        let needle = needle.replace("\\n", "\n");
+        let (line, column) = position(text, &needle);
+        let at: Vec<&str> = found
+            .iter()
+            .filter(|(l, c, _)| (*l, *c) == (line, column))
+            .map(|(_, _, m)| m.as_str())
+            .collect();
+        assert!(
+            at.iter().any(|m| words.iter().all(|w| m.contains(w))),
+            "no error at {line}:{column} ({needle}) saying {words:?}; there: {at:?}; all: {found:#?}"
+        );
+    }
+
+    // And as the operator sees it: every problem at once, exit 64.
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, text).expect("write");
+    let (status, _, stderr) =
+        crate::support::coord(&["check", path.to_str().expect("utf-8")], None);
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("agent.toml:12:50: error: invalid `interval`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("the manifest has {} problems", expected.len())),
+        "one error per absurd value, no more: {stderr}"
     );
 }

@@ -201,6 +201,11 @@ async fn maintenance_mode_withdraws_and_restores_from_anywhere() {
     listed(&client, LISTED, false).await;
     coord(&["maint", "off", "web-01", "--endpoints", &ep], None);
     listed(&client, LISTED, true).await;
+    let h = health_is(&client, "passing").await;
+    eprintln!(
+        "DEBUG output len after restart {}",
+        h["output"].as_str().map_or(0, str::len)
+    );
 }
 
 #[tokio::test]
@@ -420,4 +425,81 @@ async fn a_tcp_check_follows_whether_the_port_accepts_connections() {
             .is_some_and(|o| o.contains("cannot connect")),
         "{h}"
     );
+}
+
+#[tokio::test]
+async fn a_huge_ttl_note_is_cut_short_and_other_services_keep_registering() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let others: String = (0..20)
+        .map(|i| {
+            format!(
+                "[[service]]\nname = \"other{i}\"\naddress = \"127.0.0.1:{}\"\n",
+                2000 + i
+            )
+        })
+        .collect();
+    let text = manifest(
+        &endpoint(&etcd),
+        10,
+        &format!(
+            "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\ncheck = {{ ttl = \"1h\" }}\n{others}"
+        ),
+    );
+    let mut agent = CoordProcess::run(&text);
+    listed(&client, "/coord/services/other19/web-01-other19", true).await;
+
+    // Through the CLI: the note is cut before it is stored (argv itself
+    // caps one argument at 128 KiB).
+    let ep = etcd.endpoint();
+    let long = "n".repeat(100_000);
+    let (status, out, err) = coord(
+        &[
+            "services",
+            "pass",
+            "web-01-api",
+            "--note",
+            &long,
+            "--endpoints",
+            &ep,
+        ],
+        None,
+    );
+    assert!(status.success(), "{out}{err}");
+    let check_key = coord::registry::check_key("/coord", "api", "web-01-api");
+    let stored = client.get(&check_key).await.expect("get").expect("report");
+    assert!(
+        stored.value.len() < 2048,
+        "`coord services pass` stored a {}-byte report",
+        stored.value.len()
+    );
+
+    // Straight into etcd, as any client may: 1.4 MB of note.
+    let report = serde_json::json!({ "status": "warning", "output": "x".repeat(1_400_000) });
+    client
+        .put(&check_key, serde_json::to_vec(&report).expect("JSON"), None)
+        .await
+        .expect("put the report");
+    let h = health_is(&client, "warning").await;
+    let output = h["output"].as_str().expect("output");
+    assert!(
+        output.len() <= 1024 && output.ends_with("[truncated]"),
+        "the note is stored cut short, with a marker, not {} bytes",
+        output.len()
+    );
+
+    // A restart registers everything again, the note with the rest.
+    agent.signal(Signal::SIGTERM);
+    agent.wait().await;
+    listed(&client, LISTED, false).await;
+    let _agent = CoordProcess::run(&text);
+    for i in 0..20 {
+        listed(
+            &client,
+            &format!("/coord/services/other{i}/web-01-other{i}"),
+            true,
+        )
+        .await;
+    }
+    listed(&client, LISTED, true).await;
 }

@@ -99,3 +99,35 @@ async fn a_suspend_past_the_deadline_loses_the_lease_at_the_resume() {
     assert_ne!(again.lease(), Some(first));
     session.close().await;
 }
+
+#[tokio::test]
+async fn a_lease_granted_late_after_etcd_was_paused_is_kept_and_not_lost_again() {
+    let mut etcd = etcd().await;
+    // A TTL shorter than the request timeout: a grant sent while etcd is
+    // frozen is answered when it thaws, with little of its TTL left.
+    let ttl = Duration::from_secs(3);
+    let session = Session::start(etcd.client().await, ttl);
+    let stats = session.stats();
+    let first = session.wait_alive().await;
+    let mut rx = session.subscribe();
+    etcd.member().pause();
+    wait_for(&mut rx, "lost", |s| matches!(s, SessionState::Lost { .. })).await;
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    etcd.member().resume();
+    let alive = wait_for(&mut rx, "alive again", |s| s.lease().is_some()).await;
+    let lease = alive.lease();
+    assert_ne!(lease, Some(first), "a lost lease is never reused");
+    // Several TTLs on the new lease: it must be renewed, not lost again.
+    tokio::time::sleep(4 * ttl).await;
+    assert_eq!(
+        session.state().lease(),
+        lease,
+        "the session moved off the lease granted after the pause"
+    );
+    assert_eq!(
+        stats.lost(),
+        1,
+        "only the lease frozen with etcd may be lost, not the one granted after it"
+    );
+    session.close().await;
+}

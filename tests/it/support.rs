@@ -77,6 +77,44 @@ impl CoordProcess {
         Self::spawn(dir, &["run".as_ref(), path.as_os_str()])
     }
 
+    /// `coord ARGS…` (`{manifest}` in them stands for `<dir>/agent.toml`)
+    /// with its stdout and stderr both on `output`, as with `2>&1 | …`;
+    /// [`CoordProcess::log`] is then empty.
+    pub fn run_with_output(
+        manifest: &str,
+        args: &[&str],
+        output: std::io::PipeWriter,
+    ) -> CoordProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, manifest).expect("write manifest");
+        let args: Vec<std::ffi::OsString> = args
+            .iter()
+            .map(|a| {
+                if *a == "{manifest}" {
+                    path.clone().into_os_string()
+                } else {
+                    a.into()
+                }
+            })
+            .collect();
+        let err = output.try_clone().expect("dup the output pipe");
+        let child = Command::new(env!("CARGO_BIN_EXE_coord"))
+            .args(&args)
+            .current_dir(dir.path())
+            .env("COORD_LOG", "debug,h2=info,tower=info,hyper=info")
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(err)
+            .spawn()
+            .expect("spawn coord");
+        CoordProcess {
+            child: Some(child),
+            log: dir.path().join("coord.log"),
+            dir,
+        }
+    }
+
     fn spawn(dir: tempfile::TempDir, args: &[&std::ffi::OsStr]) -> CoordProcess {
         let log = dir.path().join("coord.log");
         let out = std::fs::File::create(&log).expect("log file");
@@ -104,14 +142,13 @@ impl CoordProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn signal(&self, signal: Signal) {
-        let pid = self.child.as_ref().expect("running").id();
-        kill(Pid::from_raw(pid as i32), signal).expect("signal coord");
-    }
-
-    /// The process id (while it runs).
+    /// The process id, while it runs.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signal coord");
     }
 
     pub fn is_running(&mut self) -> bool {

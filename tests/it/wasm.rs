@@ -454,6 +454,50 @@ async fn get_key_returns_values_only_within_the_granted_prefixes() {
 }
 
 #[tokio::test]
+async fn a_prefix_without_a_trailing_slash_grants_that_key_and_below_it_not_its_neighbours() {
+    let keys: Arc<dyn KeyReader> = Arc::new(Keys(HashMap::from([
+        ("/app".to_owned(), b"the-app-key".to_vec()),
+        ("/app/db/url".to_owned(), b"postgres://db".to_vec()),
+        ("/apple/pie".to_owned(), b"apple-secret".to_vec()),
+        ("/app-secrets/token".to_owned(), b"hunter2".to_vec()),
+    ])));
+    let read = |name: &str, key: &str| {
+        let spec = wasm_hook(
+            name,
+            &plugins().misbehave,
+            &format!("config = {{ mode = \"read\", key = \"{key}\" }}\nread_prefixes = [\"/app\"]"),
+        );
+        host().load(&spec, keys.clone()).expect("load reader")
+    };
+    let (logs, _guard) = Logs::capture();
+    for (name, key) in [
+        ("segment-1", "/app"),
+        ("segment-2", "/app/db/url"),
+        ("segment-3", "/apple/pie"),
+        ("segment-4", "/app-secrets/token"),
+    ] {
+        assert_eq!(
+            call(&read(name, key), &lock_event("x"), PATIENCE)
+                .await
+                .expect("read"),
+            Outcome::Done
+        );
+    }
+    let text = logs.text();
+    assert!(text.contains("key=/app value=the-app-key"), "{text}");
+    assert!(
+        text.contains("key=/app/db/url value=postgres://db"),
+        "{text}"
+    );
+    assert!(text.contains("key=/apple/pie absent"), "{text}");
+    assert!(text.contains("key=/app-secrets/token absent"), "{text}");
+    assert!(
+        !text.contains("apple-secret") && !text.contains("hunter2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn a_plugin_sees_no_files_unless_a_directory_is_granted_and_then_only_to_read() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("motd");
@@ -662,4 +706,63 @@ async fn the_agent_compiles_a_plugin_in_a_child_process_into_a_cache_any_host_lo
         .load(&wasm_hook("audit", log_events, ""), no_keys())
         .expect("load");
     assert!(plugin.from_cache(), "the child's compilation is usable");
+}
+
+#[test]
+fn a_compilation_cache_others_could_have_written_is_never_loaded_as_code() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("cache");
+    let host = WasmHost::new(Some(&cache)).expect("wasm host");
+    // The smallest plugin: every load that is not from the cache compiles.
+    let spec = wasm_hook("cached", &plugins().log_events, "");
+    let from_cache = || {
+        host.load(&spec, no_keys())
+            .expect("load (compiling again if need be)")
+            .from_cache()
+    };
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    assert!(!from_cache(), "the first load compiles");
+    assert!(from_cache(), "the second comes from the cache");
+    let file = std::fs::read_dir(&cache)
+        .expect("cache dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .expect("a cached compilation");
+
+    // A file its group may write: compiled again (and replaced by a safe one).
+    chmod(&file, 0o664);
+    assert!(
+        !from_cache(),
+        "a group-writable cache file was loaded as code"
+    );
+    assert!(from_cache(), "the file was replaced by a private one");
+    chmod(&file, 0o606);
+    assert!(
+        !from_cache(),
+        "a world-writable cache file was loaded as code"
+    );
+
+    // A directory others may write to: no cache at all.
+    chmod(&cache, 0o777);
+    assert!(
+        !from_cache(),
+        "a file in a world-writable cache directory was loaded"
+    );
+    assert!(!from_cache(), "a world-writable cache directory was used");
+    chmod(&cache, 0o700);
+    assert!(from_cache(), "a private cache directory is used again");
+
+    // Owned by someone else (only root can make it so; CI runs as root).
+    if nix::unistd::geteuid().is_root() {
+        let other = Some(nix::unistd::Uid::from_raw(4242));
+        nix::unistd::chown(&file, other, None).expect("chown");
+        assert!(
+            !from_cache(),
+            "a cache file owned by another user was loaded"
+        );
+    }
 }

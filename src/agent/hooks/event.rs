@@ -144,7 +144,10 @@ impl Envelope {
     /// type), `COORD_SCHEMA`, `COORD_AGENT`, `COORD_TIME`, and one
     /// `COORD_<FIELD>` per field (absent fields are left out). The staged
     /// content of a validate event is not copied into the environment; read
-    /// it from `COORD_STAGED_PATH` or stdin.
+    /// it from `COORD_STAGED_PATH` or stdin. A process's environment cannot
+    /// hold a NUL byte, so each one in a value (names and paths may carry
+    /// any character) becomes U+FFFD there; stdin has the exact value.
+    /// Left as is, one NUL kept the hook from starting at all.
     pub fn env(&self) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
         let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(self) else {
@@ -158,7 +161,7 @@ impl Envelope {
             };
             let text = match value {
                 serde_json::Value::Null => continue,
-                serde_json::Value::String(s) => s,
+                serde_json::Value::String(s) => s.replace('\0', "\u{fffd}"),
                 other => other.to_string(),
             };
             env.insert(name, text);

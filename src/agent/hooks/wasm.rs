@@ -32,6 +32,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::{Envelope, Event, Health, HookError, KeyReader, Outcome};
 use crate::agent::manifest::{HookAction, HookSpec, WasmSpec};
+use crate::untrusted::Untrusted;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -179,6 +180,8 @@ struct HostInner {
     engine: Engine,
     linker: Linker<State>,
     cache_dir: Option<PathBuf>,
+    /// Whether an unsafe cache directory was already warned about.
+    cache_distrust_told: AtomicBool,
     ticker: Ticker,
 }
 
@@ -214,6 +217,7 @@ impl WasmHost {
                 engine,
                 linker,
                 cache_dir: cache_dir.map(Path::to_owned),
+                cache_distrust_told: AtomicBool::new(false),
             }),
         })
     }
@@ -312,7 +316,7 @@ impl WasmHost {
     /// else compiled (and written to the cache). Says which.
     fn compile(&self, hook: &str, bytes: &[u8]) -> Result<(Component, bool), String> {
         let engine = &self.inner.engine;
-        let Some(dir) = &self.inner.cache_dir else {
+        let Some(dir) = self.trusted_cache_dir(hook) else {
             return Component::new(engine, bytes)
                 .map(|c| (c, false))
                 .map_err(|e| format!("cannot compile it: {e:#}"));
@@ -360,6 +364,46 @@ impl WasmHost {
     }
 }
 
+impl WasmHost {
+    /// The cache directory, if there is one and it is safe to run code
+    /// from; else warns, once, and there is none: plugins compile in memory.
+    fn trusted_cache_dir(&self, hook: &str) -> Option<&Path> {
+        let dir = self.inner.cache_dir.as_deref()?;
+        let distrust = match std::fs::metadata(dir) {
+            Ok(meta) => distrust(&meta),
+            Err(e) => Some(format!("it cannot be read: {e}")),
+        };
+        let Some(why) = distrust else {
+            return Some(dir);
+        };
+        if !self.inner.cache_distrust_told.swap(true, Ordering::Relaxed) {
+            warn!(hook, dir = %dir.display(), reason = %why, "The WASM compilation cache is not safe to load native code from; compiling plugins in memory instead.");
+        }
+        None
+    }
+}
+
+/// Why a cache directory or file, as `meta` describes it, cannot be
+/// trusted to hold code the agent will run: anyone who can write there
+/// runs code as the agent. `None` when it is the current user's or root's
+/// and nobody else may write to it.
+fn distrust(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = meta.uid();
+    if owner != nix::unistd::geteuid().as_raw() && owner != 0 {
+        return Some(format!(
+            "it is owned by uid {owner}, neither this user nor root"
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "its group or others may write to it (mode {mode:o})"
+        ));
+    }
+    None
+}
+
 /// The cache file for `bytes` compiled by `engine`: the SHA-256 of the
 /// component plus wasmtime's own hash of everything that makes compiled code
 /// incompatible (its version, the target, the engine's settings), so an
@@ -388,7 +432,7 @@ fn cache_file_name(engine: &Engine, bytes: &[u8]) -> String {
 /// someone else would crash the agent with SIGBUS.
 #[allow(unsafe_code)]
 fn load_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
-    let bytes = std::fs::read(path)?;
+    let bytes = read_trusted(path)?;
     // SAFETY: wasmtime requires that the bytes come from
     // `Component::serialize` of a compatible engine: it runs them as native
     // code. Files in the cache are only ever written by `compile` above,
@@ -397,8 +441,29 @@ fn load_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
     // compatibility hash, which covers the wasmtime version and settings;
     // wasmtime checks its header and settings again here. The directory is
     // created owner-only and must be as protected as the agent's binary:
-    // anyone who can write there can run native code in the agent.
+    // anyone who can write there can run native code in the agent, so a
+    // directory or file that others own or may write to is not read
+    // (`trusted_cache_dir`, `read_trusted`).
     unsafe { Component::deserialize(engine, &bytes) }
+}
+
+/// The bytes of the cache file at `path`, if it can be trusted: not a
+/// symbolic link, and (checked on the file opened, so it cannot be swapped
+/// between the check and the read) owned by this user or root and writable
+/// by nobody else.
+fn read_trusted(path: &Path) -> wasmtime::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)?;
+    if let Some(why) = distrust(&file.metadata()?) {
+        wasmtime::bail!("not loaded as code: {why}");
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -593,14 +658,16 @@ impl WasmPlugin {
         let stderr = output.stderr.take();
         for (stream, text) in [("stdout", &stdout), ("stderr", &stderr)] {
             if !text.is_empty() {
-                debug!(hook, stream, output = %text.trim_end(), "Plugin wrote output.");
+                debug!(hook, stream, output = %Untrusted(text.trim_end()), "Plugin wrote output.");
             }
         }
         match result {
+            // What the plugin says goes into logs: escaped here, once.
+            Ok(Ok(Outcome::Vetoed(reason))) => Ok(Outcome::Vetoed(Untrusted(&reason).to_string())),
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(message)) => Err(HookError::Plugin {
                 hook: hook.to_owned(),
-                message,
+                message: Untrusted(&message).to_string(),
             }),
             Err(_) if store.data().limiter.hit => Err(HookError::MemoryLimit {
                 hook: hook.to_owned(),
@@ -622,7 +689,7 @@ impl WasmPlugin {
                 if !said.is_empty() {
                     let said: Vec<&str> = tail(said, 1024).lines().map(str::trim).collect();
                     message.push_str(" (stderr: ");
-                    message.push_str(&said.join(" / "));
+                    message.push_str(&Untrusted(&said.join(" / ")).to_string());
                     message.push(')');
                 }
                 Err(HookError::Trap {
@@ -836,7 +903,7 @@ impl host::Host for State {
             }
             return;
         }
-        let message = head(&message, MAX_LOG_MESSAGE);
+        let message = Untrusted(head(&message, MAX_LOG_MESSAGE));
         match level {
             host::Level::Trace => tracing::trace!(hook, "{message}"),
             host::Level::Debug => tracing::debug!(hook, "{message}"),
@@ -847,11 +914,7 @@ impl host::Host for State {
     }
 
     fn get_key(&mut self, key: String) -> Option<Vec<u8>> {
-        let granted = self
-            .grants
-            .read_prefixes
-            .iter()
-            .any(|p| key.starts_with(p.as_str()));
+        let granted = self.grants.read_prefixes.iter().any(|p| grants(p, &key));
         if !granted {
             debug!(hook = %self.grants.hook, key, "Plugin read a key outside its read_prefixes; it reads as absent.");
             return None;
@@ -861,6 +924,18 @@ impl host::Host for State {
 
     fn config(&mut self) -> String {
         self.grants.config.clone()
+    }
+}
+
+/// Whether `read_prefixes` entry `prefix` lets a plugin read `key`. A
+/// prefix ending in `/` grants what starts with it; any other grants the
+/// key itself and the keys below it, `/app` giving `/app` and `/app/db` but
+/// not `/apple` nor `/app-secrets`: a grant follows key segments, as an
+/// operator reads it, not bytes.
+fn grants(prefix: &str, key: &str) -> bool {
+    match key.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
     }
 }
 

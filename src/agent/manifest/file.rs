@@ -1,6 +1,7 @@
 //! `[[file]]`: etcd data rendered into a file for programs that cannot talk
 //! to etcd.
 
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -204,10 +205,10 @@ pub(super) fn file(
     let (debounce_min, debounce_max) = match t.table(d, "debounce") {
         Some(mut db) => {
             let min = db
-                .optional::<Duration>(d, "min")
+                .within(d, "min", DEBOUNCE_RANGE)
                 .unwrap_or(DEFAULT_DEBOUNCE_MIN);
             let max = db
-                .optional::<Duration>(d, "max")
+                .within(d, "max", DEBOUNCE_RANGE)
                 .unwrap_or(DEFAULT_DEBOUNCE_MAX);
             if max < min {
                 d.error(db.span(), "`debounce.max` must not be below `debounce.min`");
@@ -244,6 +245,8 @@ pub(super) fn file(
 pub const DEFAULT_DEBOUNCE_MIN: Duration = Duration::ZERO;
 /// Default longest hold-back of a render.
 pub const DEFAULT_DEBOUNCE_MAX: Duration = Duration::from_secs(2);
+/// `debounce.min` and `debounce.max`.
+pub const DEBOUNCE_RANGE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3600);
 
 /// A list of hook names, each of which must be a `[[hook]]`.
 pub(super) fn hook_refs(

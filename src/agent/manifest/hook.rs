@@ -1,6 +1,7 @@
 //! `[[hook]]`: named actions that resources run on events.
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +17,11 @@ pub const DEFAULT_WASM_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_WASM_MEMORY_MIB: u64 = 64;
 /// Default number of retries after a failed run.
 pub const DEFAULT_RETRIES: u32 = 3;
+/// A hook's `timeout`.
+pub const HOOK_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(24 * 3600);
+/// `max_memory_mib`: a 32-bit WebAssembly memory cannot pass 4 GiB.
+pub const MEMORY_MIB_RANGE: RangeInclusive<u64> = 1..=4096;
 
 /// One `[[hook]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +55,8 @@ pub struct WasmSpec {
     pub path: PathBuf,
     /// The plugin's own configuration, as JSON text.
     pub config: String,
-    /// Key prefixes the plugin may read from the agent's cache.
+    /// Key prefixes the plugin may read from the agent's cache, by key
+    /// segment: `/app` grants `/app` and `/app/…`, not `/apple`.
     pub read_prefixes: Vec<String>,
     /// The most linear memory one instance may have, in bytes.
     pub max_memory: u64,
@@ -79,13 +86,7 @@ pub(super) fn hook(
     }
     let exec = t.optional::<Vec<String>>(d, "exec");
     let wasm = t.optional::<PathBuf>(d, "wasm");
-    let timeout = t.optional::<Duration>(d, "timeout");
-    if timeout.is_some_and(|t| t.is_zero()) {
-        d.error(
-            t.span_of("timeout"),
-            "invalid `timeout` in [[hook]]: must be above zero",
-        );
-    }
+    let timeout = t.within(d, "timeout", HOOK_TIMEOUT_RANGE);
     let env = t
         .optional::<BTreeMap<String, String>>(d, "env")
         .unwrap_or_default();
@@ -100,13 +101,7 @@ pub(super) fn hook(
             );
         }
     }
-    let max_memory_mib = t.optional::<u64>(d, "max_memory_mib");
-    if max_memory_mib == Some(0) {
-        d.error(
-            t.span_of("max_memory_mib"),
-            "`max_memory_mib` must be at least 1",
-        );
-    }
+    let max_memory_mib = t.within(d, "max_memory_mib", MEMORY_MIB_RANGE);
     let dirs = t.optional::<Vec<PathBuf>>(d, "dirs");
     let network = t.optional::<bool>(d, "network");
     let action = match (exec, wasm) {

@@ -1,11 +1,15 @@
 //! `[[instance_id]]`: a unique small integer this host holds from a pool.
 
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use super::Location;
 use super::diagnostics::Diagnostics;
 use super::file::hook_refs;
-use super::reader::TableReader;
+use super::reader::{TableReader, check_range};
+
+/// A pool's `size`: ids are `0..size`.
+pub const POOL_SIZE_RANGE: RangeInclusive<u32> = 1..=1_000_000;
 
 /// One `[[instance_id]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,8 +42,13 @@ pub(super) fn instance_id(
         );
     }
     let size = t.required::<u32>(d, "size", "say how many ids the pool has, e.g. size = 1024");
-    if size == Some(0) {
-        d.error(t.span_of("size"), "`size` must be at least 1");
+    if let Some(n) = size
+        && let Err(why) = check_range(&n, &POOL_SIZE_RANGE)
+    {
+        d.error(
+            t.span_of("size"),
+            format!("invalid `size` in [[instance_id]]: {why}"),
+        );
     }
     let file = t.optional::<PathBuf>(d, "file");
     let on_change = hook_refs(d, &mut t, "on_change", hooks);

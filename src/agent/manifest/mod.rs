@@ -14,6 +14,7 @@ mod status;
 mod task;
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -128,6 +129,12 @@ pub enum PasswordError {
 
 pub const DEFAULT_NAMESPACE: &str = "/coord";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+/// `[agent] ttl`: etcd's minimum lease, up to an hour (what a crashed
+/// agent's locks and ids are held for).
+pub const TTL_RANGE: RangeInclusive<Duration> = Duration::from_secs(2)..=Duration::from_secs(3600);
+/// `[etcd] dial_timeout` and `request_timeout`.
+pub const ETCD_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(600);
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/coord";
 
 impl Manifest {
@@ -513,13 +520,13 @@ fn agent_settings(
         );
     }
     let state_dir = t.optional::<PathBuf>(d, "state_dir");
-    let ttl = t.optional::<Duration>(d, "ttl");
+    let ttl = t.within(d, "ttl", TTL_RANGE);
     if let Some(ttl) = ttl
-        && (ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0)
+        && ttl.subsec_nanos() != 0
     {
         d.error(
             t.span_of("ttl"),
-            "invalid `ttl` in [agent]: etcd leases count whole seconds, at least 2 (e.g. \"10s\")",
+            "invalid `ttl` in [agent]: etcd leases count whole seconds (e.g. \"10s\")",
         );
     }
     t.finish(d);
@@ -558,8 +565,8 @@ fn etcd_settings(
             }
         }
     }
-    let dial_timeout = t.optional::<Duration>(d, "dial_timeout");
-    let request_timeout = t.optional::<Duration>(d, "request_timeout");
+    let dial_timeout = t.within(d, "dial_timeout", ETCD_TIMEOUT_RANGE);
+    let request_timeout = t.within(d, "request_timeout", ETCD_TIMEOUT_RANGE);
     let username = t.optional::<String>(d, "username");
     let password_file = t.optional::<PathBuf>(d, "password_file");
     let password_env = t.optional::<String>(d, "password_env");

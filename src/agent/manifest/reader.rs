@@ -1,7 +1,7 @@
 //! Reads a spanned TOML table field by field, so that every problem in a
 //! manifest is reported at once (serde stops at the first).
 
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -38,6 +38,11 @@ impl<'a, 'i> TableReader<'a, 'i> {
         self.table.get(key)
     }
 
+    /// Whether `key` is given, valid or not.
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     /// The span of `key`'s value, or of the table when it is absent.
     pub(crate) fn span_of(&self, key: &str) -> Range<usize> {
         self.table
@@ -58,6 +63,30 @@ impl<'a, 'i> TableReader<'a, 'i> {
                 d.error(
                     span.unwrap_or_else(|| value.span()),
                     format!("invalid `{key}` in {}: {message}", self.name),
+                );
+                None
+            }
+        }
+    }
+
+    /// An optional field that must lie within `range`: outside it is an
+    /// error at the value that names the bounds. *Why bounds at all:* a
+    /// zero interval hot-loops a checker, a huge duration overflows
+    /// `Instant + d` (a panic), a huge size overflows what it is multiplied
+    /// into; none of them is what anybody meant.
+    pub(crate) fn within<T: Bounded>(
+        &mut self,
+        d: &mut Diagnostics<'_>,
+        key: &'static str,
+        range: RangeInclusive<T>,
+    ) -> Option<T> {
+        let value = self.optional::<T>(d, key)?;
+        match check_range(&value, &range) {
+            Ok(()) => Some(value),
+            Err(why) => {
+                d.error(
+                    self.span_of(key),
+                    format!("invalid `{key}` in {}: {why}", self.name),
                 );
                 None
             }
@@ -133,6 +162,47 @@ pub(crate) fn suggest(unknown: &str, known: &[&str]) -> String {
         None if known.is_empty() => String::new(),
         None => format!("; expected one of: {}", known.join(", ")),
     }
+}
+
+/// A value with bounds a manifest must keep to, and how to show them.
+pub(crate) trait Bounded: FromToml + PartialOrd {
+    fn show(&self) -> String;
+}
+
+impl Bounded for Duration {
+    fn show(&self) -> String {
+        humantime::format_duration(*self).to_string()
+    }
+}
+
+impl Bounded for u32 {
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Bounded for u64 {
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// `Err` with the reason when `value` is outside `range`.
+pub(crate) fn check_range<T: Bounded>(value: &T, range: &RangeInclusive<T>) -> Result<(), String> {
+    if range.contains(value) {
+        return Ok(());
+    }
+    let side = if value < range.start() {
+        "below"
+    } else {
+        "above"
+    };
+    Err(format!(
+        "{} is {side} the range this setting allows, {} to {}",
+        value.show(),
+        range.start().show(),
+        range.end().show()
+    ))
 }
 
 /// A value read from the manifest. The error carries a span when it can be

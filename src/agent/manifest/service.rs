@@ -1,6 +1,7 @@
 //! `[[service]]`: instances this host registers, with their health checks.
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use super::Location;
@@ -53,6 +54,17 @@ pub enum CheckKind {
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A check's `interval`: a zero one would run the check in a hot loop.
+pub const INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(24 * 3600);
+/// A check's `timeout`.
+pub const CHECK_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(3600);
+/// A TTL check's `ttl`: how long a report counts.
+pub const CHECK_TTL_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// `successes` and `failures`: results in a row before the status moves.
+pub const THRESHOLD_RANGE: RangeInclusive<u32> = 1..=1000;
 
 pub(super) fn service(
     d: &mut Diagnostics<'_>,
@@ -128,17 +140,11 @@ fn check(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option<CheckSpe
     let http = t.optional::<String>(d, "http");
     let tcp = t.optional::<String>(d, "tcp");
     let exec = t.optional::<Vec<String>>(d, "exec");
-    let ttl = t.optional::<Duration>(d, "ttl");
-    let interval = t.optional::<Duration>(d, "interval");
-    let timeout = t.optional::<Duration>(d, "timeout");
-    let successes = t.optional::<u32>(d, "successes").unwrap_or(1);
-    let failures = t.optional::<u32>(d, "failures").unwrap_or(1);
-    if successes == 0 || failures == 0 {
-        d.error(
-            t.span(),
-            "`successes` and `failures` count results: at least 1",
-        );
-    }
+    let ttl = t.within(d, "ttl", CHECK_TTL_RANGE);
+    let interval = t.within(d, "interval", INTERVAL_RANGE);
+    let timeout = t.within(d, "timeout", CHECK_TIMEOUT_RANGE);
+    let successes = t.within(d, "successes", THRESHOLD_RANGE).unwrap_or(1);
+    let failures = t.within(d, "failures", THRESHOLD_RANGE).unwrap_or(1);
     let initial = match t.optional::<String>(d, "initial").as_deref() {
         None | Some("critical") => Health::Critical,
         Some("passing") => Health::Passing,
@@ -151,7 +157,8 @@ fn check(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option<CheckSpe
             Health::Critical
         }
     };
-    let kinds = [http.is_some(), tcp.is_some(), exec.is_some(), ttl.is_some()];
+    // Given, even if invalid (that was reported): not a missing kind.
+    let kinds = ["http", "tcp", "exec", "ttl"].map(|k| t.has(k));
     let kind = match (http, tcp, exec, ttl) {
         _ if kinds.iter().filter(|k| **k).count() > 1 => {
             d.error(t.span(), "a check is one of `http`, `tcp`, `exec` or `ttl`");
@@ -177,6 +184,7 @@ fn check(d: &mut Diagnostics<'_>, mut t: TableReader<'_, '_>) -> Option<CheckSpe
             Some(CheckKind::Exec(argv))
         }
         (None, None, None, Some(ttl)) => Some(CheckKind::Ttl(ttl)),
+        _ if kinds.iter().any(|k| *k) => None,
         _ => {
             d.error(
                 t.span(),

@@ -1,13 +1,14 @@
 //! `[[task]]`: commands run only while holding a lock.
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
 use super::Location;
 use super::diagnostics::Diagnostics;
 use super::file::hook_refs;
-use super::reader::TableReader;
+use super::reader::{TableReader, check_range};
 use crate::lock::Mode;
 
 /// One `[[task]]`.
@@ -46,6 +47,17 @@ pub enum Schedule {
 }
 
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+/// A task's `timeout`.
+pub const TASK_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(30 * 24 * 3600);
+/// `grace`: between TERM and KILL (zero: KILL at once).
+pub const GRACE_RANGE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3600);
+/// `schedule = "every <d>"`: each round takes a lock in etcd, so not a
+/// hot loop, and at most yearly.
+pub const EVERY_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(31_557_600);
+/// A semaphore's `limit`.
+pub const LIMIT_RANGE: RangeInclusive<u32> = 1..=100_000;
 
 pub(super) fn task(
     d: &mut Diagnostics<'_>,
@@ -64,12 +76,14 @@ pub(super) fn task(
     }
     let lock = t.optional::<String>(d, "lock");
     let mode_name = t.optional::<String>(d, "mode");
-    let limit = t.optional::<u32>(d, "limit");
+    let limit = t.within(d, "limit", LIMIT_RANGE);
     let mode = match (mode_name.as_deref(), limit) {
         (None | Some("mutex"), None) => Some(Mode::Mutex),
         (Some("read"), None) => Some(Mode::Read),
         (Some("write"), None) => Some(Mode::Write),
-        (Some("semaphore"), Some(n)) if n > 0 => Some(Mode::Semaphore(n)),
+        (Some("semaphore"), Some(n)) => Some(Mode::Semaphore(n)),
+        // Given but out of range: already reported.
+        (Some("semaphore"), None) if t.has("limit") => None,
         (Some("semaphore"), _) => {
             d.error(
                 t.span_of("mode"),
@@ -106,8 +120,8 @@ pub(super) fn task(
     let env = t
         .optional::<BTreeMap<String, String>>(d, "env")
         .unwrap_or_default();
-    let timeout = t.optional::<Duration>(d, "timeout");
-    let grace = t.optional::<Duration>(d, "grace").unwrap_or(DEFAULT_GRACE);
+    let timeout = t.within(d, "timeout", TASK_TIMEOUT_RANGE);
+    let grace = t.within(d, "grace", GRACE_RANGE).unwrap_or(DEFAULT_GRACE);
     let schedule = match t.required::<String>(
         d,
         "schedule",
@@ -119,8 +133,17 @@ pub(super) fn task(
             "leader" => Some(Schedule::Leader),
             every if every.starts_with("every ") => {
                 match humantime::parse_duration(every[6..].trim()) {
-                    Ok(d) if !d.is_zero() => Some(Schedule::Every(d)),
-                    _ => {
+                    Ok(every) => match check_range(&every, &EVERY_RANGE) {
+                        Ok(()) => Some(Schedule::Every(every)),
+                        Err(why) => {
+                            d.error(
+                                t.span_of("schedule"),
+                                format!("invalid `schedule` \"{s}\": {why}"),
+                            );
+                            None
+                        }
+                    },
+                    Err(_) => {
                         d.error(
                             t.span_of("schedule"),
                             format!("invalid `schedule` \"{s}\": write it like \"every 10m\""),

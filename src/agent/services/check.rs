@@ -9,10 +9,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::agent::manifest::CheckKind;
 use crate::agent::process::{self, Job};
-use crate::registry::Health;
-
-/// Most of a check's output kept in the health record.
-const OUTPUT_LIMIT: usize = 1024;
+use crate::registry::{Health, bounded_output};
 
 /// What one check run found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,15 +21,10 @@ pub struct CheckResult {
 
 impl CheckResult {
     fn new(status: Health, output: impl Into<String>) -> Self {
-        let mut output: String = output.into();
-        if output.len() > OUTPUT_LIMIT {
-            let mut cut = OUTPUT_LIMIT;
-            while !output.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            output.truncate(cut);
+        CheckResult {
+            status,
+            output: bounded_output(output.into()),
         }
-        CheckResult { status, output }
     }
 }
 

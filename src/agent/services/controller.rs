@@ -16,6 +16,7 @@ use crate::agent::manifest::{CheckKind, ServiceSpec};
 use crate::agent::status::report::ResourceKind;
 use crate::etcd::{Backoff, LeaseId, Op, SessionState, Subscription};
 use crate::registry::{self, Endpoint, Health, HealthRecord};
+use crate::untrusted::Untrusted;
 
 type Key = (String, String);
 
@@ -388,7 +389,7 @@ impl ServicesController {
                 let old = inst.effective;
                 inst.effective = Some(effective);
                 inst.since = now();
-                info!(service = %service, instance = %id, old = ?old, new = effective.name(), output = %inst.output, "Service health changed.");
+                info!(service = %service, instance = %id, old = ?old, new = effective.name(), output = %Untrusted(&inst.output), "Service health changed.");
                 if !inst.spec.on_change.is_empty() {
                     hooks.fire(
                         &inst.spec.on_change,

@@ -1,0 +1,285 @@
+//! Faults of the agent's environment, each tried for real: the agent keeps
+//! its promises, or says why once and recovers by itself.
+
+use std::io::{BufRead, BufReader, PipeReader, PipeWriter};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use coord::etcd::{Client, KeyValue};
+use nix::sys::signal::Signal;
+
+use crate::support::{CoordProcess, etcd, eventually, manifest, repo_root};
+
+const TTL: u64 = 2;
+
+/// A pipe for a child's output, as small as Linux allows (one page), so
+/// that a reader that stops reading leaves it full after a few log lines.
+fn small_pipe() -> (PipeReader, PipeWriter) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    nix::fcntl::fcntl(writer.as_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096))
+        .expect("shrink the pipe");
+    (reader, writer)
+}
+
+/// What the operator's log reader does.
+#[derive(Clone, Copy)]
+enum Reader {
+    /// Reads what it wants and exits, like `| head -n 1`: writes then fail
+    /// with EPIPE.
+    ExitsAfterOneLine,
+    /// Stays, but never reads again, like a hung log shipper: the pipe
+    /// fills and writes block.
+    StopsReading,
+}
+
+/// Reads up to the line that starts with `until` (the first line when
+/// empty), then leaves or stops reading: the read end while it stays, and
+/// the rest of that line.
+fn act(reader: Reader, pipe: PipeReader, until: &str) -> (Option<PipeReader>, String) {
+    let mut pipe = BufReader::with_capacity(1, pipe);
+    let rest = loop {
+        let mut line = String::new();
+        pipe.read_line(&mut line).expect("coord's output");
+        assert!(!line.is_empty(), "coord's output ended before `{until}`");
+        if let Some(rest) = line.trim_end().strip_prefix(until) {
+            break rest.to_owned();
+        }
+    };
+    match reader {
+        Reader::ExitsAfterOneLine => (None, rest),
+        Reader::StopsReading => (Some(pipe.into_inner()), rest),
+    }
+}
+
+/// Whether a thread of process `pid` is blocked writing into a pipe.
+fn blocked_writing_to_a_pipe(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.contains("pipe_write"))
+    })
+}
+
+/// Renders are logged: puts `/app/x` until coord's log pipe is full and a
+/// write into it blocks.
+async fn fill_the_log(client: &Client, file: &Path, pid: u32) {
+    let mut n = 0;
+    eventually("coord to block writing into its full log pipe", || {
+        n += 1;
+        let value = format!("fill{n}");
+        async move {
+            client.put("/app/x", value.as_str(), None).await.ok()?;
+            rendered(file, &value).await;
+            blocked_writing_to_a_pipe(pid).then_some(())
+        }
+    })
+    .await;
+}
+
+/// A `[[file]]` at `path` holding the value of `/app/x`.
+fn file_of_app_x(path: &Path) -> String {
+    format!(
+        "\n[[file]]\npath = \"{}\"\nsource = \"{{{{ key_or('/app/x', 'none') }}}}\"\n",
+        path.display()
+    )
+}
+
+async fn present(client: &Client, key: &str) -> KeyValue {
+    eventually("the presence key", || async {
+        client.get(key).await.ok().flatten()
+    })
+    .await
+}
+
+async fn rendered(path: &Path, want: &str) {
+    eventually(&format!("{} to hold {want}", path.display()), || async {
+        (std::fs::read_to_string(path).ok()? == want).then_some(())
+    })
+    .await;
+}
+
+/// An agent whose stdout and stderr are one pipe read by `reader`: it must
+/// register, render every put, keep its session past several TTLs and stop
+/// cleanly on SIGTERM.
+async fn agent_keeps_working_when_its_log_reader(reader: Reader) {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let out = tempfile::tempdir().expect("tmp");
+    let file = out.path().join("x.txt");
+    let text = manifest("piped", &[etcd.endpoint()], TTL) + &file_of_app_x(&file);
+    let (read_end, write_end) = small_pipe();
+    let mut agent = CoordProcess::run_with_output(&text, &["run", "{manifest}"], write_end);
+    let (still_open, _) = act(reader, read_end, "");
+    let before = present(&client, "/coord/agents/piped").await;
+    rendered(&file, "none").await;
+    if still_open.is_some() {
+        fill_the_log(&client, &file, agent.pid()).await;
+    }
+    // Several TTLs of puts: each must reach the file.
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(3 * TTL + 1) {
+        round += 1;
+        let value = format!("v{round}");
+        client
+            .put("/app/x", value.as_str(), None)
+            .await
+            .expect("put");
+        rendered(&file, &value).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = present(&client, "/coord/agents/piped").await;
+    assert_eq!(
+        after.lease, before.lease,
+        "the agent lost its session while nobody read its log"
+    );
+
+    let signalled = Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait().await;
+    eprintln!("SIGTERM -> exited: {:?}", signalled.elapsed());
+    assert!(status.success(), "a clean stop exits 0: {status}");
+    assert_eq!(
+        client.get("/coord/agents/piped").await.expect("get"),
+        None,
+        "presence still there: the lease was not revoked"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_whose_log_reader_exits_keeps_rendering_and_stops_on_sigterm() {
+    agent_keeps_working_when_its_log_reader(Reader::ExitsAfterOneLine).await;
+}
+
+#[tokio::test]
+async fn an_agent_whose_log_reader_stops_reading_keeps_rendering_and_stops_on_sigterm() {
+    agent_keeps_working_when_its_log_reader(Reader::StopsReading).await;
+}
+
+/// `coord dev | tee log`, then Ctrl-C (which ends `tee` too), or a `tee`
+/// that hangs: the agent stops and so does the etcd it started.
+async fn dev_stops_its_etcd_when_its_log_reader(reader: Reader) {
+    let out = tempfile::tempdir().expect("tmp");
+    let file = out.path().join("x.txt");
+    let example = std::fs::read_to_string(repo_root().join("agent.toml.example")).expect("example")
+        + &file_of_app_x(&file);
+    let (read_end, write_end) = small_pipe();
+    let mut dev = CoordProcess::run_with_output(&example, &["dev", "{manifest}"], write_end);
+    let (still_open, endpoint) = act(reader, read_end, "coord dev: etcd is up at ");
+    let opts = coord::etcd::ConnectOptions::new(vec![endpoint.clone()]);
+    let client = Client::connect(&opts)
+        .await
+        .expect("connect to coord dev's etcd");
+    present(&client, "/coord/agents/example-agent").await;
+    rendered(&file, "none").await;
+    if still_open.is_some() {
+        fill_the_log(&client, &file, dev.pid()).await;
+    }
+
+    let signalled = Instant::now();
+    dev.signal(Signal::SIGINT);
+    let status = dev.wait().await;
+    eprintln!("SIGINT -> coord dev exited: {:?}", signalled.elapsed());
+    assert!(status.success(), "Ctrl-C stops coord dev cleanly: {status}");
+    let addr = endpoint.trim_start_matches("http://");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "coord dev exited but its etcd still answers at {addr}"
+    );
+}
+
+#[tokio::test]
+async fn dev_whose_log_reader_exits_stops_its_etcd_on_ctrl_c() {
+    dev_stops_its_etcd_when_its_log_reader(Reader::ExitsAfterOneLine).await;
+}
+
+#[tokio::test]
+async fn dev_whose_log_reader_stops_reading_stops_its_etcd_on_ctrl_c() {
+    dev_stops_its_etcd_when_its_log_reader(Reader::StopsReading).await;
+}
+
+/// Text from etcd and from hooks, each carrying a forged log line: a TTL
+/// note, another agent's host name, a shell hook's output and a value a
+/// WASM plugin logs. None may start a line of the agent's log, move the
+/// cursor or recolour a terminal.
+#[tokio::test]
+async fn text_from_etcd_and_hooks_never_starts_a_log_line_of_its_own() {
+    const FORGED: &str = "2026-01-01T00:00:00.000000Z ERROR coord: FORGED";
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    // The name is held, for now, by an "agent" whose host name forges a line.
+    let holder = coord::etcd::Session::start(client.clone(), Duration::from_secs(60));
+    let lease = holder.wait_alive().await;
+    let record = serde_json::json!({
+        "version": "0", "manifest_hash": "", "started_at": "",
+        "host": format!("evil\n{FORGED}-HOST"), "pid": 1,
+    });
+    client
+        .put("/coord/agents/forger", record.to_string(), Some(lease))
+        .await
+        .expect("put the holder's record");
+    client
+        .put("/app/evil", format!("x\n{FORGED}-PLUGIN\r\x1b[2K"), None)
+        .await
+        .expect("put");
+    let misbehave = crate::support::plugins().misbehave.display().to_string();
+    let text = format!(
+        "{}
+[[service]]
+name = \"api\"
+address = \"127.0.0.1:1\"
+check = {{ ttl = \"1h\" }}
+on_change = [\"shout\", \"reader\"]
+
+[[hook]]
+name = \"shout\"
+exec = [\"printf\", \"hook says\\r{FORGED}-HOOK \\u001b[2K\\n\"]
+
+[[hook]]
+name = \"reader\"
+wasm = \"{misbehave}\"
+config = {{ mode = \"read\", key = \"/app/evil\" }}
+read_prefixes = [\"/app/\"]
+",
+        manifest("forger", &[etcd.endpoint()], 10)
+    );
+    let agent = CoordProcess::run(&text);
+    let logged = |what: &'static str| {
+        let agent = &agent;
+        async move {
+            eventually(&format!("the agent to log {what}"), || async {
+                agent.log().contains(what).then_some(())
+            })
+            .await
+        }
+    };
+    logged("Another agent already uses this name").await;
+    holder.close().await;
+    // Now the agent holds its name; a report with a forged line arrives.
+    let report =
+        serde_json::json!({ "status": "passing", "output": format!("fine\n{FORGED}-NOTE") });
+    client
+        .put(
+            &coord::registry::check_key("/coord", "api", "forger-api"),
+            report.to_string(),
+            None,
+        )
+        .await
+        .expect("put the report");
+    for what in ["FORGED-HOST", "FORGED-NOTE", "FORGED-HOOK", "FORGED-PLUGIN"] {
+        logged(what).await;
+    }
+    let log = agent.log();
+    for line in log.lines() {
+        assert!(
+            !line.contains("FORGED") || !line.starts_with("2026-01-01"),
+            "a forged line made it into the log:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains('\r') && !log.contains('\x1b'),
+        "control characters reached the log:\n{log}"
+    );
+}
