@@ -12,9 +12,7 @@ use super::controller::Context;
 use super::files::FilesController;
 use super::hooks::{AmbientEnv, CacheKeys, HookError, HookRunner, KeyReader};
 use super::instance_ids::InstanceIdsController;
-use super::manifest::{
-    FileSpec, HookAction, InstanceIdSpec, Manifest, PasswordError, ServiceSpec, TaskSpec,
-};
+use super::manifest::{FileSpec, InstanceIdSpec, Manifest, PasswordError, ServiceSpec, TaskSpec};
 use super::presence::{Desired, PresenceController};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
@@ -153,13 +151,14 @@ impl Connected {
                 .run(shared.tasks.subscribe()),
         );
         let ids = tokio::spawn(ids_controller.run(shared.instance_ids.subscribe()));
-        shared.keys.follow(&cache, &read_prefixes(manifest));
+        shared.keys.follow(&cache, &manifest.wasm_read_prefixes());
         let files = tokio::spawn(
             FilesController::new(&manifest.agent.namespace)
                 .with_agent(&manifest.agent.name)
                 .with_status(status.clone())
+                .with_state_dir(&manifest.agent.state_dir)
                 .run(
-                    cache.clone(),
+                    client.clone(),
                     shared.files.subscribe(),
                     shared.hooks.subscribe(),
                     stop.clone(),
@@ -257,22 +256,6 @@ async fn hook_runner(
             source,
         }
     })
-}
-
-/// Every prefix a WASM hook may read.
-fn read_prefixes(manifest: &Manifest) -> Vec<String> {
-    let mut prefixes: Vec<String> = manifest
-        .hooks
-        .iter()
-        .filter_map(|h| match &h.action {
-            HookAction::Wasm(w) => Some(w.read_prefixes.clone()),
-            HookAction::Exec { .. } => None,
-        })
-        .flatten()
-        .collect();
-    prefixes.sort();
-    prefixes.dedup();
-    prefixes
 }
 
 fn hook_location(manifest: &Manifest, e: &HookError) -> super::manifest::Location {
@@ -408,7 +391,9 @@ pub async fn run(
             // Runs in progress on the old hooks are stopped; new events go
             // to the new ones.
             shared.hooks.send_replace(h).shutdown();
-            shared.keys.follow(&connected.cache, &read_prefixes(&next));
+            shared
+                .keys
+                .follow(&connected.cache, &next.wasm_read_prefixes());
         }
         if next.files != manifest.files {
             shared.files.send_replace(next.files.clone());

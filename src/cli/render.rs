@@ -8,7 +8,7 @@ use clap::Args;
 use coord::agent::files::{Renderer, WriteOutcome, write};
 use coord::agent::hooks::HookRunner;
 use coord::agent::manifest::Manifest;
-use coord::etcd::{Cache, Client};
+use coord::etcd::{Client, ReadSet};
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
@@ -38,19 +38,18 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&opts)
         .await
         .with_context(|| format!("failed to connect to etcd at {}", opts.endpoints.join(",")))?;
-    let cache = Cache::new(client);
-    let sub = cache.subscribe("");
-    let wait = opts.request_timeout * 3;
-    tokio::time::timeout(wait, sub.ready())
-        .await
-        .with_context(|| {
-            format!(
-                "etcd at {} did not answer within {}",
-                opts.endpoints.join(","),
-                humantime::format_duration(wait)
-            )
-        })?;
-    let snapshot = sub.snapshot();
+    // Hooks read only what the manifest lets them; templates read what
+    // they ask for, each at one revision.
+    let mut hook_reads = ReadSet::default();
+    for prefix in manifest.wasm_read_prefixes() {
+        hook_reads.add_prefix(&prefix);
+    }
+    let snapshot = client.read(&hook_reads, None).await.with_context(|| {
+        format!(
+            "failed to read what the hooks may read from etcd at {}",
+            opts.endpoints.join(",")
+        )
+    })?;
     let m = manifest.clone();
     let keys = Arc::new(snapshot.clone());
     let hooks = tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, keys)).await??;
@@ -58,8 +57,11 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
     let mut failed = 0;
     for spec in &manifest.files {
         let path = spec.path.display();
-        let rendered = match renderer.render(spec, &snapshot, None) {
-            Ok(r) => r,
+        let rendered = renderer
+            .render(spec, &client, &ReadSet::default(), None)
+            .await;
+        let content = match rendered.result {
+            Ok(c) => c,
             Err(e) => {
                 println!("failed     {path}: {e}");
                 failed += 1;
@@ -69,7 +71,7 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
         if args.dry_run {
             let old = std::fs::read(&spec.path).unwrap_or_default();
             let old = String::from_utf8_lossy(&old);
-            let new = String::from_utf8_lossy(&rendered.content);
+            let new = String::from_utf8_lossy(&content);
             if old == new {
                 println!("unchanged  {path}");
             } else {
@@ -84,7 +86,7 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
             }
             continue;
         }
-        match write(spec, &rendered.content, Some(&hooks)).await {
+        match write(spec, &content, Some(&hooks)).await {
             Ok(WriteOutcome::Unchanged) => println!("unchanged  {path}"),
             Ok(WriteOutcome::Replaced { .. }) => println!("replaced   {path}"),
             Err(e) => {

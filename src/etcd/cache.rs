@@ -60,9 +60,10 @@ struct Shared {
     stats: Arc<WatchStats>,
 }
 
-/// The keys under a prefix at one revision. Cloning is O(1) (a persistent
-/// map), so a reader takes a snapshot and reads at leisure while the watcher
-/// applies newer changes: every read of one snapshot sees one revision.
+/// Keys as they were at one revision: a watched prefix of the cache, or
+/// what [`Client::read`] read. Cloning is O(1) (a persistent map), so a
+/// reader takes a snapshot and reads at leisure while the watcher applies
+/// newer changes: every read of one snapshot sees one revision.
 #[derive(Debug, Clone, Default)]
 pub struct CacheSnapshot {
     revision: i64,
@@ -70,6 +71,14 @@ pub struct CacheSnapshot {
 }
 
 impl CacheSnapshot {
+    /// A view of `kvs` as they were at `revision`.
+    pub(crate) fn from_parts(revision: i64, kvs: impl IntoIterator<Item = KeyValue>) -> Self {
+        CacheSnapshot {
+            revision,
+            kvs: kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
+        }
+    }
+
     /// The revision the snapshot is at.
     pub fn revision(&self) -> i64 {
         self.revision
@@ -86,6 +95,20 @@ impl CacheSnapshot {
             .range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
             .map(|(_, kv)| kv)
+    }
+
+    /// Adds what `other` read: both must be views of one revision (or
+    /// `self` of none yet).
+    pub fn merge(&mut self, other: CacheSnapshot) {
+        if self.revision == 0 {
+            self.revision = other.revision;
+        }
+        self.kvs.extend(other.kvs);
+    }
+
+    /// Every key, in key order.
+    pub(crate) fn into_kvs(self) -> Vec<KeyValue> {
+        self.kvs.into_iter().map(|(_, kv)| kv).collect()
     }
 
     /// How many keys the snapshot holds.

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Compare, CompareOp, ConnectOptions as RawOptions, DeleteOptions, GetOptions,
-    Identity, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Compare, CompareOp, ConnectOptions as RawOptions, DeleteOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 use tokio::sync::OnceCell;
@@ -338,16 +338,15 @@ impl Client {
         Ok(resp.kvs().first().map(KeyValue::from_raw))
     }
 
-    /// Reads every key under `prefix` at one revision.
+    /// Reads every key under `prefix` at one revision, a page at a time
+    /// (a prefix may hold more than one gRPC message).
     pub async fn get_prefix(&self, prefix: &str) -> Result<Snapshot, Error> {
-        let resp = self
-            .unary("get prefix", |mut c| async move {
-                c.get(prefix, Some(GetOptions::new().with_prefix())).await
-            })
-            .await?;
+        let mut set = super::ReadSet::default();
+        set.add_prefix(prefix);
+        let view = self.read(&set, None).await?;
         Ok(Snapshot {
-            revision: resp.header().map_or(0, |h| h.revision()),
-            kvs: resp.kvs().iter().map(KeyValue::from_raw).collect(),
+            revision: view.revision(),
+            kvs: view.into_kvs(),
         })
     }
 

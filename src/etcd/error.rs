@@ -25,6 +25,11 @@ pub enum Error {
         #[source]
         source: etcd_client::Error,
     },
+    /// etcd's auth refused a read: the user's role may not read this.
+    #[error(
+        "etcd refused to let this user read {range}: permission denied (grant the user's role read access to it)"
+    )]
+    Denied { range: String },
     /// The requested revision has been compacted away.
     #[error("revision {requested} of `{key}` is compacted (oldest kept: {compacted})")]
     Compacted {

@@ -13,8 +13,10 @@ mod error;
 pub mod local;
 mod mvcc;
 mod ordering;
+mod reads;
 mod session;
 mod watcher;
+mod watchset;
 
 pub use backoff::Backoff;
 pub use cache::{Cache, CacheEvent, CacheSnapshot, Subscription};
@@ -26,5 +28,7 @@ pub use connection::{
 };
 pub use error::Error;
 pub use mvcc::Guarded;
+pub use reads::{Range, ReadSet};
 pub use session::{Session, SessionState, SessionStats, alive_lease};
 pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};
+pub use watchset::{WatchSet, WatchSetEvent};

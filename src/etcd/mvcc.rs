@@ -169,7 +169,7 @@ fn guard(key: &str, expected: Option<i64>) -> Vec<Compare> {
         .collect()
 }
 
-fn is_compacted(e: &etcd_client::Error) -> bool {
+pub(crate) fn is_compacted(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(status) => {
             i32::from(status.code()) == GRPC_OUT_OF_RANGE && status.message().contains("compacted")

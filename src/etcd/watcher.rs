@@ -228,17 +228,19 @@ impl PrefixWatcher {
     async fn open(&self, start: i64) -> Result<WatchStream, super::Error> {
         let prefix = self.prefix.as_str();
         self.client
-            .unary("watch", |mut c| async move {
-                c.watch(
-                    prefix,
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(start)
-                            .with_progress_notify(),
-                    ),
-                )
-                .await
+            .unary("watch", |c| async move {
+                c.watch_client()
+                    .max_decoding_message_size(super::reads::MAX_MESSAGE)
+                    .watch(
+                        prefix,
+                        Some(
+                            WatchOptions::new()
+                                .with_prefix()
+                                .with_start_revision(start)
+                                .with_progress_notify(),
+                        ),
+                    )
+                    .await
             })
             .await
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use coord::agent::files::FilesController;
 use coord::agent::hooks::HookRunner;
 use coord::agent::manifest::Manifest;
-use coord::etcd::{Cache, Client};
+use coord::etcd::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -362,8 +362,7 @@ async fn one_changed_key_re_renders_only_the_files_that_depend_on_it() {
     let runner = Arc::new(HookRunner::new("files", &[]).expect("hooks"));
     let (_hooks_tx, hooks) = watch::channel(runner);
     let cancel = CancellationToken::new();
-    let task =
-        tokio::spawn(controller.run(Cache::new(client.clone()), specs, hooks, cancel.clone()));
+    let task = tokio::spawn(controller.run(client.clone(), specs, hooks, cancel.clone()));
     eventually("the first render of every file", || {
         let n = stats.borrow().replaced;
         async move { (n == 20).then_some(()) }
@@ -433,8 +432,7 @@ async fn a_burst_of_changes_within_the_quiet_time_renders_once() {
     let (_hooks_tx, hooks) =
         watch::channel(Arc::new(HookRunner::new("files", &[]).expect("hooks")));
     let cancel = CancellationToken::new();
-    let task =
-        tokio::spawn(controller.run(Cache::new(client.clone()), specs, hooks, cancel.clone()));
+    let task = tokio::spawn(controller.run(client.clone(), specs, hooks, cancel.clone()));
     file_is(&out, "0").await;
     let before = stats.borrow().total_renders();
     for i in 1..=10 {

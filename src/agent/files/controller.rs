@@ -1,8 +1,11 @@
 //! Keeps every `[[file]]` rendered: renders only the files a change
-//! touches, debounced, from one consistent snapshot, and fires their hooks.
+//! touches, debounced, each from one revision of etcd, and fires their
+//! hooks. It reads and watches only what the files' templates read: the
+//! rest of the cluster — its size, its writes, what the agent's etcd user
+//! may not read — never reaches it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,19 +14,14 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::render::{Deps, Renderer};
+use super::render::{Deps, Render, Renderer};
 use super::write::{WriteError, WriteOutcome, write};
 use crate::agent::hooks::{Event, HookRunner};
 use crate::agent::manifest::{FileSource, FileSpec};
 use crate::agent::reload::PathWatcher;
 use crate::agent::status::report::QueueName;
 use crate::agent::status::{RenderOutcome, Status};
-use crate::etcd::{Cache, CacheEvent, CacheSnapshot};
-
-/// The whole keyspace: templates may read any key, and which keys they
-/// read is only known by rendering them. One watch over everything also
-/// means one revision for every read of a render.
-const ROOT: &str = "";
+use crate::etcd::{Backoff, Client, Range, WatchSet, WatchSetEvent};
 
 /// After an I/O failure (disk full, permissions), when to try again.
 const IO_RETRY: Duration = Duration::from_secs(5);
@@ -48,16 +46,49 @@ impl FileStats {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FileState {
-    /// What the last render read; `None` until a render got that far, and
-    /// then any change may concern the file.
+    /// What the last render read (good or not: a file waiting for a
+    /// missing key watches it); `None` until a render read anything.
     deps: Option<Deps>,
+    /// Prefixes the last good render found keys in, kept in `state_dir`
+    /// so that a restart while one is empty does not blank the file;
+    /// `None` until loaded.
+    nonempty: Option<BTreeSet<String>>,
     /// First and latest trigger since the last render.
     dirty: Option<(Instant, Instant)>,
     /// The revision the last render read; older events are already in it.
     revision: i64,
     retry_at: Option<Instant>,
+    /// Paces retries of renders that could not read etcd.
+    backoff: Backoff,
+}
+
+impl Default for FileState {
+    fn default() -> Self {
+        FileState {
+            deps: None,
+            nonempty: None,
+            dirty: None,
+            revision: 0,
+            retry_at: None,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+        }
+    }
+}
+
+/// What `state_dir` keeps of one file: the prefixes its last good render
+/// found keys in.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct GuardRecord {
+    file: PathBuf,
+    nonempty: BTreeSet<String>,
+}
+
+/// What a good render produced, ready to write.
+struct Rendered {
+    content: Vec<u8>,
+    revision: i64,
 }
 
 /// The files resource kind.
@@ -68,6 +99,7 @@ pub struct FilesController {
     renderer: Renderer,
     stats: watch::Sender<FileStats>,
     status: Status,
+    state_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for FilesController {
@@ -89,7 +121,15 @@ impl FilesController {
             renderer: Renderer::new(namespace),
             stats: watch::Sender::new(FileStats::default()),
             status: Status::default(),
+            state_dir: None,
         }
+    }
+
+    /// Keeps what must survive a restart (the emptied-prefix guard) in
+    /// `<dir>/files/`.
+    pub fn with_state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.join("files"));
+        self
     }
 
     /// Reports renders and the dirty files to `status`.
@@ -116,55 +156,34 @@ impl FilesController {
     /// Runs until `cancel`. `specs` and `hooks` follow manifest reloads.
     pub async fn run(
         mut self,
-        cache: Cache,
+        client: Client,
         mut specs: watch::Receiver<Vec<FileSpec>>,
         mut hooks: watch::Receiver<Arc<HookRunner>>,
         cancel: CancellationToken,
     ) {
-        let mut sub = None;
+        let mut watches = WatchSet::new(client.clone());
         let mut templates = None;
         self.apply(specs.borrow_and_update().clone(), &mut templates);
         loop {
-            // Watch only while there are files: an agent without them
-            // should not cache the whole keyspace.
-            if self.specs.is_empty() {
-                sub = None;
-            } else if sub.is_none() {
-                sub = Some(cache.subscribe(ROOT));
-            }
-            let ready = sub.as_ref().is_some_and(|s| s.is_ready());
-            if ready && let Some(s) = &sub {
-                let runner = hooks.borrow().clone();
-                self.render_due(&s.snapshot(), &runner).await;
-            }
-            let next = if ready { self.next_due() } else { None };
+            let runner = hooks.borrow().clone();
+            self.render_due(&client, &mut watches, &runner).await;
+            let next = self.next_due();
             let waiting = self
                 .states
                 .values()
                 .filter(|s| s.dirty.is_some() || s.retry_at.is_some())
                 .count();
             self.status.set_queue(QueueName::Files, waiting);
-            let became_ready = sub.as_ref().map(|s| s.ready());
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 changed = specs.changed() => {
                     if changed.is_err() { return; }
                     let next = specs.borrow_and_update().clone();
                     self.apply(next, &mut templates);
+                    self.watch_only_deps(&mut watches);
                 }
                 _ = hooks.changed() => {}
-                _ = async {
-                    match became_ready {
-                        Some(f) => f.await,
-                        None => std::future::pending().await,
-                    }
-                }, if !ready => {}
-                event = async {
-                    match sub.as_mut() {
-                        Some(s) => s.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => self.on_cache(&event),
+                event = watches.next() => self.on_watch(&event),
                 _ = async { sleep_until(next.unwrap_or_else(Instant::now)).await }, if next.is_some() => {}
                 changed = async {
                     match templates.as_mut() {
@@ -174,6 +193,17 @@ impl FilesController {
                 } => self.on_templates(&changed),
             }
         }
+    }
+
+    /// Stops watching what no file reads any more.
+    fn watch_only_deps(&self, watches: &mut WatchSet) {
+        let wanted: BTreeSet<Range> = self
+            .states
+            .values()
+            .filter_map(|s| s.deps.as_ref())
+            .flat_map(|d| d.reads.ranges())
+            .collect();
+        watches.retain(|r| wanted.contains(r));
     }
 
     /// Takes a new set of files: new and changed ones render, removed ones
@@ -214,15 +244,17 @@ impl FilesController {
         };
     }
 
-    fn on_cache(&mut self, event: &CacheEvent) {
+    fn on_watch(&mut self, event: &WatchSetEvent) {
         let now = Instant::now();
         for state in self.states.values_mut() {
             let touched = match (event, &state.deps) {
-                (CacheEvent::Lagged, _) => true,
-                (CacheEvent::Changed { revision, .. }, _) if *revision <= state.revision => false,
-                (_, None) => true,
-                (CacheEvent::Changed { changes, .. }, Some(deps)) => {
-                    changes.iter().any(|c| deps.touches(c.key()))
+                (WatchSetEvent::Lost, _) => true,
+                (WatchSetEvent::Changed { revision, .. }, _) if *revision <= state.revision => {
+                    false
+                }
+                (_, None) => false,
+                (WatchSetEvent::Changed { keys, .. }, Some(deps)) => {
+                    keys.iter().any(|k| deps.touches(k))
                 }
             };
             if touched {
@@ -262,7 +294,12 @@ impl FilesController {
         }
     }
 
-    async fn render_due(&mut self, snapshot: &CacheSnapshot, hooks: &Arc<HookRunner>) {
+    async fn render_due(
+        &mut self,
+        client: &Client,
+        watches: &mut WatchSet,
+        hooks: &Arc<HookRunner>,
+    ) {
         let now = Instant::now();
         let due: Vec<FileSpec> = self
             .specs
@@ -270,36 +307,72 @@ impl FilesController {
             .filter(|s| self.due_at(s).is_some_and(|at| at <= now))
             .cloned()
             .collect();
-        for spec in due {
-            self.render_one(&spec, snapshot, hooks).await;
+        if due.is_empty() {
+            return;
         }
+        for spec in due {
+            self.render_one(&spec, client, watches, hooks).await;
+        }
+        self.watch_only_deps(watches);
     }
 
     async fn render_one(
         &mut self,
         spec: &FileSpec,
-        snapshot: &CacheSnapshot,
+        client: &Client,
+        watches: &mut WatchSet,
         hooks: &Arc<HookRunner>,
     ) {
+        let stored = self.load_nonempty(&spec.path);
         let state = self.states.entry(spec.path.clone()).or_default();
         state.dirty = None;
         state.retry_at = None;
-        state.revision = snapshot.revision();
-        let previous = state.deps.clone();
+        if state.nonempty.is_none() {
+            state.nonempty = stored;
+        }
+        let hint = state
+            .deps
+            .as_ref()
+            .map(|d| d.reads.clone())
+            .unwrap_or_default();
+        let previous = state.nonempty.clone();
         let started = std::time::Instant::now();
         self.stats
             .send_modify(|s| *s.renders.entry(spec.path.clone()).or_default() += 1);
-        let rendered = match self.renderer.render(spec, snapshot, previous.as_ref()) {
-            Ok(r) => r,
+        let Render {
+            result,
+            deps,
+            revision,
+        } = self
+            .renderer
+            .render(spec, client, &hint, previous.as_ref())
+            .await;
+        let state = self.states.entry(spec.path.clone()).or_default();
+        if revision > 0 {
+            // Watch from the revision read: nothing after it is missed.
+            for range in deps.reads.ranges() {
+                watches.watch(range, revision);
+            }
+            state.revision = revision;
+            state.deps = Some(deps.clone());
+        }
+        let content = match result {
+            Ok(content) => content,
             Err(e) => {
+                if e.is_transient() {
+                    state.retry_at = Some(Instant::now() + state.backoff.next_delay());
+                }
                 warn!(path = %spec.path.display(), error = %e, "Render failed; the file keeps its old content.");
                 self.failed(spec, e.to_string(), started);
                 return;
             }
         };
-        if let Some(state) = self.states.get_mut(&spec.path) {
-            state.deps = Some(rendered.deps.clone());
+        state.backoff.reset();
+        if state.nonempty.as_ref() != Some(&deps.nonempty) {
+            state.nonempty = Some(deps.nonempty.clone());
+            self.store_nonempty(&spec.path, &deps.nonempty);
         }
+        let rendered = Rendered { content, revision };
         match write(spec, &rendered.content, Some(hooks)).await {
             Ok(WriteOutcome::Unchanged) => {
                 debug!(path = %spec.path.display(), revision = rendered.revision, "Rendered file unchanged.");
@@ -349,6 +422,53 @@ impl FilesController {
                 }
                 self.failed(spec, e.to_string(), started);
             }
+        }
+    }
+
+    /// Where the emptied-prefix guard of `file` is kept.
+    fn guard_path(&self, file: &Path) -> Option<PathBuf> {
+        let name = super::hash(file.as_os_str().as_encoded_bytes());
+        Some(
+            self.state_dir
+                .as_ref()?
+                .join(format!("{}.nonempty", &name[..32])),
+        )
+    }
+
+    fn load_nonempty(&self, file: &Path) -> Option<BTreeSet<String>> {
+        let path = self.guard_path(file)?;
+        let text = std::fs::read(&path).ok()?;
+        match serde_json::from_slice::<GuardRecord>(&text) {
+            Ok(record) if record.file == file => Some(record.nonempty),
+            Ok(_) => None,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "Ignoring an unreadable emptied-prefix record.");
+                None
+            }
+        }
+    }
+
+    /// Best effort: without it a restart while a prefix is empty may blank
+    /// the file, which is worth a warning, not a failed render.
+    fn store_nonempty(&self, file: &Path, nonempty: &BTreeSet<String>) {
+        let Some(path) = self.guard_path(file) else {
+            return;
+        };
+        let record = GuardRecord {
+            file: file.to_owned(),
+            nonempty: nonempty.clone(),
+        };
+        let stored =
+            std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).and_then(|()| {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+                serde_json::to_writer(&mut tmp, &record)?;
+                tmp.as_file().sync_all()?;
+                tmp.persist(&path).map_err(|e| e.error)?;
+                Ok(())
+            });
+        if let Err(e) = stored {
+            warn!(file = %file.display(), path = %path.display(), error = %e, "Could not keep which prefixes had keys; a restart while one is empty may blank the file.");
         }
     }
 

@@ -2,9 +2,11 @@
 //! after checks pass, and only when the content really changed.
 
 mod controller;
+mod functions;
 mod render;
 mod write;
 
 pub use controller::{FileStats, FilesController};
-pub use render::{Deps, RenderData, RenderError, Rendered, Renderer};
+pub use functions::RenderData;
+pub use render::{Deps, Render, RenderError, Renderer};
 pub use write::{WriteError, WriteOutcome, hash, write};

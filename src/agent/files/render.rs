@@ -1,21 +1,27 @@
-//! Turning a snapshot of etcd into a file's content, recording what was read.
+//! Turning etcd data into a file's content: every read of one render at
+//! one revision, discovering what the file depends on as it goes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use minijinja::value::{Object, Value};
-use minijinja::{Environment, ErrorKind, State, UndefinedBehavior};
+use minijinja::value::Value;
+use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 
+use super::functions::{self, Reads, RenderData, text};
 use crate::agent::manifest::{FileSource, FileSpec, MissingKeys, PrefixFormat};
-use crate::etcd::CacheSnapshot;
+use crate::etcd::{Client, ReadSet};
 
-/// The keys and prefixes one render read: a change to any of them
-/// re-renders the file, a change elsewhere does not.
+/// Passes one render may take to discover what it reads: each pass reads
+/// what the last one asked for and did not have (a key named by another
+/// key's value needs two).
+const MAX_PASSES: usize = 16;
+
+/// What one render read: a change to any of it re-renders the file, a
+/// change elsewhere does not — and nothing elsewhere is read or watched.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Deps {
-    pub keys: BTreeSet<String>,
-    pub prefixes: BTreeSet<String>,
+    pub reads: ReadSet,
     /// Prefixes that had at least one key.
     pub nonempty: BTreeSet<String>,
 }
@@ -23,12 +29,12 @@ pub struct Deps {
 impl Deps {
     /// Whether a change to `key` concerns this file.
     pub fn touches(&self, key: &str) -> bool {
-        self.keys.contains(key) || self.prefixes.iter().any(|p| key.starts_with(p.as_str()))
+        self.reads.touches(key)
     }
 }
 
 /// Why a file could not be rendered. The old file stays in place.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum RenderError {
     #[error("failed to render `{file}`: key `{key}` is missing")]
     MissingKey { file: PathBuf, key: String },
@@ -50,14 +56,32 @@ pub enum RenderError {
         format: &'static str,
         message: String,
     },
+    #[error("failed to render `{file}`: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: crate::etcd::Error,
+    },
+    #[error(
+        "failed to render `{file}`: what it reads kept changing its own keys after {MAX_PASSES} passes (a chain of keys naming keys that long, or a loop)"
+    )]
+    Unsettled { file: PathBuf },
 }
 
-/// A rendered file, not yet written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rendered {
-    pub content: Vec<u8>,
+impl RenderError {
+    /// Whether trying again later may succeed without anything in etcd or
+    /// the template changing (etcd unreachable, permissions granted).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RenderError::Read { .. })
+    }
+}
+
+/// One render: its content (or why there is none), what it read, and the
+/// etcd revision all of it was read at.
+#[derive(Debug)]
+pub struct Render {
+    pub result: Result<Vec<u8>, RenderError>,
     pub deps: Deps,
-    /// The etcd revision every read came from.
     pub revision: i64,
 }
 
@@ -79,12 +103,9 @@ impl std::fmt::Debug for Renderer {
     }
 }
 
-/// The name under which the per-render data is passed to templates.
-const DATA: &str = "__coord_data";
-
 impl Renderer {
-    /// An engine with `key`, `key_or`, `keys`, `ls`, `json` and
-    /// `service`, for an agent in `namespace`.
+    /// An engine with coord's functions (see [`functions`]), for an agent
+    /// in `namespace`.
     pub fn new(namespace: &str) -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
@@ -98,13 +119,7 @@ impl Renderer {
         {
             env.set_syntax(syntax);
         }
-        env.add_function("key", key);
-        env.add_function("key_or", key_or);
-        env.add_function("keys", keys);
-        env.add_function("ls", ls);
-        env.add_function("json", json);
-        env.add_function("service", crate::agent::services::template_service);
-        env.add_function("instance_id", instance_id);
+        functions::register(&mut env);
         Renderer {
             env,
             namespace: namespace.to_owned(),
@@ -125,23 +140,104 @@ impl Renderer {
         &mut self.env
     }
 
-    /// Renders `spec` from `snapshot`. `previous` is what the last good
-    /// render read (to notice a prefix that was emptied).
-    pub fn render(
+    /// Renders `spec` from etcd at one revision. `hint` is what the last
+    /// render read (read up front, in one round trip); whatever this one
+    /// reads beyond it is read at the same revision and the render runs
+    /// again, until a pass reads nothing it did not have. `previous` are the
+    /// prefixes the last good render found keys in (to refuse one emptied).
+    pub async fn render(
         &mut self,
         spec: &FileSpec,
-        snapshot: &CacheSnapshot,
-        previous: Option<&Deps>,
-    ) -> Result<Rendered, RenderError> {
-        let data = Arc::new(RenderData {
-            snapshot: snapshot.clone(),
-            namespace: self.namespace.clone(),
-            agent: self.agent.clone(),
-            missing: spec.missing,
-            deps: Mutex::default(),
-            missing_key: Mutex::default(),
-        });
-        let content = match &spec.source {
+        client: &Client,
+        hint: &ReadSet,
+        previous: Option<&BTreeSet<String>>,
+    ) -> Render {
+        let failed = |source, reads: &ReadSet, revision| Render {
+            result: Err(RenderError::Read {
+                file: spec.path.clone(),
+                source,
+            }),
+            deps: Deps {
+                reads: reads.clone(),
+                nonempty: BTreeSet::new(),
+            },
+            revision,
+        };
+        let mut covered = hint.clone();
+        let mut view = match client.read(&covered, None).await {
+            Ok(v) => v,
+            Err(e) => return failed(e, hint, 0),
+        };
+        for _ in 0..MAX_PASSES {
+            let data = Arc::new(RenderData::new(
+                view.clone(),
+                covered.clone(),
+                &self.namespace,
+                &self.agent,
+                spec.missing,
+            ));
+            let result = self.produce(spec, &data);
+            let Reads {
+                set,
+                nonempty,
+                incomplete,
+            } = data.take_reads();
+            if incomplete {
+                let mut extra = ReadSet::default();
+                for k in set.keys().filter(|k| !covered.covers_key(k)) {
+                    extra.add_key(k);
+                }
+                for p in set.prefixes().filter(|p| !covered.covers_prefix(p)) {
+                    extra.add_prefix(p);
+                }
+                covered.extend(&extra);
+                match client.read(&extra, Some(view.revision())).await {
+                    Ok(more) => view.merge(more),
+                    // The revision was compacted meanwhile (or etcd
+                    // blipped): read everything again at a newer one.
+                    Err(_) => match client.read(&covered, None).await {
+                        Ok(v) => view = v,
+                        Err(e) => return failed(e, &set, view.revision()),
+                    },
+                }
+                continue;
+            }
+            let result = result.and_then(|content| {
+                match previous.and_then(|p| {
+                    p.iter()
+                        .find(|p| set.prefixes().any(|r| r == p.as_str()) && !nonempty.contains(*p))
+                }) {
+                    Some(prefix) if !spec.allow_empty => Err(RenderError::EmptiedPrefix {
+                        file: spec.path.clone(),
+                        prefix: prefix.clone(),
+                    }),
+                    _ => Ok(content),
+                }
+            });
+            return Render {
+                result,
+                deps: Deps {
+                    reads: set,
+                    nonempty,
+                },
+                revision: view.revision(),
+            };
+        }
+        Render {
+            result: Err(RenderError::Unsettled {
+                file: spec.path.clone(),
+            }),
+            deps: Deps {
+                reads: covered,
+                nonempty: BTreeSet::new(),
+            },
+            revision: view.revision(),
+        }
+    }
+
+    /// One pass: the content from what `data` holds.
+    fn produce(&mut self, spec: &FileSpec, data: &Arc<RenderData>) -> Result<Vec<u8>, RenderError> {
+        match &spec.source {
             FileSource::Template(template) => {
                 let text =
                     std::fs::read_to_string(template).map_err(|e| RenderError::TemplateFile {
@@ -149,42 +245,22 @@ impl Renderer {
                         template: template.clone(),
                         message: e.to_string(),
                     })?;
-                self.render_template(spec, text, &data)?
+                self.render_template(spec, text, data)
             }
-            FileSource::Inline(text) => self.render_template(spec, text.clone(), &data)?,
+            FileSource::Inline(text) => self.render_template(spec, text.clone(), data),
             FileSource::Key(k) => match data.read_key(k) {
-                Some(v) => v,
-                None if spec.missing == MissingKeys::Empty => Vec::new(),
-                None => {
-                    return Err(RenderError::MissingKey {
-                        file: spec.path.clone(),
-                        key: k.clone(),
-                    });
-                }
+                Some(v) => Ok(v),
+                None if spec.missing == MissingKeys::Empty => Ok(Vec::new()),
+                None => Err(RenderError::MissingKey {
+                    file: spec.path.clone(),
+                    key: k.clone(),
+                }),
             },
             FileSource::Prefix { prefix, format } => {
                 let entries = data.read_prefix(prefix);
-                format_prefix(&spec.path, prefix, *format, &entries)?
+                format_prefix(&spec.path, prefix, *format, &entries)
             }
-        };
-        let deps = data.deps.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if !spec.allow_empty
-            && let Some(previous) = previous
-            && let Some(prefix) = previous
-                .nonempty
-                .iter()
-                .find(|p| deps.prefixes.contains(*p) && !deps.nonempty.contains(*p))
-        {
-            return Err(RenderError::EmptiedPrefix {
-                file: spec.path.clone(),
-                prefix: prefix.clone(),
-            });
         }
-        Ok(Rendered {
-            content,
-            deps,
-            revision: snapshot.revision(),
-        })
     }
 
     fn render_template(
@@ -209,12 +285,7 @@ impl Renderer {
             Ok(out) => Ok(out.into_bytes()),
             Err(e) => {
                 // A missing key surfaces as a template error; name the key.
-                if let Some(key) = data
-                    .missing_key
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                {
+                if let Some(key) = data.take_missing_key() {
                     return Err(RenderError::MissingKey {
                         file: spec.path.clone(),
                         key,
@@ -235,6 +306,11 @@ impl Renderer {
 
 fn template_error(file: &Path, e: &minijinja::Error) -> RenderError {
     let mut message = e.to_string();
+    if e.kind() == ErrorKind::UnknownFunction
+        && let Some(name) = e.detail().and_then(|d| d.strip_suffix(" is unknown"))
+    {
+        message.push_str(&crate::agent::manifest::suggest(name, functions::FUNCTIONS));
+    }
     if let Some(line) = e.line() {
         message = format!("line {line}: {message}");
     }
@@ -242,151 +318,6 @@ fn template_error(file: &Path, e: &minijinja::Error) -> RenderError {
         file: file.to_owned(),
         message,
     }
-}
-
-/// What a render reads from, and what it has read.
-#[derive(Debug)]
-pub struct RenderData {
-    snapshot: CacheSnapshot,
-    namespace: String,
-    agent: String,
-    missing: MissingKeys,
-    deps: Mutex<Deps>,
-    missing_key: Mutex<Option<String>>,
-}
-
-impl Object for RenderData {}
-
-impl RenderData {
-    /// The data of the render `state` belongs to.
-    pub fn of(state: &State<'_, '_>) -> Result<Arc<RenderData>, minijinja::Error> {
-        state
-            .lookup(DATA)
-            .and_then(|v| v.downcast_object::<RenderData>())
-            .ok_or_else(|| {
-                minijinja::Error::new(
-                    ErrorKind::InvalidOperation,
-                    "coord data is not available here",
-                )
-            })
-    }
-
-    /// The agent's namespace.
-    pub fn namespace(&self) -> &str {
-        &self.namespace
-    }
-
-    fn deps(&self) -> std::sync::MutexGuard<'_, Deps> {
-        self.deps.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The raw value of `key`, recording the read.
-    pub fn read_key(&self, key: &str) -> Option<Vec<u8>> {
-        self.deps().keys.insert(key.to_owned());
-        self.snapshot.get(key).map(|kv| kv.value.clone())
-    }
-
-    /// Every key under `prefix` with its value, recording the read.
-    pub fn read_prefix(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        let entries: Vec<(String, Vec<u8>)> = self
-            .snapshot
-            .under(prefix)
-            .map(|kv| (kv.key.clone(), kv.value.clone()))
-            .collect();
-        let mut deps = self.deps();
-        deps.prefixes.insert(prefix.to_owned());
-        if !entries.is_empty() {
-            deps.nonempty.insert(prefix.to_owned());
-        }
-        entries
-    }
-}
-
-fn text(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-fn key(state: &State<'_, '_>, k: &str) -> Result<Value, minijinja::Error> {
-    let data = RenderData::of(state)?;
-    match data.read_key(k) {
-        Some(v) => Ok(Value::from(text(v))),
-        None if data.missing == MissingKeys::Empty => Ok(Value::from("")),
-        None => {
-            *data.missing_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(k.to_owned());
-            Err(minijinja::Error::new(
-                ErrorKind::UndefinedError,
-                format!("key `{k}` is missing"),
-            ))
-        }
-    }
-}
-
-/// `instance_id("worker")` → the id this agent holds in the pool; a render
-/// without one fails (or reads empty with `missing = "empty"`), and re-runs
-/// when the claim changes.
-fn instance_id(state: &State<'_, '_>, pool: &str) -> Result<Value, minijinja::Error> {
-    let data = RenderData::of(state)?;
-    let prefix = crate::ids::prefix(&data.namespace, pool);
-    let mine = data
-        .read_prefix(&prefix)
-        .into_iter()
-        .find_map(|(key, value)| {
-            let record: crate::ids::ClaimRecord = serde_json::from_slice(&value).ok()?;
-            (record.agent == data.agent)
-                .then(|| crate::ids::id_of(&key))
-                .flatten()
-        });
-    match mine {
-        Some(id) => Ok(Value::from(id)),
-        None if data.missing == MissingKeys::Empty => Ok(Value::from("")),
-        None => {
-            let what = format!("{prefix}<id of {}>", data.agent);
-            *data.missing_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(what.clone());
-            Err(minijinja::Error::new(
-                ErrorKind::UndefinedError,
-                format!("no instance id held in pool `{pool}`"),
-            ))
-        }
-    }
-}
-
-fn key_or(state: &State<'_, '_>, k: &str, default: Value) -> Result<Value, minijinja::Error> {
-    let data = RenderData::of(state)?;
-    Ok(data.read_key(k).map_or(default, |v| Value::from(text(v))))
-}
-
-/// `keys("/app/")` → `{"a": "1", "b/c": "2"}`: keys relative to the prefix.
-fn keys(state: &State<'_, '_>, prefix: &str) -> Result<Value, minijinja::Error> {
-    let data = RenderData::of(state)?;
-    let map: BTreeMap<String, String> = data
-        .read_prefix(prefix)
-        .into_iter()
-        .map(|(k, v)| (k[prefix.len()..].to_owned(), text(v)))
-        .collect();
-    Ok(Value::from(map))
-}
-
-/// `ls("/app/")` → the names directly under the prefix, like `ls`.
-fn ls(state: &State<'_, '_>, prefix: &str) -> Result<Value, minijinja::Error> {
-    let data = RenderData::of(state)?;
-    let names: BTreeSet<String> = data
-        .read_prefix(prefix)
-        .into_iter()
-        .filter_map(|(k, _)| {
-            let rest = &k[prefix.len()..];
-            rest.split('/')
-                .next()
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-        })
-        .collect();
-    Ok(Value::from(names.into_iter().collect::<Vec<_>>()))
-}
-
-fn json(text: &str) -> Result<Value, minijinja::Error> {
-    serde_json::from_str::<serde_json::Value>(text)
-        .map(|v| Value::from(minijinja::value::Serde(v)))
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("not JSON: {e}")))
 }
 
 /// A prefix as a document: keys relative to the prefix; for JSON, YAML and

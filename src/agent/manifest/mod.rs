@@ -26,7 +26,8 @@ pub use diagnostics::{Diagnostic, ManifestError};
 pub use file::{FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
 pub use instance_id::InstanceIdSpec;
-use reader::{TableReader, suggest};
+use reader::TableReader;
+pub(crate) use reader::suggest;
 pub use service::{CheckKind, CheckSpec, ServiceSpec};
 pub use status::StatusSettings;
 pub use task::{Schedule, TaskSpec};
@@ -138,6 +139,22 @@ pub const ETCD_TIMEOUT_RANGE: RangeInclusive<Duration> =
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/coord";
 
 impl Manifest {
+    /// Every prefix a WASM hook may read, sorted.
+    pub fn wasm_read_prefixes(&self) -> Vec<String> {
+        let mut prefixes: Vec<String> = self
+            .hooks
+            .iter()
+            .filter_map(|h| match &h.action {
+                HookAction::Wasm(w) => Some(w.read_prefixes.clone()),
+                HookAction::Exec { .. } => None,
+            })
+            .flatten()
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        prefixes
+    }
+
     /// Reads and validates the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
         let text =

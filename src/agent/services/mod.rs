@@ -3,8 +3,6 @@
 
 mod check;
 mod controller;
-mod template;
 
 pub use check::{CheckResult, run as run_check};
 pub use controller::{ServiceStats, ServicesController};
-pub use template::template_service;

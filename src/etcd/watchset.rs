@@ -1,0 +1,306 @@
+//! Many watches on one gRPC stream: a reader watches exactly the keys and
+//! prefixes it read, whatever else the cluster holds or writes.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use etcd_client::{WatchOptions, WatchStream};
+use tracing::{debug, warn};
+
+use super::reads::MAX_MESSAGE;
+use super::{Backoff, Client, Range};
+
+/// What a [`WatchSet`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchSetEvent {
+    /// These keys, in watched ranges, changed; `revision` is the newest
+    /// change among them.
+    Changed { revision: i64, keys: Vec<String> },
+    /// Some changes may have been missed (a watch started below etcd's
+    /// compaction point, or etcd cancelled one): read again whatever
+    /// depends on the watched ranges.
+    Lost,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Watched {
+    /// Changes after this revision are wanted (resume point).
+    after: i64,
+    /// The watch id on the current stream, once requested.
+    id: Option<i64>,
+}
+
+#[derive(Debug)]
+enum Request {
+    Create(Range),
+    Cancel(i64),
+}
+
+/// Watches a changing set of [`Range`]s on one stream.
+///
+/// Each range is watched from the revision after the one its reader read
+/// ([`WatchSet::watch`]), so nothing between the read and the watch is
+/// missed. After a disconnect every watch resumes where it stopped; only a
+/// compacted resume point or a watch etcd cancels yields
+/// [`WatchSetEvent::Lost`].
+///
+/// ```no_run
+/// # async fn demo(client: coord::etcd::Client) -> Result<(), coord::etcd::Error> {
+/// use coord::etcd::{Range, ReadSet, WatchSet};
+/// let mut set = ReadSet::default();
+/// set.add_prefix("/app/");
+/// let view = client.read(&set, None).await?;
+/// let mut watches = WatchSet::new(client);
+/// watches.watch(Range::Prefix("/app/".into()), view.revision());
+/// let _next = watches.next().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct WatchSet {
+    client: Client,
+    stream: Option<WatchStream>,
+    wanted: BTreeMap<Range, Watched>,
+    /// Live watch ids of the current stream.
+    ids: HashMap<i64, Range>,
+    pending: VecDeque<Request>,
+    next_id: i64,
+    backoff: Backoff,
+}
+
+impl WatchSet {
+    pub fn new(client: Client) -> Self {
+        WatchSet {
+            client,
+            stream: None,
+            wanted: BTreeMap::new(),
+            ids: HashMap::new(),
+            pending: VecDeque::new(),
+            next_id: 1,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(3)),
+        }
+    }
+
+    /// Watches `range` for changes after revision `after` (what its reader
+    /// last read). A range already watched from an earlier revision is
+    /// left as it is; one watched only from a later revision is watched
+    /// again from `after`.
+    pub fn watch(&mut self, range: Range, after: i64) {
+        match self.wanted.get_mut(&range) {
+            Some(w) if w.after <= after => {}
+            Some(w) => {
+                w.after = after;
+                if let Some(id) = w.id.take() {
+                    self.ids.remove(&id);
+                    self.pending.push_back(Request::Cancel(id));
+                    self.pending.push_back(Request::Create(range));
+                }
+            }
+            None => {
+                self.wanted
+                    .insert(range.clone(), Watched { after, id: None });
+                if self.stream.is_some() {
+                    self.pending.push_back(Request::Create(range));
+                }
+            }
+        }
+    }
+
+    /// Stops watching every range for which `keep` is false.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Range) -> bool) {
+        let pending = &mut self.pending;
+        let ids = &mut self.ids;
+        self.wanted.retain(|range, w| {
+            let kept = keep(range);
+            if !kept && let Some(id) = w.id {
+                ids.remove(&id);
+                pending.push_back(Request::Cancel(id));
+            }
+            kept
+        });
+        self.pending
+            .retain(|r| !matches!(r, Request::Create(range) if !self.wanted.contains_key(range)));
+    }
+
+    /// How many ranges are watched.
+    pub fn len(&self) -> usize {
+        self.wanted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.wanted.is_empty()
+    }
+
+    /// The next change. Waits forever while nothing is watched; retries
+    /// etcd errors itself. Cancel-safe: dropping the future loses nothing.
+    pub async fn next(&mut self) -> WatchSetEvent {
+        loop {
+            if self.wanted.is_empty() {
+                self.stream = None;
+                self.ids.clear();
+                self.pending.clear();
+                return std::future::pending().await;
+            }
+            if self.stream.is_none() {
+                match self.open().await {
+                    Ok(stream) => {
+                        self.stream = Some(stream);
+                        self.ids.clear();
+                        self.pending = self
+                            .wanted
+                            .keys()
+                            .map(|r| Request::Create(r.clone()))
+                            .collect();
+                        for w in self.wanted.values_mut() {
+                            w.id = None;
+                        }
+                    }
+                    Err(e) => {
+                        let wait = self.backoff.next_delay();
+                        debug!(error = %e, retry_in = ?wait, "Could not open the watch stream.");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = self.flush().await {
+                debug!(error = %e, "Watch stream refused a request; reopening.");
+                self.broken().await;
+                continue;
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                continue;
+            };
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    debug!("Watch stream ended; resuming.");
+                    self.broken().await;
+                    continue;
+                }
+                Err(e) => {
+                    debug!(error = %e, "Watch stream failed; resuming.");
+                    self.broken().await;
+                    continue;
+                }
+            };
+            let Some(range) = self.ids.get(&resp.watch_id()).cloned() else {
+                // A watch cancelled since, or the stream's creation notice.
+                continue;
+            };
+            if resp.compact_revision() > 0 || resp.canceled() {
+                self.ids.remove(&resp.watch_id());
+                if let Some(w) = self.wanted.get_mut(&range) {
+                    w.id = None;
+                    if resp.compact_revision() > 0 {
+                        // Everything from the compaction point on is still
+                        // there; what came before it is what was missed.
+                        w.after = w.after.max(resp.compact_revision() - 1);
+                        debug!(%range, compacted = resp.compact_revision(), "Watch fell behind a compaction.");
+                    } else {
+                        warn!(%range, reason = resp.cancel_reason(), "etcd cancelled a watch; reading again.");
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                    }
+                }
+                self.pending.push_back(Request::Create(range));
+                return WatchSetEvent::Lost;
+            }
+            if resp.events().is_empty() {
+                continue;
+            }
+            self.backoff.reset();
+            let mut revision = 0;
+            let keys = resp
+                .events()
+                .iter()
+                .filter_map(|ev| {
+                    let kv = ev.kv()?;
+                    revision = revision.max(kv.mod_revision());
+                    Some(String::from_utf8_lossy(kv.key()).into_owned())
+                })
+                .collect();
+            if let Some(w) = self.wanted.get_mut(&range) {
+                // A large revision may come in fragments: resume at it, not
+                // after it (a repeated change is harmless, a missed one not).
+                w.after = w.after.max(revision - 1);
+            }
+            return WatchSetEvent::Changed { revision, keys };
+        }
+    }
+
+    async fn broken(&mut self) {
+        self.stream = None;
+        self.ids.clear();
+        self.pending.clear();
+        tokio::time::sleep(self.backoff.next_delay()).await;
+    }
+
+    /// Opens a stream with no watch on it yet: watching a key nobody
+    /// writes (etcd needs a first request) and cancelling that at once.
+    async fn open(&mut self) -> Result<WatchStream, super::Error> {
+        let id = self.take_id();
+        let mut stream = self
+            .client
+            .unary("watch", |c| async move {
+                c.watch_client()
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .watch(
+                        "\0coord-watch-open",
+                        Some(WatchOptions::new().with_watch_id(id)),
+                    )
+                    .await
+            })
+            .await?;
+        stream
+            .cancel(id)
+            .await
+            .map_err(|source| super::Error::Request {
+                op: "watch",
+                source,
+            })?;
+        Ok(stream)
+    }
+
+    fn take_id(&mut self) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    async fn flush(&mut self) -> Result<(), etcd_client::Error> {
+        while let Some(request) = self.pending.front() {
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(());
+            };
+            match request {
+                Request::Cancel(id) => stream.cancel(*id).await?,
+                Request::Create(range) => {
+                    let Some(w) = self.wanted.get(range) else {
+                        self.pending.pop_front();
+                        continue;
+                    };
+                    let id = self.next_id;
+                    let mut opts = WatchOptions::new()
+                        .with_watch_id(id)
+                        .with_start_revision(w.after + 1)
+                        .with_fragment();
+                    let key = match range {
+                        Range::Key(k) => k.clone(),
+                        Range::Prefix(p) => {
+                            opts = opts.with_prefix();
+                            p.clone()
+                        }
+                    };
+                    stream.watch(key, Some(opts)).await?;
+                    self.next_id += 1;
+                    let range = range.clone();
+                    self.ids.insert(id, range.clone());
+                    if let Some(w) = self.wanted.get_mut(&range) {
+                        w.id = Some(id);
+                    }
+                }
+            }
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+}
