@@ -26,6 +26,7 @@ mod reaction;
 mod report;
 mod scale;
 mod services;
+mod shared;
 mod util;
 
 use std::path::PathBuf;
@@ -68,11 +69,12 @@ enum Scenario {
     Hooks,
     Idle,
     Services,
+    Shared,
     /// Not in `all`: guarded commands under random faults, several minutes.
     Nemesis,
 }
 
-const ALL: [Scenario; 8] = [
+const ALL: [Scenario; 9] = [
     Scenario::Reaction,
     Scenario::Locks,
     Scenario::Ids,
@@ -81,6 +83,7 @@ const ALL: [Scenario; 8] = [
     Scenario::Hooks,
     Scenario::Idle,
     Scenario::Services,
+    Scenario::Shared,
 ];
 
 /// What every scenario gets.
@@ -176,6 +179,7 @@ async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
             Scenario::Hooks => hooks::run(&ctx, &mut report).await,
             Scenario::Idle => idle::run(&ctx, &mut report).await,
             Scenario::Services => services::run(&ctx, &mut report).await,
+            Scenario::Shared => shared::run(&ctx, &mut report).await,
             Scenario::Nemesis => nemesis::run(&ctx, &mut report, args.runs).await,
         };
         if let Err(e) = result {
