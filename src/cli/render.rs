@@ -58,7 +58,7 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
     for spec in &manifest.files {
         let path = spec.path.display();
         let rendered = renderer
-            .render(spec, &client, &ReadSet::default(), None)
+            .render(spec, &client, &ReadSet::default(), None, None)
             .await;
         let content = match rendered.result {
             Ok(c) => c,

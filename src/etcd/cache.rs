@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use super::watcher::WatchStats;
-use super::{Change, Client, KeyValue, PrefixWatcher, WatchEvent};
+use super::{Change, Client, KeyValue, PrefixWatcher, Range, WatchEvent};
 
 /// Changes under one prefix at one revision, as a subscriber sees them.
 #[derive(Debug, Clone)]
@@ -104,6 +104,41 @@ impl CacheSnapshot {
             self.revision = other.revision;
         }
         self.kvs.extend(other.kvs);
+    }
+
+    /// The part of the view inside `range`, at the same revision.
+    pub fn slice(&self, range: &Range) -> CacheSnapshot {
+        let kvs = match range {
+            Range::Key(k) => self
+                .kvs
+                .get(k)
+                .map(|kv| (k.clone(), kv.clone()))
+                .into_iter()
+                .collect(),
+            Range::Prefix(p) => self
+                .under(p)
+                .map(|kv| (kv.key.clone(), kv.clone()))
+                .collect(),
+        };
+        CacheSnapshot {
+            revision: self.revision,
+            kvs,
+        }
+    }
+
+    /// Applies changes made at `revision` (a watch's, in order).
+    pub fn apply(&mut self, revision: i64, changes: &[Change]) {
+        for change in changes {
+            match change {
+                Change::Put(kv) => {
+                    self.kvs.insert(kv.key.clone(), kv.clone());
+                }
+                Change::Delete { key, .. } => {
+                    self.kvs.remove(key);
+                }
+            }
+        }
+        self.revision = self.revision.max(revision);
     }
 
     /// Every key, in key order.

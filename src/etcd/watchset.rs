@@ -4,18 +4,25 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
-use etcd_client::{WatchOptions, WatchStream};
+use etcd_client::{EventType, WatchOptions, WatchStream};
 use tracing::{debug, warn};
 
 use super::reads::MAX_MESSAGE;
-use super::{Backoff, Client, Range};
+use super::{Backoff, Change, Client, KeyValue, Range};
 
 /// What a [`WatchSet`] yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchSetEvent {
-    /// These keys, in watched ranges, changed; `revision` is the newest
-    /// change among them.
-    Changed { revision: i64, keys: Vec<String> },
+    /// Changes to `range`, in order, through `revision` — every change to
+    /// the range up to that revision has then been delivered (a watch
+    /// delivers one range's changes in revision order, never a revision in
+    /// part), so a copy of the range kept up to date with these is the
+    /// range as it was at `revision`.
+    Changed {
+        range: Range,
+        revision: i64,
+        changes: Vec<Change>,
+    },
     /// Some changes may have been missed (a watch started below etcd's
     /// compaction point, or etcd cancelled one): read again whatever
     /// depends on the watched ranges.
@@ -209,21 +216,29 @@ impl WatchSet {
             }
             self.backoff.reset();
             let mut revision = 0;
-            let keys = resp
+            let changes = resp
                 .events()
                 .iter()
                 .filter_map(|ev| {
                     let kv = ev.kv()?;
                     revision = revision.max(kv.mod_revision());
-                    Some(String::from_utf8_lossy(kv.key()).into_owned())
+                    Some(match ev.event_type() {
+                        EventType::Put => Change::Put(KeyValue::from_raw(kv)),
+                        EventType::Delete => Change::Delete {
+                            key: String::from_utf8_lossy(kv.key()).into_owned(),
+                            revision: kv.mod_revision(),
+                        },
+                    })
                 })
                 .collect();
             if let Some(w) = self.wanted.get_mut(&range) {
-                // A large revision may come in fragments: resume at it, not
-                // after it (a repeated change is harmless, a missed one not).
-                w.after = w.after.max(revision - 1);
+                w.after = w.after.max(revision);
             }
-            return WatchSetEvent::Changed { revision, keys };
+            return WatchSetEvent::Changed {
+                range,
+                revision,
+                changes,
+            };
         }
     }
 
@@ -279,10 +294,13 @@ impl WatchSet {
                         continue;
                     };
                     let id = self.next_id;
+                    // No `fragment`: a revision split over responses could
+                    // not be applied whole (etcd-client does not say which
+                    // response ends it), and the decode limit already takes
+                    // what etcd sends unsplit.
                     let mut opts = WatchOptions::new()
                         .with_watch_id(id)
-                        .with_start_revision(w.after + 1)
-                        .with_fragment();
+                        .with_start_revision(w.after + 1);
                     let key = match range {
                         Range::Key(k) => k.clone(),
                         Range::Prefix(p) => {

@@ -21,7 +21,7 @@ use crate::agent::manifest::{FileSource, FileSpec};
 use crate::agent::reload::PathWatcher;
 use crate::agent::status::report::QueueName;
 use crate::agent::status::{RenderOutcome, Status};
-use crate::etcd::{Backoff, Client, Range, WatchSet, WatchSetEvent};
+use crate::etcd::{Backoff, CacheSnapshot, Client, Range, ReadSet, WatchSet, WatchSetEvent};
 
 /// After an I/O failure (disk full, permissions), when to try again.
 const IO_RETRY: Duration = Duration::from_secs(5);
@@ -100,6 +100,10 @@ pub struct FilesController {
     stats: watch::Sender<FileStats>,
     status: Status,
     state_dir: Option<PathBuf>,
+    /// Each watched range as of the revision its watch has delivered: a
+    /// file whose reads are all here at one revision renders without a
+    /// round trip to etcd.
+    views: BTreeMap<Range, CacheSnapshot>,
 }
 
 impl std::fmt::Debug for FilesController {
@@ -122,6 +126,7 @@ impl FilesController {
             stats: watch::Sender::new(FileStats::default()),
             status: Status::default(),
             state_dir: None,
+            views: BTreeMap::new(),
         }
     }
 
@@ -195,8 +200,8 @@ impl FilesController {
         }
     }
 
-    /// Stops watching what no file reads any more.
-    fn watch_only_deps(&self, watches: &mut WatchSet) {
+    /// Stops watching (and keeping) what no file reads any more.
+    fn watch_only_deps(&mut self, watches: &mut WatchSet) {
         let wanted: BTreeSet<Range> = self
             .states
             .values()
@@ -204,6 +209,38 @@ impl FilesController {
             .flat_map(|d| d.reads.ranges())
             .collect();
         watches.retain(|r| wanted.contains(r));
+        self.views.retain(|r, _| wanted.contains(r));
+    }
+
+    /// `reads` as one view, if every range of it is kept at one revision
+    /// (then each holds every change up to it, and none after).
+    fn local_view(&self, reads: &ReadSet) -> Option<CacheSnapshot> {
+        let ranges = reads.ranges();
+        let mut views = ranges.iter().map(|r| self.views.get(r));
+        let mut view = views.next()??.clone();
+        for other in views {
+            let other = other?;
+            if other.revision() != view.revision() {
+                return None;
+            }
+            view.merge(other.clone());
+        }
+        Some(view)
+    }
+
+    /// Keeps what a render read as the views of its ranges, where nothing
+    /// newer is kept already.
+    fn keep_views(&mut self, reads: &ReadSet, view: &CacheSnapshot) {
+        for range in reads.ranges() {
+            let newer = self
+                .views
+                .get(&range)
+                .is_some_and(|v| v.revision() >= view.revision());
+            if !newer {
+                let slice = view.slice(&range);
+                self.views.insert(range, slice);
+            }
+        }
     }
 
     /// Takes a new set of files: new and changed ones render, removed ones
@@ -245,6 +282,20 @@ impl FilesController {
     }
 
     fn on_watch(&mut self, event: &WatchSetEvent) {
+        match event {
+            WatchSetEvent::Lost => self.views.clear(),
+            WatchSetEvent::Changed {
+                range,
+                revision,
+                changes,
+            } => {
+                if let Some(view) = self.views.get_mut(range)
+                    && *revision > view.revision()
+                {
+                    view.apply(*revision, changes);
+                }
+            }
+        }
         let now = Instant::now();
         for state in self.states.values_mut() {
             let touched = match (event, &state.deps) {
@@ -253,8 +304,8 @@ impl FilesController {
                     false
                 }
                 (_, None) => false,
-                (WatchSetEvent::Changed { keys, .. }, Some(deps)) => {
-                    keys.iter().any(|k| deps.touches(k))
+                (WatchSetEvent::Changed { changes, .. }, Some(deps)) => {
+                    changes.iter().any(|c| deps.touches(c.key()))
                 }
             };
             if touched {
@@ -336,6 +387,7 @@ impl FilesController {
             .map(|d| d.reads.clone())
             .unwrap_or_default();
         let previous = state.nonempty.clone();
+        let local = self.local_view(&hint);
         let started = std::time::Instant::now();
         self.stats
             .send_modify(|s| *s.renders.entry(spec.path.clone()).or_default() += 1);
@@ -343,10 +395,15 @@ impl FilesController {
             result,
             deps,
             revision,
+            view,
         } = self
             .renderer
-            .render(spec, client, &hint, previous.as_ref())
+            .render(spec, client, &hint, local, previous.as_ref())
             .await;
+        // A failed read has no view (revision 0): nothing to keep.
+        if view.revision() > 0 {
+            self.keep_views(&deps.reads, &view);
+        }
         let state = self.states.entry(spec.path.clone()).or_default();
         if revision > 0 {
             // Watch from the revision read: nothing after it is missed.

@@ -10,7 +10,7 @@ use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 
 use super::functions::{self, Reads, RenderData, text};
 use crate::agent::manifest::{FileSource, FileSpec, MissingKeys, PrefixFormat};
-use crate::etcd::{Client, ReadSet};
+use crate::etcd::{CacheSnapshot, Client, ReadSet};
 
 /// Passes one render may take to discover what it reads: each pass reads
 /// what the last one asked for and did not have (a key named by another
@@ -83,6 +83,8 @@ pub struct Render {
     pub result: Result<Vec<u8>, RenderError>,
     pub deps: Deps,
     pub revision: i64,
+    /// What was read (empty if reading failed).
+    pub view: CacheSnapshot,
 }
 
 /// The template engine with coord's functions. Templates are compiled once
@@ -141,15 +143,18 @@ impl Renderer {
     }
 
     /// Renders `spec` from etcd at one revision. `hint` is what the last
-    /// render read (read up front, in one round trip); whatever this one
-    /// reads beyond it is read at the same revision and the render runs
-    /// again, until a pass reads nothing it did not have. `previous` are the
-    /// prefixes the last good render found keys in (to refuse one emptied).
+    /// render read: `local` when given (a view of exactly `hint` at one
+    /// revision, kept by watches), else read up front in one round trip.
+    /// Whatever this render reads beyond it is read at the same revision and
+    /// the render runs again, until a pass reads nothing it did not have.
+    /// `previous` are the prefixes the last good render found keys in (to
+    /// refuse one emptied).
     pub async fn render(
         &mut self,
         spec: &FileSpec,
         client: &Client,
         hint: &ReadSet,
+        local: Option<CacheSnapshot>,
         previous: Option<&BTreeSet<String>>,
     ) -> Render {
         let failed = |source, reads: &ReadSet, revision| Render {
@@ -162,11 +167,15 @@ impl Renderer {
                 nonempty: BTreeSet::new(),
             },
             revision,
+            view: CacheSnapshot::default(),
         };
         let mut covered = hint.clone();
-        let mut view = match client.read(&covered, None).await {
-            Ok(v) => v,
-            Err(e) => return failed(e, hint, 0),
+        let mut view = match local {
+            Some(view) => view,
+            None => match client.read(&covered, None).await {
+                Ok(v) => v,
+                Err(e) => return failed(e, hint, 0),
+            },
         };
         for _ in 0..MAX_PASSES {
             let data = Arc::new(RenderData::new(
@@ -221,6 +230,7 @@ impl Renderer {
                     nonempty,
                 },
                 revision: view.revision(),
+                view,
             };
         }
         Render {
@@ -232,6 +242,7 @@ impl Renderer {
                 nonempty: BTreeSet::new(),
             },
             revision: view.revision(),
+            view,
         }
     }
 
