@@ -651,3 +651,40 @@ async fn a_symlink_planted_at_the_backup_path_is_replaced_and_its_target_left_al
         "staging files left behind: {leftovers:?}"
     );
 }
+
+/// `format = "env"` names a variable after the key's whole path below the
+/// prefix (`a/x` → `a_x`), so keys in two folders both show; two keys that
+/// still map to one name fail the render, naming both, and the file keeps
+/// its content.
+#[tokio::test]
+async fn env_names_keep_the_keys_path_and_two_keys_for_one_name_fail_the_render() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/env/a/x", "1", None).await.expect("put");
+    client.put("/app/env/b/x", "2", None).await.expect("put");
+    client.put("/app/env/TOP", "3", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("app.env");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[file]]\npath = \"{}\"\nprefix = \"/app/env/\"\nformat = \"env\"\n",
+            out.display()
+        ),
+    ));
+    file_is(&out, "TOP='3'\na_x='1'\nb_x='2'\n").await;
+    client.put("/app/env/a_x", "4", None).await.expect("put");
+    let log = log_says(&agent, "both become `a_x`").await;
+    assert!(
+        log.contains("keys `/app/env/a/x` and `/app/env/a_x`"),
+        "{log}"
+    );
+    assert!(log.contains(&out.display().to_string()), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("file"),
+        "TOP='3'\na_x='1'\nb_x='2'\n"
+    );
+    client.delete("/app/env/a_x").await.expect("delete");
+    client.put("/app/env/b/x", "5", None).await.expect("put");
+    file_is(&out, "TOP='3'\na_x='1'\nb_x='5'\n").await;
+}

@@ -406,7 +406,7 @@ fn format_prefix(
         .iter()
         .map(|(k, v)| (&k[prefix.len()..], text(v.clone())));
     let text = match format {
-        PrefixFormat::Env => env_lines(relative),
+        PrefixFormat::Env => env_lines(prefix, relative),
         PrefixFormat::Json | PrefixFormat::Yaml | PrefixFormat::Toml => {
             let mut tree = serde_json::Map::new();
             for (name, value) in relative {
@@ -426,16 +426,30 @@ fn format_prefix(
     Ok(text.into_bytes())
 }
 
-/// `NAME='value'` lines; the name is the key's last segment.
-fn env_lines<'a>(entries: impl Iterator<Item = (&'a str, String)>) -> Result<String, String> {
+/// `NAME='value'` lines; the name is the key below `prefix` with each `/`
+/// as `_` (`nested/x` → `nested_x`), so keys in different folders do not
+/// collide. Two keys that still map to one name fail the render: keeping
+/// either value would hide the other.
+fn env_lines<'a>(
+    prefix: &str,
+    entries: impl Iterator<Item = (&'a str, String)>,
+) -> Result<String, String> {
     let mut out = String::new();
-    for (name, value) in entries {
-        let name = name.rsplit('/').next().unwrap_or(name);
+    let mut seen: HashMap<String, &'a str> = HashMap::new();
+    for (relative, value) in entries {
+        let name = relative.replace('/', "_");
         if name.is_empty()
             || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             || name.starts_with(|c: char| c.is_ascii_digit())
         {
-            return Err(format!("`{name}` is not a valid environment variable name"));
+            return Err(format!(
+                "`{name}` (from key `{prefix}{relative}`) is not a valid environment variable name"
+            ));
+        }
+        if let Some(first) = seen.insert(name.clone(), relative) {
+            return Err(format!(
+                "keys `{prefix}{first}` and `{prefix}{relative}` both become `{name}`"
+            ));
         }
         // Single quotes keep every byte literal for shells and dotenv
         // parsers; a quote inside is closed, escaped and reopened.

@@ -59,7 +59,8 @@ pub enum FileSource {
 /// Formats a whole prefix can be written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefixFormat {
-    /// `NAME=value` lines (the key's last segment is the name).
+    /// `NAME='value'` lines; the name is the key below the prefix with
+    /// each `/` as `_`.
     Env,
     Json,
     Yaml,
