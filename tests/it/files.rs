@@ -688,3 +688,55 @@ async fn env_names_keep_the_keys_path_and_two_keys_for_one_name_fail_the_render(
     client.put("/app/env/b/x", "5", None).await.expect("put");
     file_is(&out, "TOP='3'\na_x='1'\nb_x='5'\n").await;
 }
+
+/// Escaping is the manifest's choice, never the destination's name: by
+/// default `.json`, `.yaml` and `.html` files get values as they are;
+/// `autoescape = "html"` or `"json"` escapes, and a reload that changes it
+/// re-renders with the new escaping.
+#[tokio::test]
+async fn values_are_not_escaped_whatever_the_file_name_unless_autoescape_asks() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/name", "web-01", None).await.expect("put");
+    client.put("/app/html", "<b>&", None).await.expect("put");
+    client
+        .put("/app/quoted", "say \"hi\"", None)
+        .await
+        .expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = |name: &str| dir.path().join(name);
+    let files = |page_escape: &str| {
+        let mut text = String::new();
+        for (name, source, extra) in [
+            ("out.json", r#"{"name": "{{ key('/app/name') }}"}"#, ""),
+            ("out.yaml", "name: {{ key('/app/html') }}", ""),
+            ("page.html", "<p>{{ key('/app/html') }}</p>", page_escape),
+            (
+                "asked.json",
+                r#"{"q": {{ key('/app/quoted') }}}"#,
+                "autoescape = \"json\"\n",
+            ),
+            (
+                "asked.conf",
+                "<p>{{ key('/app/html') }}</p>",
+                "autoescape = \"html\"\n",
+            ),
+        ] {
+            text.push_str(&format!(
+                "[[file]]\npath = \"{}\"\nsource = '''{source}'''\n{extra}",
+                path(name).display()
+            ));
+        }
+        manifest(&etcd, &text)
+    };
+    let agent = CoordProcess::run(&files(""));
+    file_is(&path("out.json"), r#"{"name": "web-01"}"#).await;
+    file_is(&path("out.yaml"), "name: <b>&").await;
+    file_is(&path("page.html"), "<p><b>&</p>").await;
+    file_is(&path("asked.json"), r#"{"q": "say \"hi\""}"#).await;
+    file_is(&path("asked.conf"), "<p>&lt;b&gt;&amp;</p>").await;
+    std::fs::write(agent.manifest_path(), files("autoescape = \"html\"\n"))
+        .expect("rewrite manifest");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    file_is(&path("page.html"), "<p>&lt;b&gt;&amp;</p>").await;
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use minijinja::value::{Object, Value};
 use minijinja::{Environment, ErrorKind, State, UndefinedBehavior};
 
-use crate::agent::manifest::{FileSource, FileSpec, MissingKeys, PrefixFormat};
+use crate::agent::manifest::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
 use crate::etcd::CacheSnapshot;
 
 /// The keys and prefixes one render read: a change to any of them
@@ -69,7 +69,12 @@ pub struct Renderer {
     agent: String,
     /// Template source per destination, to recompile only on change.
     sources: HashMap<PathBuf, String>,
+    /// Escaping per template name (the destination), which minijinja asks
+    /// for when it compiles the template.
+    escapes: Escapes,
 }
+
+type Escapes = Arc<Mutex<HashMap<String, AutoEscape>>>;
 
 impl std::fmt::Debug for Renderer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,6 +93,18 @@ impl Renderer {
     pub fn new(namespace: &str) -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // minijinja would pick escaping from the template's name, which is
+        // the destination: a `.json` file would get JSON-quoted values
+        // inside its template's own quotes. Only the manifest chooses.
+        let escapes = Escapes::default();
+        let known = escapes.clone();
+        env.set_auto_escape_callback(move |name| {
+            match known.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+                Some(AutoEscape::Html) => minijinja::AutoEscape::Html,
+                Some(AutoEscape::Json) => minijinja::AutoEscape::Json,
+                Some(AutoEscape::None) | None => minijinja::AutoEscape::None,
+            }
+        });
         // Config files: a `{% for %}` on its own line leaves no blank line,
         // and the file ends with the newline its template ends with.
         if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
@@ -110,6 +127,7 @@ impl Renderer {
             namespace: namespace.to_owned(),
             agent: String::new(),
             sources: HashMap::new(),
+            escapes,
         }
     }
 
@@ -133,6 +151,7 @@ impl Renderer {
         snapshot: &CacheSnapshot,
         previous: Option<&Deps>,
     ) -> Result<Rendered, RenderError> {
+        self.set_escaping(spec);
         let data = Arc::new(RenderData {
             snapshot: snapshot.clone(),
             namespace: self.namespace.clone(),
@@ -227,8 +246,32 @@ impl Renderer {
 
     /// Forgets the compiled template of a file (it was removed).
     pub fn forget(&mut self, path: &Path) {
+        let name = path.display().to_string();
         if self.sources.remove(path).is_some() {
-            self.env.remove_template(&path.display().to_string());
+            self.env.remove_template(&name);
+        }
+        self.escapes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+    }
+
+    /// Records `spec`'s escaping for its template. minijinja fixes it at
+    /// compile time, so a template whose escaping changed is recompiled.
+    fn set_escaping(&mut self, spec: &FileSpec) {
+        let name = spec.path.display().to_string();
+        let known = self
+            .escapes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .copied();
+        if known != Some(spec.autoescape) {
+            self.forget(&spec.path);
+            self.escapes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name, spec.autoescape);
         }
     }
 }
