@@ -490,3 +490,251 @@ async fn a_wasm_validator_vetoes_bad_content_and_the_file_keeps_its_old_one() {
         .expect("put");
     file_is(&out, "{\"port\": 8080}").await;
 }
+
+/// `path`'s metadata once its mode is `mode` and its owner `uid`.
+async fn metadata_is(path: &Path, mode: u32, uid: u32) -> std::fs::Metadata {
+    use std::os::unix::fs::PermissionsExt;
+    eventually(
+        &format!("`{}` to be {mode:04o} owned by {uid}", path.display()),
+        || async {
+            let meta = std::fs::metadata(path).ok()?;
+            (meta.permissions().mode() & 0o7777 == mode && meta.uid() == uid).then_some(meta)
+        },
+    )
+    .await
+}
+
+/// The spec's mode and owner are applied even when the bytes are the
+/// same: after a reload that tightens them, and after someone changed
+/// them by hand. Neither rewrites the file nor fires `on_change`.
+#[tokio::test]
+async fn a_changed_mode_or_owner_is_applied_in_place_without_firing_the_hook() {
+    use std::os::unix::fs::PermissionsExt;
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client
+        .put("/app/secret", "s3cret", None)
+        .await
+        .expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("secret");
+    let hook_log = dir.path().join("hook.log");
+    let files = |extra: &str| {
+        manifest(
+            &etcd,
+            &format!(
+                "[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_NEW_HASH >> {}\"]\n\
+                 [[file]]\npath = \"{}\"\nkey = \"/app/secret\"\non_change = [\"note\"]\n{extra}",
+                hook_log.display(),
+                out.display()
+            ),
+        )
+    };
+    let agent = CoordProcess::run(&files("mode = \"0644\"\n"));
+    file_is(&out, "s3cret").await;
+    let first = metadata_is(&out, 0o644, 0).await;
+    eventually("the hook's first run", || async {
+        std::fs::read_to_string(&hook_log)
+            .ok()
+            .filter(|l| l.lines().count() == 1)
+    })
+    .await;
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("lookup")
+        .expect("user nobody")
+        .uid
+        .as_raw();
+
+    // A reload that tightens the mode and names an owner.
+    std::fs::write(
+        agent.manifest_path(),
+        files("mode = \"0600\"\nowner = \"nobody\"\n"),
+    )
+    .expect("rewrite manifest");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let tightened = metadata_is(&out, 0o600, nobody).await;
+    assert_eq!(tightened.ino(), first.ino(), "the file was rewritten");
+    log_says(&agent, "File metadata set to its spec").await;
+
+    // Loosened by hand: the next render (same bytes) tightens it again.
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    nix::unistd::chown(&out, Some(nix::unistd::Uid::from_raw(0)), None).expect("chown");
+    client
+        .put("/app/secret", "s3cret", None)
+        .await
+        .expect("put");
+    let again = metadata_is(&out, 0o600, nobody).await;
+    assert_eq!(again.ino(), first.ino(), "the file was rewritten");
+    assert_eq!(std::fs::read_to_string(&out).expect("file"), "s3cret");
+
+    // Let a wrongly fired hook show before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let runs = std::fs::read_to_string(&hook_log).expect("hook log");
+    assert_eq!(
+        runs.lines().count(),
+        1,
+        "a metadata fix fired the hook:\n{runs}"
+    );
+}
+
+/// The backup of a 0600 file holds secrets too: it is 0600 as well.
+#[tokio::test]
+async fn the_backup_of_a_private_file_is_as_private_as_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/secret", "old", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("secret");
+    let _agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[file]]\npath = \"{}\"\nkey = \"/app/secret\"\nmode = \"0600\"\nbackup = true\n",
+            out.display()
+        ),
+    ));
+    file_is(&out, "old").await;
+    client.put("/app/secret", "new", None).await.expect("put");
+    file_is(&out, "new").await;
+    let backup = dir.path().join("secret.bak");
+    assert_eq!(std::fs::read_to_string(&backup).expect("backup"), "old");
+    let mode = std::fs::metadata(&backup)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o600, "the backup is {mode:04o}");
+}
+
+/// A symlink planted at `<path>.bak` is replaced by the backup; the file
+/// it pointed at is never written.
+#[tokio::test]
+async fn a_symlink_planted_at_the_backup_path_is_replaced_and_its_target_left_alone() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/conf", "old", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("conf");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").expect("victim");
+    let _agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[file]]\npath = \"{}\"\nkey = \"/app/conf\"\nbackup = true\n",
+            out.display()
+        ),
+    ));
+    file_is(&out, "old").await;
+    let backup = dir.path().join("conf.bak");
+    std::os::unix::fs::symlink(&victim, &backup).expect("plant the symlink");
+    client.put("/app/conf", "new", None).await.expect("put");
+    file_is(&out, "new").await;
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "precious"
+    );
+    let meta = std::fs::symlink_metadata(&backup).expect("stat the backup");
+    assert!(meta.file_type().is_file(), "the backup is {meta:?}");
+    assert_eq!(std::fs::read_to_string(&backup).expect("backup"), "old");
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".coord-"))
+        })
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "staging files left behind: {leftovers:?}"
+    );
+}
+
+/// `format = "env"` names a variable after the key's whole path below the
+/// prefix (`a/x` → `a_x`), so keys in two folders both show; two keys that
+/// still map to one name fail the render, naming both, and the file keeps
+/// its content.
+#[tokio::test]
+async fn env_names_keep_the_keys_path_and_two_keys_for_one_name_fail_the_render() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/env/a/x", "1", None).await.expect("put");
+    client.put("/app/env/b/x", "2", None).await.expect("put");
+    client.put("/app/env/TOP", "3", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("app.env");
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        &format!(
+            "[[file]]\npath = \"{}\"\nprefix = \"/app/env/\"\nformat = \"env\"\n",
+            out.display()
+        ),
+    ));
+    file_is(&out, "TOP='3'\na_x='1'\nb_x='2'\n").await;
+    client.put("/app/env/a_x", "4", None).await.expect("put");
+    let log = log_says(&agent, "both become `a_x`").await;
+    assert!(
+        log.contains("keys `/app/env/a/x` and `/app/env/a_x`"),
+        "{log}"
+    );
+    assert!(log.contains(&out.display().to_string()), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("file"),
+        "TOP='3'\na_x='1'\nb_x='2'\n"
+    );
+    client.delete("/app/env/a_x").await.expect("delete");
+    client.put("/app/env/b/x", "5", None).await.expect("put");
+    file_is(&out, "TOP='3'\na_x='1'\nb_x='5'\n").await;
+}
+
+/// Escaping is the manifest's choice, never the destination's name: by
+/// default `.json`, `.yaml` and `.html` files get values as they are;
+/// `autoescape = "html"` or `"json"` escapes, and a reload that changes it
+/// re-renders with the new escaping.
+#[tokio::test]
+async fn values_are_not_escaped_whatever_the_file_name_unless_autoescape_asks() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/name", "web-01", None).await.expect("put");
+    client.put("/app/html", "<b>&", None).await.expect("put");
+    client
+        .put("/app/quoted", "say \"hi\"", None)
+        .await
+        .expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = |name: &str| dir.path().join(name);
+    let files = |page_escape: &str| {
+        let mut text = String::new();
+        for (name, source, extra) in [
+            ("out.json", r#"{"name": "{{ key('/app/name') }}"}"#, ""),
+            ("out.yaml", "name: {{ key('/app/html') }}", ""),
+            ("page.html", "<p>{{ key('/app/html') }}</p>", page_escape),
+            (
+                "asked.json",
+                r#"{"q": {{ key('/app/quoted') }}}"#,
+                "autoescape = \"json\"\n",
+            ),
+            (
+                "asked.conf",
+                "<p>{{ key('/app/html') }}</p>",
+                "autoescape = \"html\"\n",
+            ),
+        ] {
+            text.push_str(&format!(
+                "[[file]]\npath = \"{}\"\nsource = '''{source}'''\n{extra}",
+                path(name).display()
+            ));
+        }
+        manifest(&etcd, &text)
+    };
+    let agent = CoordProcess::run(&files(""));
+    file_is(&path("out.json"), r#"{"name": "web-01"}"#).await;
+    file_is(&path("out.yaml"), "name: <b>&").await;
+    file_is(&path("page.html"), "<p><b>&</p>").await;
+    file_is(&path("asked.json"), r#"{"q": "say \"hi\""}"#).await;
+    file_is(&path("asked.conf"), "<p>&lt;b&gt;&amp;</p>").await;
+    std::fs::write(agent.manifest_path(), files("autoescape = \"html\"\n"))
+        .expect("rewrite manifest");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    file_is(&path("page.html"), "<p>&lt;b&gt;&amp;</p>").await;
+}

@@ -207,6 +207,62 @@ max_memory_mib = 4
 }
 
 #[test]
+fn a_files_autoescape_is_none_html_or_json_defaults_to_none_and_goes_with_templates_only() {
+    use coord::agent::manifest::AutoEscape;
+    let text = format!(
+        "{GOOD_ETCD}
+[[file]]
+path = \"a.json\"
+source = \"{{{{ key('/a') }}}}\"
+autoescape = \"jsno\"
+
+[[file]]
+path = \"b\"
+key = \"/b\"
+autoescape = \"html\"
+"
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert_eq!(
+        (errs[0].0, errs[0].1),
+        position(&text, "\"jsno\""),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[0].2.contains("unknown `autoescape` \"jsno\"")
+            && errs[0].2.contains("\"none\", \"html\" or \"json\""),
+        "{errs:#?}"
+    );
+    assert_eq!(
+        (errs[1].0, errs[1].1),
+        position(&text, "\"html\""),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1]
+            .2
+            .contains("`autoescape` goes with `template` or `source` only"),
+        "{errs:#?}"
+    );
+    let good = format!(
+        "{GOOD_ETCD}
+[[file]]
+path = \"a.json\"
+source = \"x\"
+
+[[file]]
+path = \"b.conf\"
+source = \"x\"
+autoescape = \"json\"
+"
+    );
+    let m = Manifest::parse(Path::new("agent.toml"), &good).expect("valid");
+    assert_eq!(m.files[0].autoescape, AutoEscape::None);
+    assert_eq!(m.files[1].autoescape, AutoEscape::Json);
+}
+
+#[test]
 fn a_hook_gets_defaults_by_kind_and_resolves_its_paths() {
     let text = format!(
         "{GOOD_ETCD}

@@ -9,7 +9,9 @@ use minijinja::value::Value;
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 
 use super::functions::{self, Reads, RenderData, text};
-use crate::agent::manifest::{FileSource, FileSpec, MissingKeys, PrefixFormat};
+use std::sync::Mutex;
+
+use crate::agent::manifest::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
 use crate::etcd::{CacheSnapshot, Client, ReadSet};
 
 /// Passes one render may take to discover what it reads: each pass reads
@@ -95,7 +97,12 @@ pub struct Renderer {
     agent: String,
     /// Template source per destination, to recompile only on change.
     sources: HashMap<PathBuf, String>,
+    /// Escaping per template name (the destination), which minijinja asks
+    /// for when it compiles the template.
+    escapes: Escapes,
 }
+
+type Escapes = Arc<Mutex<HashMap<String, AutoEscape>>>;
 
 impl std::fmt::Debug for Renderer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,6 +118,18 @@ impl Renderer {
     pub fn new(namespace: &str) -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // minijinja would pick escaping from the template's name, which is
+        // the destination: a `.json` file would get JSON-quoted values
+        // inside its template's own quotes. Only the manifest chooses.
+        let escapes = Escapes::default();
+        let known = escapes.clone();
+        env.set_auto_escape_callback(move |name| {
+            match known.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+                Some(AutoEscape::Html) => minijinja::AutoEscape::Html,
+                Some(AutoEscape::Json) => minijinja::AutoEscape::Json,
+                Some(AutoEscape::None) | None => minijinja::AutoEscape::None,
+            }
+        });
         // Config files: a `{% for %}` on its own line leaves no blank line,
         // and the file ends with the newline its template ends with.
         if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
@@ -127,6 +146,7 @@ impl Renderer {
             namespace: namespace.to_owned(),
             agent: String::new(),
             sources: HashMap::new(),
+            escapes,
         }
     }
 
@@ -157,6 +177,7 @@ impl Renderer {
         local: Option<CacheSnapshot>,
         previous: Option<&BTreeSet<String>>,
     ) -> Render {
+        self.set_escaping(spec);
         let failed = |source, reads: &ReadSet, revision| Render {
             result: Err(RenderError::Read {
                 file: spec.path.clone(),
@@ -309,8 +330,32 @@ impl Renderer {
 
     /// Forgets the compiled template of a file (it was removed).
     pub fn forget(&mut self, path: &Path) {
+        let name = path.display().to_string();
         if self.sources.remove(path).is_some() {
-            self.env.remove_template(&path.display().to_string());
+            self.env.remove_template(&name);
+        }
+        self.escapes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+    }
+
+    /// Records `spec`'s escaping for its template. minijinja fixes it at
+    /// compile time, so a template whose escaping changed is recompiled.
+    fn set_escaping(&mut self, spec: &FileSpec) {
+        let name = spec.path.display().to_string();
+        let known = self
+            .escapes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .copied();
+        if known != Some(spec.autoescape) {
+            self.forget(&spec.path);
+            self.escapes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name, spec.autoescape);
         }
     }
 }
@@ -348,7 +393,7 @@ fn format_prefix(
         .iter()
         .map(|(k, v)| (&k[prefix.len()..], text(v.clone())));
     let text = match format {
-        PrefixFormat::Env => env_lines(relative),
+        PrefixFormat::Env => env_lines(prefix, relative),
         PrefixFormat::Json | PrefixFormat::Yaml | PrefixFormat::Toml => {
             let mut tree = serde_json::Map::new();
             for (name, value) in relative {
@@ -368,16 +413,30 @@ fn format_prefix(
     Ok(text.into_bytes())
 }
 
-/// `NAME='value'` lines; the name is the key's last segment.
-fn env_lines<'a>(entries: impl Iterator<Item = (&'a str, String)>) -> Result<String, String> {
+/// `NAME='value'` lines; the name is the key below `prefix` with each `/`
+/// as `_` (`nested/x` → `nested_x`), so keys in different folders do not
+/// collide. Two keys that still map to one name fail the render: keeping
+/// either value would hide the other.
+fn env_lines<'a>(
+    prefix: &str,
+    entries: impl Iterator<Item = (&'a str, String)>,
+) -> Result<String, String> {
     let mut out = String::new();
-    for (name, value) in entries {
-        let name = name.rsplit('/').next().unwrap_or(name);
+    let mut seen: HashMap<String, &'a str> = HashMap::new();
+    for (relative, value) in entries {
+        let name = relative.replace('/', "_");
         if name.is_empty()
             || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             || name.starts_with(|c: char| c.is_ascii_digit())
         {
-            return Err(format!("`{name}` is not a valid environment variable name"));
+            return Err(format!(
+                "`{name}` (from key `{prefix}{relative}`) is not a valid environment variable name"
+            ));
+        }
+        if let Some(first) = seen.insert(name.clone(), relative) {
+            return Err(format!(
+                "keys `{prefix}{first}` and `{prefix}{relative}` both become `{name}`"
+            ));
         }
         // Single quotes keep every byte literal for shells and dotenv
         // parsers; a quote inside is closed, escaped and reopened.

@@ -1,15 +1,17 @@
 //! Replacing a file only whole: stage beside it, check, validate, fsync,
-//! rename, fsync the directory. Nothing is written when nothing changed.
+//! rename, fsync the directory. When the content is unchanged, only its
+//! mode and owner are brought back to the spec, in place.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::unistd::{Gid, Uid};
 use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 use crate::agent::hooks::{Event, HookRunner, Outcome};
 use crate::agent::manifest::FileSpec;
@@ -21,7 +23,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 /// What [`write`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
-    /// The file already had this content: not touched at all.
+    /// The file already had this content: not rewritten. Its mode, owner
+    /// and group were set to the spec's if they differed (logged; no
+    /// `file-changed` event, since what programs read did not change).
     Unchanged,
     /// The file was replaced.
     Replaced {
@@ -91,12 +95,21 @@ pub async fn write(
     hooks: Option<&HookRunner>,
 ) -> Result<WriteOutcome, WriteError> {
     let io = |action| io_error(&spec.path, action);
-    let current = match std::fs::read(&spec.path) {
-        Ok(bytes) => Some(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io("read the current file")(e)),
-    };
-    if current.as_deref() == Some(content) {
+    let current = Current::read(&spec.path).map_err(io("read the current file"))?;
+    if let Some(current) = &current
+        && current.bytes == content
+    {
+        if current.through_symlink {
+            // Changing the mode or owner would change the link's target, a
+            // file the spec does not name.
+            debug!(path = %spec.path.display(), "Destination is a symlink; its target's mode and owner are left alone.");
+        } else if current.mode != spec.mode || spec.owner.is_some() || spec.group.is_some() {
+            let spec = spec.clone();
+            let file = current.file.try_clone().map_err(io("reopen the file"))?;
+            tokio::task::spawn_blocking(move || fix_metadata(&spec, &file))
+                .await
+                .map_err(|e| io("set its mode and owner")(std::io::Error::other(e)))??;
+        }
         return Ok(WriteOutcome::Unchanged);
     }
     let staged = {
@@ -134,12 +147,12 @@ pub async fn write(
             }
         }
     }
-    let old_hash = current.as_deref().map(hash);
+    let old_hash = current.as_ref().map(|c| hash(&c.bytes));
     let new_hash = hash(content);
     let in_place = {
         let spec = spec.clone();
         let content = content.to_vec();
-        tokio::task::spawn_blocking(move || commit(&spec, staged, &content, current.as_deref()))
+        tokio::task::spawn_blocking(move || commit(&spec, staged, &content, current.as_ref()))
             .await
             .map_err(|e| io("replace the file")(std::io::Error::other(e)))??
     };
@@ -148,6 +161,91 @@ pub async fn write(
         new_hash,
         in_place,
     })
+}
+
+/// The destination as it is now.
+struct Current {
+    bytes: Vec<u8>,
+    /// Permission bits (`0o7777`).
+    mode: u32,
+    /// Open on what was read, so metadata is fixed on that very file.
+    file: File,
+    /// The destination is a symlink and this is its target.
+    through_symlink: bool,
+}
+
+impl Current {
+    /// Reads `path`; `None` when there is no file.
+    fn read(path: &Path) -> std::io::Result<Option<Current>> {
+        let open = |follow: bool| {
+            let mut options = std::fs::OpenOptions::new();
+            options.read(true);
+            if !follow {
+                options.custom_flags(nix::libc::O_NOFOLLOW);
+            }
+            options.open(path)
+        };
+        let (mut file, through_symlink) = match open(false) {
+            Ok(file) => (file, false),
+            // ELOOP is how O_NOFOLLOW says "a symlink".
+            Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => match open(true) {
+                Ok(file) => (file, true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let mode = file.metadata()?.mode() & 0o7777;
+        Ok(Some(Current {
+            bytes,
+            mode,
+            file,
+            through_symlink,
+        }))
+    }
+}
+
+/// Sets `file`'s owner, group and mode to the spec's where they differ,
+/// and says so in one line.
+fn fix_metadata(spec: &FileSpec, file: &File) -> Result<(), WriteError> {
+    let io = |action| io_error(&spec.path, action);
+    let before = file.metadata().map_err(io("read its mode and owner"))?;
+    let (uid, gid) = owner_ids(spec)?;
+    let uid = uid.filter(|u| u.as_raw() != before.uid());
+    let gid = gid.filter(|g| g.as_raw() != before.gid());
+    let mut fixed = Vec::new();
+    if uid.is_some() || gid.is_some() {
+        nix::unistd::fchown(file, uid, gid).map_err(|e| WriteError::Owner {
+            file: spec.path.clone(),
+            message: format!("cannot set its owner: {e}"),
+        })?;
+        if let Some(uid) = uid {
+            fixed.push(format!("owner {} -> {uid}", before.uid()));
+        }
+        if let Some(gid) = gid {
+            fixed.push(format!("group {} -> {gid}", before.gid()));
+        }
+    }
+    // A chown clears the set-id bits, so the mode is read again after it.
+    let mode = file.metadata().map_err(io("read its mode"))?.mode() & 0o7777;
+    if mode != spec.mode {
+        file.set_permissions(std::fs::Permissions::from_mode(spec.mode))
+            .map_err(io("set the mode"))?;
+        if before.mode() & 0o7777 != spec.mode {
+            fixed.push(format!(
+                "mode {:04o} -> {:04o}",
+                before.mode() & 0o7777,
+                spec.mode
+            ));
+        }
+    }
+    if !fixed.is_empty() {
+        info!(path = %spec.path.display(), fixed = %fixed.join(", "), "File metadata set to its spec; content unchanged, no hook fired.");
+    }
+    Ok(())
 }
 
 /// Writes `content` to a temporary file in the destination's directory,
@@ -177,11 +275,12 @@ fn stage(spec: &FileSpec, content: &[u8]) -> Result<NamedTempFile, WriteError> {
     staged
         .write_all(content)
         .map_err(io("write the staging file"))?;
+    // Owner first: a chown clears the set-id bits a mode may ask for.
+    chown(spec, staged.as_file())?;
     staged
         .as_file()
         .set_permissions(std::fs::Permissions::from_mode(spec.mode))
         .map_err(io("set the mode"))?;
-    chown(spec, staged.as_file())?;
     staged
         .as_file()
         .sync_all()
@@ -193,6 +292,15 @@ fn chown(spec: &FileSpec, file: &File) -> Result<(), WriteError> {
     if spec.owner.is_none() && spec.group.is_none() {
         return Ok(());
     }
+    let (uid, gid) = owner_ids(spec)?;
+    nix::unistd::fchown(file, uid, gid).map_err(|e| WriteError::Owner {
+        file: spec.path.clone(),
+        message: format!("cannot set its owner: {e}"),
+    })
+}
+
+/// The ids of the spec's `owner` and `group`, each `None` when not set.
+fn owner_ids(spec: &FileSpec) -> Result<(Option<Uid>, Option<Gid>), WriteError> {
     let owner_err = |message: String| WriteError::Owner {
         file: spec.path.clone(),
         message,
@@ -215,7 +323,7 @@ fn chown(spec: &FileSpec, file: &File) -> Result<(), WriteError> {
         ),
         None => None,
     };
-    nix::unistd::fchown(file, uid, gid).map_err(|e| owner_err(format!("cannot set its owner: {e}")))
+    Ok((uid, gid))
 }
 
 /// Runs the file's check on the staged copy.
@@ -270,17 +378,15 @@ fn commit(
     spec: &FileSpec,
     staged: NamedTempFile,
     content: &[u8],
-    current: Option<&[u8]>,
+    current: Option<&Current>,
 ) -> Result<bool, WriteError> {
     let io = |action| io_error(&spec.path, action);
+    let dir = parent(&spec.path).to_owned();
     if spec.backup
         && let Some(old) = current
     {
-        let mut backup = spec.path.clone().into_os_string();
-        backup.push(".bak");
-        std::fs::write(&backup, old).map_err(io("keep a backup of the old content"))?;
+        keep_backup(spec, old)?;
     }
-    let dir = parent(&spec.path).to_owned();
     let in_place = match staged.persist(&spec.path) {
         Ok(_) => false,
         Err(e) if e.error.raw_os_error() == Some(nix::libc::EBUSY) => {
@@ -302,6 +408,41 @@ fn commit(
         .and_then(|d| d.sync_all())
         .map_err(io("sync its directory"))?;
     Ok(in_place)
+}
+
+/// Keeps the old content as `<path>.bak` the way the file itself is
+/// written: staged beside it, owned like the file and never more open than
+/// the file was or is about to be, fsynced, renamed over `.bak` (a symlink
+/// planted there is replaced, never followed), directory fsynced — before
+/// the file is replaced, so a new file never shows without its backup.
+fn keep_backup(spec: &FileSpec, old: &Current) -> Result<(), WriteError> {
+    let io = |action| io_error(&spec.path, action);
+    let dir = parent(&spec.path);
+    let mut path = spec.path.clone().into_os_string();
+    path.push(".bak");
+    let name = spec
+        .path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let mut staged = tempfile::Builder::new()
+        .prefix(&format!(".{name}.bak.coord-"))
+        .tempfile_in(dir)
+        .map_err(io("create a staging file for its backup"))?;
+    chown(spec, staged.as_file())?;
+    staged
+        .as_file()
+        .set_permissions(std::fs::Permissions::from_mode(spec.mode & old.mode))
+        .map_err(io("set its backup's mode"))?;
+    staged
+        .write_all(&old.bytes)
+        .map_err(io("write its backup"))?;
+    staged.as_file().sync_all().map_err(io("sync its backup"))?;
+    staged
+        .persist(&path)
+        .map_err(|e| io("rename its backup into place")(e.error))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync its directory"))
 }
 
 fn parent(path: &Path) -> &Path {

@@ -27,6 +27,8 @@ pub struct FileSpec {
     /// Hooks run after the file was really replaced.
     pub on_change: Vec<String>,
     pub missing: MissingKeys,
+    /// How a template's `{{ … }}` output is escaped.
+    pub autoescape: AutoEscape,
     /// Whether a prefix that had keys may render as empty.
     pub allow_empty: bool,
     /// Quiet time to wait for after a change before rendering.
@@ -59,7 +61,8 @@ pub enum FileSource {
 /// Formats a whole prefix can be written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefixFormat {
-    /// `NAME=value` lines (the key's last segment is the name).
+    /// `NAME='value'` lines; the name is the key below the prefix with
+    /// each `/` as `_`.
     Env,
     Json,
     Yaml,
@@ -85,6 +88,31 @@ pub enum MissingKeys {
     Error,
     /// The key reads as an empty string.
     Empty,
+}
+
+/// How a template's `{{ … }}` output is escaped (`autoescape`). Chosen in
+/// the manifest, never from the destination's name: a `.json` file whose
+/// template writes `"{{ key(…) }}"` wants the value, not a JSON string
+/// inside its own quotes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoEscape {
+    /// Values go in as they are (the default).
+    None,
+    /// `<`, `>`, `&` and quotes as HTML entities.
+    Html,
+    /// Each value as a JSON literal: a string comes with its quotes.
+    Json,
+}
+
+impl AutoEscape {
+    /// The name used in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoEscape::None => "none",
+            AutoEscape::Html => "html",
+            AutoEscape::Json => "json",
+        }
+    }
 }
 
 pub const DEFAULT_MODE: u32 = 0o644;
@@ -201,6 +229,25 @@ pub(super) fn file(
             MissingKeys::Error
         }
     };
+    let autoescape = match t.optional::<String>(d, "autoescape").as_deref() {
+        None | Some("none") => AutoEscape::None,
+        Some("html") => AutoEscape::Html,
+        Some("json") => AutoEscape::Json,
+        Some(other) => {
+            d.error(
+                t.span_of("autoescape"),
+                format!("unknown `autoescape` \"{other}\": use \"none\", \"html\" or \"json\""),
+            );
+            AutoEscape::None
+        }
+    };
+    if t.has("autoescape") && matches!(source, Some(FileSource::Key(_) | FileSource::Prefix { .. }))
+    {
+        d.error(
+            t.span_of("autoescape"),
+            "`autoescape` goes with `template` or `source` only: a `key` or `prefix` is not a template",
+        );
+    }
     let allow_empty = t.optional::<bool>(d, "allow_empty").unwrap_or(false);
     let (debounce_min, debounce_max) = match t.table(d, "debounce") {
         Some(mut db) => {
@@ -232,6 +279,7 @@ pub(super) fn file(
         validate,
         on_change,
         missing,
+        autoescape,
         allow_empty,
         debounce_min,
         debounce_max,

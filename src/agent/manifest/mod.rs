@@ -23,7 +23,7 @@ use toml::de::{DeTable, DeValue};
 
 use diagnostics::Diagnostics;
 pub use diagnostics::{Diagnostic, ManifestError};
-pub use file::{FileSource, FileSpec, MissingKeys, PrefixFormat};
+pub use file::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
 pub use instance_id::InstanceIdSpec;
 use reader::TableReader;
