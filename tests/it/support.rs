@@ -77,6 +77,33 @@ impl CoordProcess {
         Self::spawn(dir, &["run".as_ref(), path.as_os_str()])
     }
 
+    /// `coord run <dir>/agent.toml` in a mount namespace of its own, after
+    /// the shell commands `setup` ran in it (mounts only it sees; the test
+    /// reaches them through `/proc/<pid>/root`). Needs `unshare`
+    /// (util-linux) and the right to make a mount namespace (root here).
+    pub fn run_in_mount_namespace(manifest: &str, setup: &str) -> CoordProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, manifest).expect("write manifest");
+        let script = format!(
+            "{setup} && exec '{}' run '{}'",
+            env!("CARGO_BIN_EXE_coord"),
+            path.display()
+        );
+        Self::spawn_program(
+            dir,
+            "unshare",
+            &[
+                "--mount".as_ref(),
+                "--propagation".as_ref(),
+                "private".as_ref(),
+                "sh".as_ref(),
+                "-c".as_ref(),
+                script.as_ref(),
+            ],
+        )
+    }
+
     /// `coord ARGS…` (`{manifest}` in them stands for `<dir>/agent.toml`)
     /// with its stdout and stderr both on `output`, as with `2>&1 | …`;
     /// [`CoordProcess::log`] is then empty.
@@ -116,17 +143,25 @@ impl CoordProcess {
     }
 
     fn spawn(dir: tempfile::TempDir, args: &[&std::ffi::OsStr]) -> CoordProcess {
+        Self::spawn_program(dir, env!("CARGO_BIN_EXE_coord"), args)
+    }
+
+    fn spawn_program(
+        dir: tempfile::TempDir,
+        program: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> CoordProcess {
         let log = dir.path().join("coord.log");
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_coord"))
+        let child = Command::new(program)
             .args(args)
             .env("COORD_LOG", "debug,h2=info,tower=info,hyper=info")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .expect("spawn coord");
+            .unwrap_or_else(|e| panic!("cannot start `{program}`: {e}"));
         CoordProcess {
             child: Some(child),
             dir,

@@ -62,6 +62,8 @@ struct FileState {
     retry_at: Option<Instant>,
     /// Paces retries of renders that could not read etcd.
     backoff: Backoff,
+    /// What failed the last render, while renders fail.
+    failing: Option<String>,
 }
 
 impl Default for FileState {
@@ -73,6 +75,7 @@ impl Default for FileState {
             revision: 0,
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            failing: None,
         }
     }
 }
@@ -419,8 +422,14 @@ impl FilesController {
                 if e.is_transient() {
                     state.retry_at = Some(Instant::now() + state.backoff.next_delay());
                 }
-                warn!(path = %spec.path.display(), error = %e, "Render failed; the file keeps its old content.");
-                self.failed(spec, e.to_string(), started);
+                let error = e.to_string();
+                self.failed(
+                    spec,
+                    "Render failed; the file keeps its old content.",
+                    error.clone(),
+                    error,
+                    started,
+                );
                 return;
             }
         };
@@ -433,6 +442,7 @@ impl FilesController {
         match write(spec, &rendered.content, Some(hooks)).await {
             Ok(WriteOutcome::Unchanged) => {
                 debug!(path = %spec.path.display(), revision = rendered.revision, "Rendered file unchanged.");
+                self.recovered(spec);
                 self.stats.send_modify(|s| {
                     s.errors.remove(&spec.path);
                 });
@@ -449,6 +459,7 @@ impl FilesController {
                 in_place,
             }) => {
                 info!(path = %spec.path.display(), revision = rendered.revision, in_place, "Rendered file replaced.");
+                self.recovered(spec);
                 self.stats.send_modify(|s| {
                     s.replaced += 1;
                     s.errors.remove(&spec.path);
@@ -471,13 +482,26 @@ impl FilesController {
                 }
             }
             Err(e) => {
-                warn!(path = %spec.path.display(), error = %e, "File not replaced; it keeps its old content.");
                 if matches!(e, WriteError::Io { .. } | WriteError::Owner { .. })
                     && let Some(state) = self.states.get_mut(&spec.path)
                 {
                     state.retry_at = Some(Instant::now() + IO_RETRY);
                 }
-                self.failed(spec, e.to_string(), started);
+                // The same fault again names another staging file: compare
+                // what failed, not the message.
+                let same = match &e {
+                    WriteError::Io { action, source, .. } => {
+                        format!("{action}: {:?}", source.kind())
+                    }
+                    other => other.to_string(),
+                };
+                self.failed(
+                    spec,
+                    "File not replaced; it keeps its old content.",
+                    e.to_string(),
+                    same,
+                    started,
+                );
             }
         }
     }
@@ -529,7 +553,25 @@ impl FilesController {
         }
     }
 
-    fn failed(&mut self, spec: &FileSpec, error: String, started: std::time::Instant) {
+    /// Counts and reports a failure. It is logged as a warning once: the
+    /// same error again (retries while a disk stays full, etcd stays
+    /// unreachable) goes to debug, so the log says what is wrong without
+    /// repeating it every few seconds.
+    fn failed(
+        &mut self,
+        spec: &FileSpec,
+        what: &'static str,
+        error: String,
+        same: String,
+        started: std::time::Instant,
+    ) {
+        let state = self.states.entry(spec.path.clone()).or_default();
+        if state.failing.as_deref() == Some(same.as_str()) {
+            debug!(path = %spec.path.display(), error = %error, "{what} (again)");
+        } else {
+            warn!(path = %spec.path.display(), error = %error, "{what}");
+            state.failing = Some(same);
+        }
         self.status.file_rendered(
             &spec.path,
             started.elapsed(),
@@ -540,5 +582,14 @@ impl FilesController {
             s.failures += 1;
             s.errors.insert(spec.path.clone(), error);
         });
+    }
+
+    /// A good render after failures: says so once.
+    fn recovered(&mut self, spec: &FileSpec) {
+        if let Some(state) = self.states.get_mut(&spec.path)
+            && let Some(error) = state.failing.take()
+        {
+            info!(path = %spec.path.display(), failed_with = %error, "File rendered again after failing.");
+        }
     }
 }
