@@ -14,8 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 minutes="${1:-10}"
-# `template` joins this list with the template module's rewrite.
-TARGETS=(manifest hook_event)
+TARGETS=(manifest hook_event template)
 if ! command -v cargo-fuzz >/dev/null; then
     echo "cargo-fuzz is not installed: cargo install cargo-fuzz --locked" >&2
     exit 1

@@ -72,7 +72,7 @@ pub struct CacheSnapshot {
 
 impl CacheSnapshot {
     /// A view of `kvs` as they were at `revision`.
-    pub(crate) fn from_parts(revision: i64, kvs: impl IntoIterator<Item = KeyValue>) -> Self {
+    pub fn from_parts(revision: i64, kvs: impl IntoIterator<Item = KeyValue>) -> Self {
         CacheSnapshot {
             revision,
             kvs: kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),

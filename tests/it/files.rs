@@ -13,7 +13,7 @@ use coord::etcd::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{CoordProcess, LocalEtcd, etcd, eventually};
+use crate::support::{CoordProcess, LocalEtcd, etcd, eventually, file_is, log_says};
 
 /// A manifest for agent `files` against `etcd` with `files` appended.
 fn manifest(etcd: &LocalEtcd, rest: &str) -> String {
@@ -22,22 +22,6 @@ fn manifest(etcd: &LocalEtcd, rest: &str) -> String {
         std::env::temp_dir().join("coord-test-state").display(),
         etcd.endpoint()
     )
-}
-
-async fn file_is(path: &Path, want: &str) {
-    let what = format!("`{}` to read {want:?}", path.display());
-    eventually(&what, || async {
-        (std::fs::read_to_string(path).ok()? == want).then_some(())
-    })
-    .await;
-}
-
-async fn log_says(agent: &CoordProcess, words: &str) -> String {
-    eventually(&format!("the agent to log {words:?}"), || {
-        let log = agent.log();
-        async move { log.contains(words).then_some(log) }
-    })
-    .await
 }
 
 #[tokio::test]

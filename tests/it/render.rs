@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::support::{CoordProcess, LocalEtcd, etcd, eventually};
+use crate::support::{CoordProcess, LocalEtcd, etcd, file_is, log_says};
 
 fn manifest(etcd: &LocalEtcd, state: &Path, rest: &str) -> String {
     format!(
@@ -12,22 +12,6 @@ fn manifest(etcd: &LocalEtcd, state: &Path, rest: &str) -> String {
         state.display(),
         etcd.endpoint()
     )
-}
-
-async fn file_is(path: &Path, want: &str) {
-    let what = format!("`{}` to read {want:?}", path.display());
-    eventually(&what, || async {
-        (std::fs::read_to_string(path).ok()? == want).then_some(())
-    })
-    .await;
-}
-
-async fn log_says(agent: &CoordProcess, words: &str) -> String {
-    eventually(&format!("the agent to log {words:?}"), || {
-        let log = agent.log();
-        async move { log.contains(words).then_some(log) }
-    })
-    .await
 }
 
 /// Invariant: a prefix that had keys and is empty when the agent starts

@@ -1,13 +1,12 @@
 //! Services against real etcd: registration in the gRPC resolver format,
 //! health checks withdrawing and restoring, maintenance, lifecycle.
 
-use std::path::Path;
 use std::time::Duration;
 
 use coord::etcd::Client;
 use nix::sys::signal::Signal;
 
-use crate::support::{CoordProcess, LocalEtcd, coord, etcd, eventually};
+use crate::support::{CoordProcess, LocalEtcd, coord, etcd, eventually, file_is};
 
 const LISTED: &str = "/coord/services/api/web-01-api";
 const HEALTH: &str = "/coord/health/api/web-01-api";
@@ -391,14 +390,6 @@ async fn templates_and_services_json_name_an_instance_as_the_manifest_does() {
         line["addr"], "10.0.0.5:8080",
         "the old name still answers: {line}"
     );
-}
-
-async fn file_is(path: &Path, want: &str) {
-    let what = format!("`{}` to read {want:?}", path.display());
-    eventually(&what, || async {
-        (std::fs::read_to_string(path).ok()? == want).then_some(())
-    })
-    .await;
 }
 
 #[tokio::test]

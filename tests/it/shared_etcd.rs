@@ -14,7 +14,7 @@ use coord::etcd::{Client, ConnectOptions, Password};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{CoordProcess, LocalEtcd, etcd, eventually, run_tool};
+use crate::support::{CoordProcess, LocalEtcd, etcd, eventually, file_is, run_tool};
 
 fn manifest(etcd: &LocalEtcd, state: &Path, etcd_extra: &str, rest: &str) -> String {
     format!(
@@ -22,14 +22,6 @@ fn manifest(etcd: &LocalEtcd, state: &Path, etcd_extra: &str, rest: &str) -> Str
         state.display(),
         etcd.endpoint()
     )
-}
-
-async fn file_is(path: &Path, want: &str) {
-    let what = format!("`{}` to read {want:?}", path.display());
-    eventually(&what, || async {
-        (std::fs::read_to_string(path).ok()? == want).then_some(())
-    })
-    .await;
 }
 
 /// Invariant: data a file does not read never stops it rendering, however

@@ -60,6 +60,24 @@ pub fn manifest(name: &str, endpoints: &[String], ttl_secs: u64) -> String {
     )
 }
 
+/// Waits until the file at `path` holds exactly `want`.
+pub async fn file_is(path: &Path, want: &str) {
+    let what = format!("`{}` to read {want:?}", path.display());
+    eventually(&what, || async {
+        (std::fs::read_to_string(path).ok()? == want).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `agent` has logged `words`; its whole log then.
+pub async fn log_says(agent: &CoordProcess, words: &str) -> String {
+    eventually(&format!("the agent to log {words:?}"), || {
+        let log = agent.log();
+        async move { log.contains(words).then_some(log) }
+    })
+    .await
+}
+
 /// A `coord` process, killed on drop. Its log goes to a file that is
 /// printed if the test panics while it runs.
 pub struct CoordProcess {
