@@ -11,6 +11,7 @@ mod cache;
 mod cli;
 mod config;
 mod deploy;
+mod dns;
 mod faults;
 mod files;
 mod guarded;
