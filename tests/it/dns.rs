@@ -413,6 +413,56 @@ async fn an_answer_larger_than_512_bytes_comes_whole_over_tcp() {
 }
 
 #[tokio::test]
+async fn until_the_cache_has_read_the_registry_every_name_is_servfail_never_nxdomain() {
+    let mut etcd = etcd().await;
+    let client = etcd.client().await;
+    // An instance listed by someone else, there before the agent starts.
+    client
+        .put(
+            "/coord/services/api/elsewhere",
+            r#"{"Addr":"10.0.0.7:8080"}"#,
+            None,
+        )
+        .await
+        .expect("list an instance");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    // etcd frozen: the agent starts, its cache cannot read anything.
+    etcd.member().pause();
+    let _agent = CoordProcess::run(&manifest(&etcd, dir.path(), port, ""));
+    dig_until(port, "api.service.coord", "A", &[], "an answer", |r| {
+        r.status != "no answer"
+    })
+    .await;
+    for _ in 0..5 {
+        for name in [
+            "api.service.coord",
+            "nope.service.coord",
+            "web-01.agent.coord",
+        ] {
+            let r = dig(port, name, "A", &[]);
+            assert_eq!(
+                r.status, "SERVFAIL",
+                "{name}: an unread cache must not deny it: {}",
+                r.raw
+            );
+        }
+    }
+    etcd.member().resume();
+    dig_until(
+        port,
+        "api.service.coord",
+        "A",
+        &[],
+        "the listed instance",
+        |r| r.data("A") == ["10.0.0.7"],
+    )
+    .await;
+    let nope = dig(port, "nope.service.coord", "A", &[]);
+    assert_eq!(nope.status, "NXDOMAIN", "{}", nope.raw);
+}
+
+#[tokio::test]
 async fn the_dns_section_answers_loopback_only_unless_asked_and_each_mistake_is_located() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("agent.toml");
