@@ -11,9 +11,12 @@
 #                   libprotobuf-dev)   files, which import google/protobuf/*.proto
 #   etcd, etcdctl  (etcd-server,       `coord dev`, the quickstart, the tests and
 #                   etcd-client)       the benchmarks run them
+#   dnsperf, dnsmasq (dnsperf,         `coord-bench dns` loads coord's DNS server
+#                   dnsmasq-base)      and dnsmasq, its peer, with dnsperf
 # and with --tests (deploy/test.sh):
 #   systemd-analyze (systemd)          tests/it/deploy.rs verifies the unit
 #   man            (man-db)            tests/it/cli.rs renders `coord man`
+#   dig            (dnsutils)          tests/it/dns.rs asks the agent's DNS server
 #   Go, etcd's     (golang-go,         tests/it/interop.rs builds a grpc-go
 #   resolver and    golang-etcd-server-dev,   client (tests/interop/grpc-go) in
 #   grpc-go         golang-google-grpc-dev)   GOPATH mode, without network
@@ -33,7 +36,7 @@ for arg in "$@"; do
   case $arg in
     --rustup) with_rustup=1 ;;
     --tests) with_tests=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "install-deps: unknown argument \`$arg\` (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -60,6 +63,9 @@ EOF
 can_run_etcd() { "${ETCD_BIN:-etcd}" --version >/dev/null 2>&1; }
 can_run_etcdctl() { etcdctl version >/dev/null 2>&1; }
 can_verify_units() { systemd-analyze --version >/dev/null 2>&1; }
+can_load_dns() { dnsperf -h >/dev/null 2>&1; }
+can_serve_dns_peer() { dnsmasq --version >/dev/null 2>&1; }
+can_ask_dns() { dig -v >/dev/null 2>&1; }
 
 can_render_man_pages() {
   printf '.TH CHECK 1\n.SH NAME\ncheck \\- a page\n' >"$work/check.1"
@@ -77,8 +83,11 @@ can_compile_c || missing+=(gcc libc6-dev)
 can_compile_protos || missing+=(protobuf-compiler libprotobuf-dev)
 can_run_etcd || missing+=(etcd-server)
 can_run_etcdctl || missing+=(etcd-client)
+can_load_dns || missing+=(dnsperf)
+can_serve_dns_peer || missing+=(dnsmasq-base)
 if [ $with_tests = 1 ]; then
   can_verify_units || missing+=(systemd)
+  can_ask_dns || missing+=(dnsutils)
   can_render_man_pages || missing+=(man-db)
   can_build_grpc_go_client || missing+=(golang-go golang-etcd-server-dev golang-google-grpc-dev)
 fi
@@ -105,8 +114,11 @@ can_compile_c || failed+=("cc cannot compile and link a C program")
 can_compile_protos || failed+=("${PROTOC:-protoc} cannot compile a file importing google/protobuf/descriptor.proto")
 can_run_etcd || failed+=("${ETCD_BIN:-etcd} does not run")
 can_run_etcdctl || failed+=("etcdctl does not run")
+can_load_dns || failed+=("dnsperf does not run")
+can_serve_dns_peer || failed+=("dnsmasq does not run")
 if [ $with_tests = 1 ]; then
   can_verify_units || failed+=("systemd-analyze does not run")
+  can_ask_dns || failed+=("dig does not run")
   can_render_man_pages || failed+=("man -l cannot render a page")
   can_build_grpc_go_client || failed+=("go cannot find etcd's resolver and grpc-go in /usr/share/gocode")
 fi

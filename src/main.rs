@@ -20,7 +20,7 @@ const LOG_FLUSH_WAIT: Duration = Duration::from_millis(500);
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let (stderr, guard) = log_writer();
-    let filter = EnvFilter::try_from_env("COORD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("COORD_LOG").ok());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(stderr.clone())
@@ -37,6 +37,18 @@ fn main() -> ExitCode {
     let code = cli.execute(cli::Stderr::new(stderr));
     flush_logs(guard);
     code
+}
+
+/// `COORD_LOG` (default `info`), with hickory-server's line per DNS query
+/// (logged at info) kept out unless the variable names hickory itself.
+fn log_filter(asked: Option<String>) -> EnvFilter {
+    let mut directives = asked
+        .filter(|a| EnvFilter::try_new(a).is_ok())
+        .unwrap_or_else(|| "info".to_owned());
+    if !directives.contains("hickory") {
+        directives.push_str(",hickory_server=warn,hickory_net=warn,hickory_proto=warn");
+    }
+    EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 /// Everything written to stderr goes through one thread that owns it, so

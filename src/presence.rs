@@ -19,6 +19,10 @@ pub struct AgentRecord {
     pub host: String,
     /// The agent's process id on that host.
     pub pid: u32,
+    /// The IP address other hosts reach the agent's host at (absent in
+    /// records of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// A presence key as read back from etcd.

@@ -3,6 +3,7 @@
 //! ([`crate::etcd`], [`crate::presence`], …) and never etcd directly.
 
 pub mod controller;
+pub mod dns;
 pub mod files;
 pub mod hold;
 pub mod hooks;

@@ -25,6 +25,46 @@ use super::status::report::{QueueName, ResourceKind};
 use crate::etcd::{Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription};
 use crate::presence::{self, AgentRecord, Registration};
 
+/// The address the presence record publishes: `configured`, else the
+/// local address of the route to the first etcd endpoint that resolves
+/// (the address the host's peers most likely reach it at: they share that
+/// network with etcd). *Why a connected UDP socket:* it asks the kernel's
+/// routing table and sends nothing. `None` when neither can be had.
+pub async fn advertised_address(
+    configured: Option<std::net::IpAddr>,
+    endpoints: &[String],
+) -> Option<std::net::IpAddr> {
+    if configured.is_some() {
+        return configured;
+    }
+    for endpoint in endpoints {
+        let Some(authority) = endpoint
+            .split_once("://")
+            .map_or(Some(endpoint.as_str()), |(_, rest)| rest.split('/').next())
+        else {
+            continue;
+        };
+        let Ok(mut peers) = tokio::net::lookup_host(authority).await else {
+            continue;
+        };
+        let Some(peer) = peers.next() else { continue };
+        let any: std::net::SocketAddr = if peer.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let local = std::net::UdpSocket::bind(any)
+            .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()));
+        match local {
+            Ok(local) => return Some(local.ip()),
+            Err(e) => {
+                debug!(endpoint, error = %e, "No route to this etcd endpoint to take the agent's address from.")
+            }
+        }
+    }
+    None
+}
+
 /// What the agent wants to exist in etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {

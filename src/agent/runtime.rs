@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::controller::Context;
+use super::dns::{DnsError, DnsServer, RegistryView};
 use super::files::FilesController;
 use super::hooks::{AmbientEnv, CacheKeys, HookError, HookRunner, KeyReader};
 use super::instance_ids::InstanceIdsController;
@@ -41,6 +42,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Status(#[from] ServeError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     #[error("failed to watch the manifest `{path}` for changes: {source}")]
     Watch {
         path: PathBuf,
@@ -80,6 +83,8 @@ struct Connected {
     ids: tokio::task::JoinHandle<()>,
     follower: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
+    /// What the presence record publishes as the agent's address.
+    address: Option<String>,
 }
 
 /// What the resource controllers follow across reloads.
@@ -95,6 +100,9 @@ struct Shared {
     ambient: AmbientEnv,
     /// What `/status`, `/health` and `/metrics` show.
     status: Status,
+    /// What the DNS server answers from, re-pointed at each connection's
+    /// cache.
+    dns_view: Arc<RegistryView>,
 }
 
 impl Connected {
@@ -114,7 +122,12 @@ impl Connected {
         let session =
             Session::start_counted(client.clone(), manifest.agent.ttl, status.session_stats());
         let cache = Cache::counted(client.clone(), status.watch_stats());
-        let (desired, desired_rx) = watch::channel(desired_state(manifest, started_at));
+        let address =
+            super::presence::advertised_address(manifest.agent.address, &manifest.etcd.endpoints)
+                .await
+                .map(|a| a.to_string());
+        let (desired, desired_rx) =
+            watch::channel(desired_state(manifest, started_at, address.clone()));
         let reconciler = PresenceController::new(
             client.clone(),
             cache.clone(),
@@ -152,6 +165,7 @@ impl Connected {
         );
         let ids = tokio::spawn(ids_controller.run(shared.instance_ids.subscribe()));
         shared.keys.follow(&cache, &manifest.wasm_read_prefixes());
+        shared.dns_view.follow(&cache, &manifest.agent.namespace);
         let files = tokio::spawn(
             FilesController::new(&manifest.agent.namespace)
                 .with_agent(&manifest.agent.name)
@@ -175,6 +189,7 @@ impl Connected {
             ids,
             follower,
             stop,
+            address,
         })
     }
 
@@ -210,7 +225,7 @@ async fn follow_session(
     }
 }
 
-fn desired_state(manifest: &Manifest, started_at: &str) -> Desired {
+fn desired_state(manifest: &Manifest, started_at: &str, address: Option<String>) -> Desired {
     Desired {
         namespace: manifest.agent.namespace.clone(),
         agent: manifest.agent.name.clone(),
@@ -220,6 +235,7 @@ fn desired_state(manifest: &Manifest, started_at: &str) -> Desired {
             started_at: started_at.to_owned(),
             host: super::manifest::host_name(),
             pid: std::process::id(),
+            address,
         },
     }
 }
@@ -315,6 +331,13 @@ pub async fn run(
         Some(s) => Some(StatusServer::start(s.listen, status.clone()).await?),
         None => None,
     };
+    let dns_view = Arc::new(RegistryView::new());
+    // Bound before connecting too: it answers SERVFAIL until the cache has
+    // read the registry.
+    let mut dns = match &manifest.dns {
+        Some(s) => Some(DnsServer::start(s, dns_view.clone(), status.clone()).await?),
+        None => None,
+    };
     let notifier = Notifier::start(status.clone());
     let keys = Arc::new(CacheKeys::new());
     let ambient = AmbientEnv::default();
@@ -323,6 +346,7 @@ pub async fn run(
         keys,
         ambient,
         status,
+        dns_view,
         files: watch::Sender::new(manifest.files.clone()),
         services: watch::Sender::new(manifest.services.clone()),
         tasks: watch::Sender::new(manifest.tasks.clone()),
@@ -383,9 +407,11 @@ pub async fn run(
                 }
             }
         } else {
-            connected
-                .desired
-                .send_replace(desired_state(&next, &started_at));
+            connected.desired.send_replace(desired_state(
+                &next,
+                &started_at,
+                connected.address.clone(),
+            ));
         }
         if let Some(h) = next_hooks {
             // Runs in progress on the old hooks are stopped; new events go
@@ -419,11 +445,28 @@ pub async fn run(
                 }
             }
         }
+        if next.dns != manifest.dns {
+            // The old port is freed first: the new one may be the same.
+            if let Some(old) = dns.take() {
+                old.stop().await;
+            }
+            if let Some(s) = &next.dns {
+                match DnsServer::start(s, shared.dns_view.clone(), shared.status.clone()).await {
+                    Ok(started) => dns = Some(started),
+                    Err(e) => {
+                        warn!(error = %e, "DNS server not restarted; it stays off until the next reload or start.")
+                    }
+                }
+            }
+        }
         shared.status.declare(&next);
         info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
         manifest = next;
     }
     notifier.stopping();
+    if let Some(dns) = dns.take() {
+        dns.stop().await;
+    }
     shared.hooks.borrow().shutdown();
     info!("Shutting down: revoking the session lease.");
     connected.stop().await;

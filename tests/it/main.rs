@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod deploy;
 mod destination;
+mod dns;
 mod faults;
 mod files;
 mod guarded;

@@ -5,6 +5,7 @@
 //! half-valid file.
 
 mod diagnostics;
+mod dns;
 mod file;
 mod hook;
 mod instance_id;
@@ -23,6 +24,7 @@ use toml::de::{DeTable, DeValue};
 
 use diagnostics::Diagnostics;
 pub use diagnostics::{Diagnostic, ManifestError};
+pub use dns::DnsSettings;
 pub use file::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
 pub use instance_id::InstanceIdSpec;
@@ -44,6 +46,7 @@ const SECTIONS: &[&str] = &[
     "task",
     "instance_id",
     "status",
+    "dns",
 ];
 
 /// A validated manifest.
@@ -68,6 +71,8 @@ pub struct Manifest {
     pub instance_ids: Vec<InstanceIdSpec>,
     /// `[status]`: the local status endpoint, off when absent.
     pub status: Option<StatusSettings>,
+    /// `[dns]`: discovery over DNS, off when absent.
+    pub dns: Option<DnsSettings>,
 }
 
 /// A place in the manifest.
@@ -95,6 +100,10 @@ pub struct AgentSettings {
     /// Where the agent keeps what must survive a restart (compiled plugins,
     /// the last instance ids).
     pub state_dir: PathBuf,
+    /// The address other hosts reach this one at, published in the
+    /// presence record (`<agent>.agent.<domain>` answers it). `None`: the
+    /// local address of the route to the first etcd endpoint.
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// `[etcd]`.
@@ -223,6 +232,7 @@ impl Manifest {
         let tasks = tasks(&mut d, root, &hooks);
         let instance_ids = instance_ids(&mut d, root, base, &hooks);
         let status = section(&mut d, root, "status").and_then(|t| status::status(&mut d, t));
+        let dns = section(&mut d, root, "dns").and_then(|t| dns::dns(&mut d, t));
         match (agent, etcd) {
             (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
                 path: path.to_owned(),
@@ -235,6 +245,7 @@ impl Manifest {
                 tasks,
                 instance_ids,
                 status,
+                dns,
             }),
             _ => Err(d.into_error(path)),
         }
@@ -263,6 +274,7 @@ impl AgentSettings {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             ttl: DEFAULT_TTL,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            address: None,
         }
     }
 }
@@ -537,6 +549,18 @@ fn agent_settings(
         );
     }
     let state_dir = t.optional::<PathBuf>(d, "state_dir");
+    let address = t.optional::<String>(d, "address").and_then(|a| {
+        match a.parse::<std::net::IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                d.error(
+                    t.span_of("address"),
+                    format!("invalid `address` in [agent]: `{a}` is not an IP address like \"10.0.0.5\" or \"fd00::5\""),
+                );
+                None
+            }
+        }
+    });
     let ttl = t.within(d, "ttl", TTL_RANGE);
     if let Some(ttl) = ttl
         && ttl.subsec_nanos() != 0
@@ -552,6 +576,7 @@ fn agent_settings(
         namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
         ttl: ttl.unwrap_or(DEFAULT_TTL),
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| base.join(p)),
+        address,
     })
 }
 
@@ -696,6 +721,16 @@ impl fmt::Display for Summary<'_> {
                 f,
                 "\n  status http://{} (/health, /status, /metrics)",
                 s.listen
+            )?;
+        }
+        if let Some(dns) = &m.dns {
+            write!(
+                f,
+                "\n  dns    {} udp+tcp, *.service.{} and *.agent.{} (ttl {}s)",
+                dns.listen,
+                dns.domain,
+                dns.domain,
+                dns.ttl.as_secs()
             )?;
         }
         for s in &m.services {

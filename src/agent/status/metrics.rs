@@ -36,6 +36,7 @@ pub(super) struct Metrics {
     pub hook_runs: Family<Labels, Counter>,
     pub hook_run_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub task_runs: Family<Labels, Counter>,
+    pub dns_queries: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,6 +81,12 @@ impl Metrics {
             "Task runs ended, by task and exit: the exit code, signal_N, lock_lost or stopped",
             task_runs.clone(),
         );
+        let dns_queries = Family::<Labels, Counter>::default();
+        registry.register(
+            "coord_dns_queries",
+            "DNS queries answered, by type (A, AAAA, SRV, TXT, CNAME, ANY, SOA or other) and result: answer, empty, nxdomain, refused (outside the zone), servfail (cache not read yet) or formerr",
+            dns_queries.clone(),
+        );
         registry.register_collector(Box::new(live));
         Metrics {
             registry,
@@ -88,6 +95,7 @@ impl Metrics {
             hook_runs,
             hook_run_seconds,
             task_runs,
+            dns_queries,
         }
     }
 

@@ -278,6 +278,19 @@ impl Status {
         self.set(ResourceKind::Task, task, &state, error);
     }
 
+    /// A DNS query was answered (`qtype` and `result` from small closed
+    /// sets: see `dns::type_label` and `dns::QueryResult`).
+    pub fn dns_query(&self, qtype: &'static str, result: &'static str) {
+        self.inner
+            .metrics
+            .dns_queries
+            .get_or_create(&vec![
+                ("type", qtype.to_owned()),
+                ("result", result.to_owned()),
+            ])
+            .inc();
+    }
+
     /// Why `/health` is not 200 (empty when it is).
     pub fn problems(&self) -> Vec<String> {
         self.board().problems()

@@ -5,6 +5,7 @@
 //! target/release/coord-bench all            # every scenario (several minutes)
 //! target/release/coord-bench all --quick    # fewer rounds
 //! target/release/coord-bench reaction locks # some scenarios
+//! target/release/coord-bench dns            # the DNS server against dnsmasq, with dnsperf
 //! target/release/coord-bench nemesis --runs 300   # guarded runs under faults
 //! ```
 //!
@@ -16,6 +17,7 @@
 //! whether it was met. Scenarios that need a real agent run the `coord`
 //! binary found next to this one. BENCHMARKS.md says how to read it.
 
+mod dns;
 mod fanout;
 mod hooks;
 mod idle;
@@ -70,11 +72,13 @@ enum Scenario {
     Idle,
     Services,
     Shared,
+    /// The `[dns]` server against dnsmasq, loaded by dnsperf.
+    Dns,
     /// Not in `all`: guarded commands under random faults, several minutes.
     Nemesis,
 }
 
-const ALL: [Scenario; 9] = [
+const ALL: [Scenario; 10] = [
     Scenario::Reaction,
     Scenario::Locks,
     Scenario::Ids,
@@ -84,6 +88,7 @@ const ALL: [Scenario; 9] = [
     Scenario::Idle,
     Scenario::Services,
     Scenario::Shared,
+    Scenario::Dns,
 ];
 
 /// What every scenario gets.
@@ -180,6 +185,7 @@ async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
             Scenario::Idle => idle::run(&ctx, &mut report).await,
             Scenario::Services => services::run(&ctx, &mut report).await,
             Scenario::Shared => shared::run(&ctx, &mut report).await,
+            Scenario::Dns => dns::run(&ctx, &mut report).await,
             Scenario::Nemesis => nemesis::run(&ctx, &mut report, args.runs).await,
         };
         if let Err(e) = result {
