@@ -22,7 +22,9 @@ use crate::etcd::{Cache, Client, SessionState};
 pub struct Context {
     pub client: Client,
     pub cache: Cache,
-    /// The session's state: the lease everything is held on.
+    /// The session's state: the lease everything is held on — shown only
+    /// while the agent holds its name on it (`presence::gate`), `Pending`
+    /// otherwise.
     pub session: watch::Receiver<SessionState>,
     /// The current hooks (replaced by a reload that changes them).
     pub hooks: watch::Receiver<Arc<HookRunner>>,

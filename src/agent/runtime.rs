@@ -81,6 +81,7 @@ struct Connected {
     tasks: tokio::task::JoinHandle<()>,
     ids: tokio::task::JoinHandle<()>,
     follower: tokio::task::JoinHandle<()>,
+    gate: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
 }
 
@@ -123,13 +124,22 @@ impl Connected {
             session.subscribe(),
             desired_rx,
         )
-        .with_status(status.clone());
+        .with_status(status.clone())
+        .with_abandoner(session.abandoner());
         let stop = CancellationToken::new();
+        // The services, tasks and instance-id controllers see the lease
+        // only while the agent holds its name on it.
+        let (gated, gated_rx) = watch::channel(SessionState::Pending);
+        let gate = tokio::spawn(super::presence::gate(
+            session.subscribe(),
+            reconciler.name(),
+            gated,
+        ));
         // What the services, tasks and instance-id controllers take.
         let ctx = Context {
             client: client.clone(),
             cache: cache.clone(),
-            session: session.subscribe(),
+            session: gated_rx,
             hooks: shared.hooks.subscribe(),
             status: status.clone(),
             cancel: stop.clone(),
@@ -175,6 +185,7 @@ impl Connected {
             tasks,
             ids,
             follower,
+            gate,
             stop,
         })
     }
@@ -192,6 +203,8 @@ impl Connected {
         let _ = self.ids.await;
         let _ = self.follower.await;
         self.session.close().await;
+        // Returns once the session has ended.
+        let _ = self.gate.await;
     }
 }
 

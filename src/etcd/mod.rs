@@ -26,5 +26,5 @@ pub use connection::{
 };
 pub use error::Error;
 pub use mvcc::Guarded;
-pub use session::{Session, SessionState, SessionStats, alive_lease};
+pub use session::{Abandoner, Session, SessionState, SessionStats, alive_lease};
 pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};

@@ -91,6 +91,7 @@ impl SessionStats {
 pub struct Session {
     state: watch::Receiver<SessionState>,
     cancel: CancellationToken,
+    abandon: watch::Sender<Option<LeaseId>>,
     task: JoinHandle<()>,
     stats: Arc<SessionStats>,
 }
@@ -118,8 +119,10 @@ impl Session {
     ) -> Session {
         let (tx, rx) = watch::channel(SessionState::Pending);
         let cancel = CancellationToken::new();
+        let abandon = watch::Sender::new(None);
         let keeper = Keeper {
             client,
+            abandon: abandon.subscribe(),
             ttl_secs: ttl.as_secs().max(2) as i64,
             state: tx,
             cancel: cancel.clone(),
@@ -130,6 +133,7 @@ impl Session {
         Session {
             state: rx,
             cancel,
+            abandon,
             task,
             stats,
         }
@@ -155,11 +159,31 @@ impl Session {
         alive_lease(&mut self.state.clone()).await
     }
 
+    /// A handle that gives up a lease of this session without closing it.
+    pub fn abandoner(&self) -> Abandoner {
+        Abandoner(self.abandon.clone())
+    }
+
     /// Stops renewing and revokes the lease at once, so that everything
     /// attached to it disappears now rather than after the TTL.
     pub async fn close(self) {
         self.cancel.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Gives up one lease of a session: renewals stop, the state turns
+/// `Lost`, and a new lease is granted. The old lease is left to expire
+/// rather than revoked, so whoever stops work on `Lost` (a guarded command,
+/// which gets no more renewals) is done before anything on it goes.
+#[derive(Debug, Clone)]
+pub struct Abandoner(watch::Sender<Option<LeaseId>>);
+
+impl Abandoner {
+    /// Gives up `lease` if it is the session's current one (or, if it is
+    /// not granted yet, never keeps it).
+    pub fn abandon(&self, lease: LeaseId) {
+        self.0.send_replace(Some(lease));
     }
 }
 
@@ -178,6 +202,7 @@ pub async fn alive_lease(state: &mut watch::Receiver<SessionState>) -> LeaseId {
 
 struct Keeper {
     client: Client,
+    abandon: watch::Receiver<Option<LeaseId>>,
     ttl_secs: i64,
     state: watch::Sender<SessionState>,
     cancel: CancellationToken,
@@ -188,6 +213,8 @@ struct Keeper {
 enum Ended {
     Shutdown,
     Lost(&'static str),
+    /// Given up by its holder ([`Abandoner`]): left to expire.
+    Abandoned,
 }
 
 impl Keeper {
@@ -236,6 +263,11 @@ impl Keeper {
                     self.stats.lost.fetch_add(1, Ordering::Relaxed);
                     self.state.send_replace(SessionState::Lost { lease });
                     previous = Some(lease);
+                }
+                Ended::Abandoned => {
+                    warn!(lease = %lease, "Session lease given up; it expires after its TTL.");
+                    self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                    self.state.send_replace(SessionState::Lost { lease });
                 }
             }
         }
@@ -298,6 +330,7 @@ impl Keeper {
             };
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ended::Shutdown,
+                _ = abandoned(self.abandon.clone(), lease) => return Ended::Abandoned,
                 _ = self.clock.sleep_until(deadline) => {
                     return Ended::Lost("no keepalive answer before the local deadline");
                 }
@@ -377,6 +410,13 @@ impl Keeper {
                 c.lease_keep_alive(lease.0).await
             })
             .await
+    }
+}
+
+/// Returns once `lease` is given up; never if the session is gone.
+async fn abandoned(mut abandon: watch::Receiver<Option<LeaseId>>, lease: LeaseId) {
+    if abandon.wait_for(|a| *a == Some(lease)).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
