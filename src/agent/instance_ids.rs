@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::controller::{Context, Loops};
 use super::hold::key_gone;
@@ -76,6 +77,18 @@ impl InstanceIdsController {
                 Some(id) => env.insert(name, id.to_string()),
                 None => env.remove(&name),
             };
+        }
+    }
+
+    /// The id is held but its file could not be written yet.
+    fn publish_unwritten(&self, pool: &str, file: &IdFile) {
+        if let (Some(path), Some(error)) = (&file.path, &file.error) {
+            self.ctx.status.set(
+                ResourceKind::InstanceId,
+                pool,
+                "held, file not written",
+                Some(format!("cannot write {}: {error}", path.display())),
+            );
         }
     }
 
@@ -196,26 +209,34 @@ impl InstanceIdsController {
             if let Err(e) = self.remember(&spec.pool, claim.id) {
                 warn!(pool = %spec.pool, error = %e, "Cannot remember the id in the state directory.");
             }
-            if let Some(file) = &spec.file
-                && let Err(e) = write_atomically(file, &format!("{}\n", claim.id))
-            {
-                warn!(pool = %spec.pool, path = %file.display(), error = %e, "Cannot write the id file.");
-            }
             self.publish(&spec.pool, Some(claim.id));
-            fire(
-                &hooks,
-                &spec,
-                Event::InstanceIdClaimed {
-                    pool: spec.pool.clone(),
-                    id: claim.id,
-                    generation: claim.generation,
-                },
-            );
+            // The claimed hook waits for the id file, which it may read: a
+            // file that cannot be written yet (its directory not created,
+            // a full disk) is retried with backoff until it can.
+            let mut file = IdFile::new(&spec, claim.id);
+            if file.write() {
+                fire_claimed(&hooks, &spec, &claim);
+            } else {
+                self.publish_unwritten(&spec.pool, &file);
+            }
             // Hold it while the lease lives (and the key is ours).
-            let stopped = tokio::select! {
-                _ = stop.cancelled() => true,
-                _ = lease_gone(&mut session, lease) => false,
-                _ = key_gone(&self.ctx.client, &claim.key, claim.generation) => false,
+            let gone = lease_gone(&mut session, lease);
+            let taken = key_gone(&self.ctx.client, &claim.key, claim.generation);
+            tokio::pin!(gone, taken);
+            let stopped = loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break true,
+                    _ = &mut gone => break false,
+                    _ = &mut taken => break false,
+                    _ = file.retry_due() => {
+                        if file.write() {
+                            self.publish(&spec.pool, Some(claim.id));
+                            fire_claimed(&hooks, &spec, &claim);
+                        } else {
+                            self.publish_unwritten(&spec.pool, &file);
+                        }
+                    }
+                }
             };
             self.publish(&spec.pool, None);
             if let Some(file) = &spec.file {
@@ -280,6 +301,83 @@ impl InstanceIdsController {
             std::fs::create_dir_all(dir)?;
         }
         write_atomically(&path, &id.to_string())
+    }
+}
+
+fn fire_claimed(
+    hooks: &watch::Receiver<Arc<HookRunner>>,
+    spec: &InstanceIdSpec,
+    claim: &ids::Claim,
+) {
+    fire(
+        hooks,
+        spec,
+        Event::InstanceIdClaimed {
+            pool: spec.pool.clone(),
+            id: claim.id,
+            generation: claim.generation,
+        },
+    );
+}
+
+/// The id file of one claim: written once, or retried with backoff until
+/// it can be — the failure said once, the recovery too.
+struct IdFile {
+    path: Option<PathBuf>,
+    text: String,
+    pool: String,
+    backoff: Backoff,
+    /// When the next try is due, while the file is not written.
+    retry_at: Option<Instant>,
+    /// Why the last try failed.
+    error: Option<String>,
+}
+
+impl IdFile {
+    fn new(spec: &InstanceIdSpec, id: u32) -> IdFile {
+        IdFile {
+            path: spec.file.clone(),
+            text: format!("{id}\n"),
+            pool: spec.pool.clone(),
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            retry_at: None,
+            error: None,
+        }
+    }
+
+    /// Writes the file (true when there is none to write); a failure
+    /// schedules the next try.
+    fn write(&mut self) -> bool {
+        let Some(path) = &self.path else { return true };
+        match write_atomically(path, &self.text) {
+            Ok(()) => {
+                if self.error.take().is_some() {
+                    info!(pool = %self.pool, path = %path.display(), "Id file written at last.");
+                }
+                self.retry_at = None;
+                true
+            }
+            Err(e) => {
+                let wait = self.backoff.next_delay();
+                let error = e.to_string();
+                if self.error.is_none() {
+                    warn!(pool = %self.pool, path = %path.display(), error = %error, retry_in = ?wait, "Cannot write the id file; retrying until it can be written.");
+                } else {
+                    debug!(pool = %self.pool, path = %path.display(), error = %error, retry_in = ?wait, "Still cannot write the id file.");
+                }
+                self.error = Some(error);
+                self.retry_at = Some(Instant::now() + wait);
+                false
+            }
+        }
+    }
+
+    /// Completes when a retry is due; never while the file is written.
+    async fn retry_due(&self) {
+        match self.retry_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
     }
 }
 

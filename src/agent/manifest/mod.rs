@@ -7,6 +7,7 @@
 mod diagnostics;
 mod file;
 mod hook;
+mod host;
 mod instance_id;
 mod reader;
 mod service;
