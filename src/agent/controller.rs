@@ -8,14 +8,17 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use super::hooks::HookRunner;
 use super::status::Status;
-use crate::etcd::{Cache, Client, SessionState};
+use crate::etcd::{Backoff, Cache, Client, SessionState};
 
 /// What every controller of one connected agent takes. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -33,6 +36,44 @@ pub struct Context {
     pub cancel: CancellationToken,
     pub namespace: String,
     pub agent: String,
+}
+
+/// When a failed local write (a file, the state directory) is tried again:
+/// with backoff, from 200 ms to 10 s, until it works.
+#[derive(Debug)]
+pub struct RetryAt {
+    backoff: Backoff,
+    at: Option<Instant>,
+}
+
+impl Default for RetryAt {
+    fn default() -> Self {
+        RetryAt {
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            at: None,
+        }
+    }
+}
+
+impl RetryAt {
+    /// Records the outcome of a try: `false` schedules the next one.
+    pub fn tried(&mut self, ok: bool) -> bool {
+        if ok {
+            self.at = None;
+            self.backoff.reset();
+        } else {
+            self.at = Some(Instant::now() + self.backoff.next_delay());
+        }
+        ok
+    }
+
+    /// Completes when the next try is due; never while none is.
+    pub async fn due(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// One loop per key. A loop that replaces another for the same key (a

@@ -12,15 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::controller::{Context, Loops};
+use super::controller::{Context, Loops, RetryAt};
 use super::hold::key_gone;
 use super::hooks::{AmbientEnv, Event, HookRunner};
 use super::manifest::InstanceIdSpec;
 use super::sleep_or_stop;
+use super::state_dir::{StateDir, write_atomically};
 use super::status::report::ResourceKind;
 use crate::etcd::{Backoff, LeaseId, SessionState, alive_lease};
 use crate::ids::{self, ClaimRecord, IdError};
@@ -32,16 +32,16 @@ pub type HeldIds = watch::Receiver<BTreeMap<String, u32>>;
 #[derive(Debug, Clone)]
 pub struct InstanceIdsController {
     ctx: Context,
-    state_dir: PathBuf,
+    state: StateDir,
     held: Arc<watch::Sender<BTreeMap<String, u32>>>,
     ambient: Option<AmbientEnv>,
 }
 
 impl InstanceIdsController {
-    pub fn new(ctx: &Context, state_dir: &Path) -> Self {
+    pub fn new(ctx: &Context, state: StateDir) -> Self {
         InstanceIdsController {
             ctx: ctx.clone(),
-            state_dir: state_dir.to_owned(),
+            state,
             held: Arc::new(watch::Sender::new(BTreeMap::new())),
             ambient: None,
         }
@@ -125,10 +125,6 @@ impl InstanceIdsController {
         loops.shutdown().await;
     }
 
-    fn remembered(&self, pool: &str) -> PathBuf {
-        self.state_dir.join("ids").join(pool)
-    }
-
     async fn pool_loop(
         self,
         spec: InstanceIdSpec,
@@ -142,7 +138,7 @@ impl InstanceIdsController {
                 _ = stop.cancelled() => return,
                 l = alive_lease(&mut session) => l,
             };
-            let preferred = std::fs::read_to_string(self.remembered(&spec.pool))
+            let preferred = std::fs::read_to_string(self.state.path(&remembered(&spec.pool)))
                 .ok()
                 .and_then(|s| s.trim().parse().ok());
             if let Some(p) = preferred {
@@ -206,9 +202,8 @@ impl InstanceIdsController {
             };
             backoff.reset();
             info!(pool = %spec.pool, id = claim.id, generation = claim.generation, "Instance id claimed.");
-            if let Err(e) = self.remember(&spec.pool, claim.id) {
-                warn!(pool = %spec.pool, error = %e, "Cannot remember the id in the state directory.");
-            }
+            let mut memo = RetryAt::default();
+            memo.tried(self.remember(&spec.pool, claim.id));
             self.publish(&spec.pool, Some(claim.id));
             // The claimed hook waits for the id file, which it may read: a
             // file that cannot be written yet (its directory not created,
@@ -228,7 +223,10 @@ impl InstanceIdsController {
                     _ = stop.cancelled() => break true,
                     _ = &mut gone => break false,
                     _ = &mut taken => break false,
-                    _ = file.retry_due() => {
+                    _ = memo.due() => {
+                        memo.tried(self.remember(&spec.pool, claim.id));
+                    }
+                    _ = file.retry.due() => {
                         if file.write() {
                             self.publish(&spec.pool, Some(claim.id));
                             fire_claimed(&hooks, &spec, &claim);
@@ -295,13 +293,20 @@ impl InstanceIdsController {
         .await;
     }
 
-    fn remember(&self, pool: &str, id: u32) -> std::io::Result<()> {
-        let path = self.remembered(pool);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        write_atomically(&path, &id.to_string())
+    /// Remembers `pool`'s id for the next start; `false` if the state
+    /// directory cannot take it (said once by [`StateDir`]).
+    fn remember(&self, pool: &str, id: u32) -> bool {
+        self.state.write(
+            &remembered(pool),
+            &id.to_string(),
+            "instance ids are still claimed, but a restarted agent may get different ones.",
+        )
     }
+}
+
+/// Where a pool's last id is remembered, in the state directory.
+fn remembered(pool: &str) -> PathBuf {
+    Path::new("ids").join(pool)
 }
 
 fn fire_claimed(
@@ -326,9 +331,7 @@ struct IdFile {
     path: Option<PathBuf>,
     text: String,
     pool: String,
-    backoff: Backoff,
-    /// When the next try is due, while the file is not written.
-    retry_at: Option<Instant>,
+    retry: RetryAt,
     /// Why the last try failed.
     error: Option<String>,
 }
@@ -339,8 +342,7 @@ impl IdFile {
             path: spec.file.clone(),
             text: format!("{id}\n"),
             pool: spec.pool.clone(),
-            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
-            retry_at: None,
+            retry: RetryAt::default(),
             error: None,
         }
     }
@@ -349,35 +351,25 @@ impl IdFile {
     /// schedules the next try.
     fn write(&mut self) -> bool {
         let Some(path) = &self.path else { return true };
-        match write_atomically(path, &self.text) {
+        let written = match write_atomically(path, &self.text) {
             Ok(()) => {
                 if self.error.take().is_some() {
                     info!(pool = %self.pool, path = %path.display(), "Id file written at last.");
                 }
-                self.retry_at = None;
                 true
             }
             Err(e) => {
-                let wait = self.backoff.next_delay();
                 let error = e.to_string();
                 if self.error.is_none() {
-                    warn!(pool = %self.pool, path = %path.display(), error = %error, retry_in = ?wait, "Cannot write the id file; retrying until it can be written.");
+                    warn!(pool = %self.pool, path = %path.display(), error = %error, "Cannot write the id file; retrying until it can be written.");
                 } else {
-                    debug!(pool = %self.pool, path = %path.display(), error = %error, retry_in = ?wait, "Still cannot write the id file.");
+                    debug!(pool = %self.pool, path = %path.display(), error = %error, "Still cannot write the id file.");
                 }
                 self.error = Some(error);
-                self.retry_at = Some(Instant::now() + wait);
                 false
             }
-        }
-    }
-
-    /// Completes when a retry is due; never while the file is written.
-    async fn retry_due(&self) {
-        match self.retry_at {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
+        };
+        self.retry.tried(written)
     }
 }
 
@@ -385,21 +377,6 @@ fn fire(hooks: &watch::Receiver<Arc<HookRunner>>, spec: &InstanceIdSpec, event: 
     if !spec.on_change.is_empty() {
         hooks.borrow().clone().fire(&spec.on_change, &event);
     }
-}
-
-/// Writes `text` to a temporary file beside `path`, syncs it and renames
-/// it over `path`: readers see the old id or the new one, never half.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 /// Returns when the session no longer has `lease` alive.

@@ -13,6 +13,7 @@ pub mod process;
 mod reload;
 mod runtime;
 pub mod services;
+pub mod state_dir;
 pub mod status;
 pub mod supervise;
 pub mod tasks;

@@ -18,6 +18,7 @@ use super::manifest::{
 use super::presence::{Desired, PresenceController};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
+use super::state_dir::StateDir;
 use super::status::{Notifier, ServeError, Status, StatusServer};
 use super::tasks::TasksController;
 use crate::etcd::{Cache, Client, Session, SessionState};
@@ -153,8 +154,9 @@ impl Connected {
         ));
         let reconciler = tokio::spawn(reconciler.run(stop.clone()));
         let services = tokio::spawn(ServicesController::new(&ctx).run(shared.services.subscribe()));
-        let ids_controller = InstanceIdsController::new(&ctx, &manifest.agent.state_dir)
-            .with_ambient(shared.ambient.clone());
+        let ids_controller =
+            InstanceIdsController::new(&ctx, StateDir::new(&manifest.agent.state_dir))
+                .with_ambient(shared.ambient.clone());
         let held_ids = ids_controller.held();
         let coord = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coord"));
         let tasks = tokio::spawn(

@@ -283,3 +283,94 @@ read_prefixes = [\"/app/\"]
         "control characters reached the log:\n{log}"
     );
 }
+
+/// `[agent]` with `state_dir`, the etcd of `etcd`, a service, two id pools
+/// with files in `out` and a file rendered from `/app/x`.
+fn manifest_with_state_dir(endpoint: &str, state_dir: &Path, out: &Path) -> String {
+    format!(
+        "[agent]\nname = \"web-01\"\nttl = \"{TTL}s\"\nstate_dir = \"{}\"\n\n\
+         [etcd]\nendpoints = [\"{endpoint}\"]\n\n\
+         [[service]]\nname = \"api\"\naddress = \"10.0.0.1:80\"\n\n\
+         [[instance_id]]\npool = \"worker\"\nsize = 8\nfile = \"{}\"\n\n\
+         [[instance_id]]\npool = \"shard\"\nsize = 8\nfile = \"{}\"\n{}",
+        state_dir.display(),
+        out.join("worker-id").display(),
+        out.join("shard-id").display(),
+        file_of_app_x(&out.join("x.txt"))
+    )
+}
+
+#[tokio::test]
+async fn an_agent_whose_state_dir_cannot_be_written_keeps_its_promises_and_recovers() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let out = tempfile::tempdir().expect("tmp");
+    // Tests run as root, which ignores permission bits: a regular file
+    // where the directory should be makes it unwritable for anyone.
+    let state_dir = out.path().join("state");
+    std::fs::write(&state_dir, "not a directory").expect("a file in the way");
+    client.put("/app/x", "one", None).await.expect("put");
+    let agent = CoordProcess::run(&manifest_with_state_dir(
+        &etcd.endpoint(),
+        &state_dir,
+        out.path(),
+    ));
+    // Everything that needs no state works.
+    present(&client, "/coord/agents/web-01").await;
+    present(&client, "/coord/services/api/web-01-api").await;
+    rendered(&out.path().join("x.txt"), "one").await;
+    let mut ids = Vec::new();
+    for pool in ["worker", "shard"] {
+        let file = out.path().join(format!("{pool}-id"));
+        let id = eventually(&format!("the {pool} id file"), || async {
+            std::fs::read_to_string(&file)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+        })
+        .await;
+        let key = format!("/coord/ids/{pool}/{}", id.trim());
+        assert!(client.get(&key).await.expect("etcd").is_some(), "{key}");
+        ids.push((pool, id.trim().to_owned()));
+    }
+    eventually("the agent to say what it cannot do", || {
+        let said = agent.log().contains("Cannot write to the state directory");
+        async move { said.then_some(()) }
+    })
+    .await;
+    client.put("/app/x", "two", None).await.expect("put");
+    rendered(&out.path().join("x.txt"), "two").await;
+    let (status, _, err) = crate::support::coord(
+        &["check", agent.manifest_path().to_str().expect("utf-8")],
+        None,
+    );
+    assert!(status.success(), "no error, the agent copes: {err}");
+    assert!(
+        err.contains("warning: [agent] state_dir") && err.contains("not a directory"),
+        "`coord check` warns: {err}"
+    );
+
+    // Writable again: the ids are remembered without a restart.
+    std::fs::remove_file(&state_dir).expect("remove the file in the way");
+    for (pool, id) in &ids {
+        let remembered = state_dir.join("ids").join(pool);
+        eventually(&format!("the {pool} id remembered"), || async {
+            (std::fs::read_to_string(&remembered).ok()?.trim() == id).then_some(())
+        })
+        .await;
+    }
+    eventually("the agent to say it recovered", || {
+        let said = agent.log().contains("state directory is writable again");
+        async move { said.then_some(()) }
+    })
+    .await;
+    let log = agent.log();
+    assert_eq!(
+        log.matches("Cannot write to the state directory").count(),
+        1,
+        "said once for the whole agent:\n{log}"
+    );
+    assert!(
+        log.contains("Not a directory"),
+        "the reason is given:\n{log}"
+    );
+}

@@ -11,6 +11,13 @@ impl Manifest {
     /// asks for it (`path:line:col: warning: …`).
     pub fn host_warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        if let Some(problem) = not_a_directory(&self.agent.state_dir) {
+            warnings.push(format!(
+                "{}: warning: [agent] state_dir {}: {problem}; the agent runs, but does not remember instance ids across restarts (nor cache compiled WASM plugins) until it can be created",
+                self.path.display(),
+                self.agent.state_dir.display(),
+            ));
+        }
         for spec in &self.instance_ids {
             let Some(file) = &spec.file else { continue };
             if let Some(problem) = missing_directory(file) {
@@ -43,6 +50,22 @@ fn missing_directory(file: &Path) -> Option<String> {
         Err(e) => Some(format!(
             "the directory {} (of `file`) cannot be read: {e}",
             dir.display()
+        )),
+    }
+}
+
+/// Why `dir` cannot be a directory: it, or the nearest of its ancestors
+/// that exists, is something else. (Permissions are not judged: `coord
+/// check` may well run as another user than the agent.)
+fn not_a_directory(dir: &Path) -> Option<String> {
+    let existing = dir.ancestors().find(|a| a.symlink_metadata().is_ok())?;
+    let is_dir = std::fs::metadata(existing).is_ok_and(|m| m.is_dir());
+    match (is_dir, existing == dir) {
+        (true, _) => None,
+        (false, true) => Some("it is not a directory".to_owned()),
+        (false, false) => Some(format!(
+            "it cannot be created, since {} is not a directory",
+            existing.display()
         )),
     }
 }
