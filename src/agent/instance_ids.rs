@@ -359,6 +359,7 @@ impl IdFile {
                 true
             }
             Err(e) => {
+                super::fd_limit::note(&e);
                 let error = e.to_string();
                 if self.error.is_none() {
                     warn!(pool = %self.pool, path = %path.display(), error = %error, "Cannot write the id file; retrying until it can be written.");

@@ -3,6 +3,7 @@
 //! ([`crate::etcd`], [`crate::presence`], …) and never etcd directly.
 
 pub mod controller;
+pub mod fd_limit;
 pub mod files;
 pub mod hold;
 pub mod hooks;

@@ -47,12 +47,14 @@ impl StateDir {
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(()) => {
+                super::fd_limit::available();
                 if failing.take().is_some() {
                     info!(dir = %self.root.display(), "The state directory is writable again.");
                 }
                 true
             }
             Err(e) => {
+                super::fd_limit::note(&e);
                 if failing.is_none() {
                     warn!(dir = %self.root.display(), path = %path.display(), error = %e, "Cannot write to the state directory; {losing} Retrying until it can be written.");
                 }

@@ -374,3 +374,134 @@ async fn an_agent_whose_state_dir_cannot_be_written_keeps_its_promises_and_recov
         "the reason is given:\n{log}"
     );
 }
+
+/// The lowest descriptor number process `pid` does not use: with its
+/// open-file limit there, it can open nothing more.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let used: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the agent's descriptors")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap_or(0)
+}
+
+/// Sets the soft open-file limit of the running process `pid`.
+fn set_open_file_limit(pid: u32, soft: u64) {
+    let out = crate::support::run_tool(
+        "prlimit",
+        &["--pid", &pid.to_string(), &format!("--nofile={soft}:")],
+        "install util-linux (apt-get install util-linux)",
+    );
+    assert!(
+        out.status.success(),
+        "prlimit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// CPU time process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent's stat");
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15, the 12th and 13th after it.
+    fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_agent_at_its_open_file_limit_says_why_once_keeps_its_files_and_recovers() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let out = tempfile::tempdir().expect("tmp");
+    let file = out.path().join("x.txt");
+    let hooks = out.path().join("hooks.log");
+    client.put("/app/x", "one", None).await.expect("put");
+    let mut agent = CoordProcess::run(&format!(
+        "{}\n[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_EVENT >> {}\"]\n\n\
+         [[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\n\
+         check = {{ exec = [\"true\"], interval = \"1s\" }}\n\
+         [[file]]\npath = \"{}\"\nsource = \"{{{{ key_or('/app/x', 'none') }}}}\"\non_change = [\"note\"]\n",
+        manifest("web-01", &[etcd.endpoint()], TTL),
+        hooks.display(),
+        file.display()
+    ));
+    rendered(&file, "one").await;
+    let health = "/coord/health/api/web-01-api";
+    let passing = |client: Client| async move {
+        eventually("the service passing", || async {
+            let kv = client.get(health).await.ok()??;
+            kv.value_str().contains("passing").then_some(())
+        })
+        .await
+    };
+    passing(client.clone()).await;
+    eventually("the first file-changed hook", || async {
+        std::fs::read_to_string(&hooks)
+            .ok()
+            .filter(|h| h.lines().count() == 1)
+    })
+    .await;
+
+    // Not one more descriptor: no file opened, no process started.
+    let pid = agent.pid();
+    set_open_file_limit(pid, lowest_free_fd(pid));
+    client.put("/app/x", "two", None).await.expect("put");
+    eventually("the agent to name its open-file limit", || {
+        let said = agent.log().contains("reached its open-file limit");
+        async move { said.then_some(()) }
+    })
+    .await;
+    let c = client.clone();
+    eventually("the check, which cannot start, to report critical", || {
+        let c = c.clone();
+        async move {
+            let kv = c.get(health).await.ok()??;
+            kv.value_str().contains("critical").then_some(())
+        }
+    })
+    .await;
+    let ticks = cpu_ticks(pid);
+    // A few of the agent's retries (renders every 5 s, checks every 1 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let spent = cpu_ticks(pid) - ticks;
+    assert!(agent.is_running(), "the agent must not crash");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("the file"),
+        "one",
+        "the old file is kept"
+    );
+    // Spinning would take a whole core: 600 ticks in 6 s.
+    assert!(spent < 300, "the agent spins: {spent} ticks of CPU in 6 s");
+
+    // Descriptors free again: everything catches up by itself.
+    set_open_file_limit(pid, 1024);
+    rendered(&file, "two").await;
+    passing(client.clone()).await;
+    eventually("the second file-changed hook", || async {
+        std::fs::read_to_string(&hooks)
+            .ok()
+            .filter(|h| h.lines().count() == 2)
+    })
+    .await;
+    let log = agent.log();
+    assert_eq!(
+        log.matches("reached its open-file limit").count(),
+        1,
+        "the cause is said once:\n{log}"
+    );
+    assert!(
+        log.contains("File descriptors can be had again"),
+        "the recovery is said:\n{log}"
+    );
+    agent.signal(Signal::SIGTERM);
+    assert!(agent.wait().await.success());
+    assert_eq!(
+        client.get("/coord/agents/web-01").await.expect("etcd"),
+        None
+    );
+}
