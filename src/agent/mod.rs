@@ -13,6 +13,7 @@ pub mod presence;
 pub mod process;
 mod reload;
 mod runtime;
+pub mod schedule_clock;
 pub mod services;
 pub mod state_dir;
 pub mod status;

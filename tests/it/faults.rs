@@ -505,3 +505,122 @@ async fn an_agent_at_its_open_file_limit_says_why_once_keeps_its_files_and_recov
         None
     );
 }
+
+/// libfaketime's preload library, or a failure saying how to install it.
+fn libfaketime() -> std::path::PathBuf {
+    let candidates = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .chain([std::path::PathBuf::from(
+            "/usr/lib/faketime/libfaketime.so.1",
+        )]);
+    for lib in candidates {
+        if lib.is_file() {
+            return lib;
+        }
+    }
+    panic!(
+        "libfaketime is not installed; install it with `apt-get install faketime` (or deploy/install-deps.sh --tests)"
+    )
+}
+
+/// The rounds a task wrote to `log`, once it holds at least `n`.
+async fn rounds(log: &Path, n: usize) -> Vec<i64> {
+    eventually(&format!("{n} rounds in {}", log.display()), || async {
+        let text = std::fs::read_to_string(log).ok()?;
+        let rounds: Vec<i64> = text.lines().filter_map(|l| l.parse().ok()).collect();
+        (rounds.len() >= n).then_some(rounds)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn task_schedules_neither_skip_nor_double_run_a_round_when_the_wall_clock_steps_back_and_forward()
+ {
+    let lib = libfaketime();
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let out = tempfile::tempdir().expect("tmp");
+    // libfaketime reads the agent's offset from this file at each reading
+    // of the wall clock; the monotonic and boot clocks stay true, as they
+    // do when a clock is stepped.
+    let offset = out.path().join("faketime");
+    std::fs::write(&offset, "+0\n").expect("offset");
+    let every = out.path().join("every.log");
+    let cron = out.path().join("cron.log");
+    let task = |name: &str, schedule: &str, log: &Path| {
+        format!(
+            "\n[[task]]\nname = \"{name}\"\nlock = \"{name}\"\nschedule = \"{schedule}\"\n\
+             run = [\"sh\", \"-c\", \"echo $COORD_TASK_ROUND >> {}\"]\n",
+            log.display()
+        )
+    };
+    let agent = CoordProcess::run_with_env(
+        &format!(
+            "{}{}{}",
+            manifest("web-01", &[etcd.endpoint()], 5),
+            task("every", "every 3s", &every),
+            task("cron", "*/3 * * * * *", &cron)
+        ),
+        &[
+            ("LD_PRELOAD", lib.as_os_str()),
+            ("FAKETIME_TIMESTAMP_FILE", offset.as_os_str()),
+            ("FAKETIME_NO_CACHE", "1".as_ref()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+        ],
+    );
+    let presence = present(&client, "/coord/agents/web-01").await;
+    let counted = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    rounds(&every, 2).await;
+    rounds(&cron, 2).await;
+
+    std::fs::write(&offset, "-1h\n").expect("step back");
+    eventually("the agent to see the step back", || {
+        let seen = agent.log().contains("wall clock stepped back");
+        async move { seen.then_some(()) }
+    })
+    .await;
+    let (e, c) = (counted(&every), counted(&cron));
+    rounds(&every, e + 2).await;
+    rounds(&cron, c + 2).await;
+
+    std::fs::write(&offset, "+0\n").expect("step forward");
+    eventually("the agent to see the step forward", || {
+        let seen = agent.log().contains("wall clock stepped forward");
+        async move { seen.then_some(()) }
+    })
+    .await;
+    let (e, c) = (counted(&every), counted(&cron));
+    let every_rounds = rounds(&every, e + 2).await;
+    let cron_rounds = rounds(&cron, c + 2).await;
+
+    // Each round once, none left out: `every` rounds are numbered one by
+    // one, cron rounds by their Unix second.
+    let log = agent.log();
+    for (name, rounds, step) in [("every", &every_rounds, 1), ("cron", &cron_rounds, 3)] {
+        for pair in rounds.windows(2) {
+            assert_eq!(
+                pair[1] - pair[0],
+                step,
+                "{name}: rounds {rounds:?} skip or repeat one\n{log}"
+            );
+        }
+    }
+    assert!(
+        !log.contains("Session lease lost"),
+        "the lease does not care about the wall clock:\n{log}"
+    );
+    let now = client
+        .get("/coord/agents/web-01")
+        .await
+        .expect("etcd")
+        .expect("present");
+    assert_eq!(now.lease, presence.lease, "one lease all along");
+}
