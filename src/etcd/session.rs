@@ -20,6 +20,7 @@ use super::clock::{BootInstant, Clock};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::connection::Served;
 use super::{Backoff, Client, Error, LeaseId};
 
 /// What the session knows about its lease.
@@ -310,8 +311,15 @@ impl Keeper {
         // After a broken stream, try again soon (another endpoint may answer)
         // but not in a hot loop.
         let retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
-        let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
-            None;
+        let mut stream: Option<(
+            etcd_client::LeaseKeeper,
+            etcd_client::LeaseKeepAliveStream,
+            Served,
+        )> = None;
+        // A keepalive unanswered this long: the member is taken to be
+        // stopped or hung (it keeps the connection open and answers
+        // nothing), and the stream moves to another endpoint.
+        let stuck_after = interval.min(self.client.request_timeout());
         // Send times of unanswered keepalives, on both clocks: the boot
         // clock for the deadline, the monotonic one for the next ping.
         let mut in_flight: VecDeque<(BootInstant, Instant)> = VecDeque::new();
@@ -322,15 +330,43 @@ impl Keeper {
         let left = deadline.saturating_duration_since(self.clock.now());
         let mut next_ping = Instant::now() + left.saturating_sub(ttl - interval);
         loop {
+            let served = stream.as_ref().map(|(_, _, served)| served.clone());
+            let suspected = async {
+                match &served {
+                    Some(served) => served.suspected().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stuck_at = in_flight.front().map(|(_, sent)| *sent + stuck_after);
+            let stuck = async {
+                match stuck_at {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let message = async {
                 match stream.as_mut() {
-                    Some((_, s)) => s.message().await,
+                    Some((_, s, _)) => s.message().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ended::Shutdown,
                 _ = abandoned(self.abandon.clone(), lease) => return Ended::Abandoned,
+                _ = suspected => {
+                    debug!(lease = %lease, "The keepalive stream's endpoint is not answering; reopening elsewhere.");
+                    stream = None;
+                    in_flight.clear();
+                    next_ping = Instant::now();
+                }
+                _ = stuck => {
+                    if let Some(served) = &served {
+                        served.not_answering("lease keepalive");
+                    }
+                    stream = None;
+                    in_flight.clear();
+                    next_ping = Instant::now();
+                }
                 _ = self.clock.sleep_until(deadline) => {
                     return Ended::Lost("no keepalive answer before the local deadline");
                 }
@@ -361,7 +397,7 @@ impl Keeper {
                     }
                     let sent = Instant::now();
                     let sent_boot = self.clock.now();
-                    let Some((keeper, _)) = stream.as_mut() else { continue };
+                    let Some((keeper, _, _)) = stream.as_mut() else { continue };
                     if let Err(e) = keeper.keep_alive().await {
                         debug!(lease = %lease, error = %e, "Keepalive send failed.");
                         stream = None;
@@ -401,15 +437,24 @@ impl Keeper {
         &self,
         lease: LeaseId,
         deadline: BootInstant,
-    ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), Error> {
+    ) -> Result<
+        (
+            etcd_client::LeaseKeeper,
+            etcd_client::LeaseKeepAliveStream,
+            Served,
+        ),
+        Error,
+    > {
         let budget = deadline
             .saturating_duration_since(self.clock.now())
             .min(self.client.request_timeout());
-        self.client
-            .unary_within("lease keepalive", budget, |mut c| async move {
+        let ((keeper, stream), served) = self
+            .client
+            .stream_within("lease keepalive", budget, |mut c| async move {
                 c.lease_keep_alive(lease.0).await
             })
-            .await
+            .await?;
+        Ok((keeper, stream, served))
     }
 }
 

@@ -624,3 +624,154 @@ async fn task_schedules_neither_skip_nor_double_run_a_round_when_the_wall_clock_
         .expect("present");
     assert_eq!(now.lease, presence.lease, "one lease all along");
 }
+
+/// A client of every member of `cluster` but the `paused` one.
+async fn client_of_all_but(cluster: &crate::support::LocalCluster, paused: usize) -> Client {
+    let mut opts = cluster.connect_options();
+    opts.endpoints.remove(paused);
+    Client::connect(&opts).await.expect("client")
+}
+
+/// Puts `value` at `/app/x` through `client`, retrying while the cluster
+/// elects a leader.
+async fn put_x(client: &Client, value: &str) {
+    eventually(&format!("etcd to take /app/x = {value}"), || async {
+        client.put("/app/x", value, None).await.ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_keeps_its_lease_and_renders_while_any_one_member_of_three_answers_nothing() {
+    let mut cluster = crate::support::cluster().await;
+    // A paused leader costs an election (1-2 s) on top of up to TTL/3 since
+    // the last renewal: 5 s leaves room, as for a killed member.
+    let ttl = 5;
+    let out = tempfile::tempdir().expect("tmp");
+    let file = out.path().join("x.txt");
+    let agent = CoordProcess::run(&format!(
+        "{}{}",
+        manifest("web-01", &cluster.endpoints(), ttl),
+        file_of_app_x(&file)
+    ));
+    let client = cluster.client().await;
+    let before = present(&client, "/coord/agents/web-01").await;
+    for i in 0..cluster.len() {
+        cluster.member(i).pause();
+        let others = client_of_all_but(&cluster, i).await;
+        let value = format!("member {i} paused");
+        put_x(&others, &value).await;
+        rendered(&file, &value).await;
+        // Longer than the request timeout (2 s) and than the TTL: a
+        // request or a keepalive left waiting on the paused member would
+        // have lost the lease by now.
+        tokio::time::sleep(Duration::from_secs(2 * ttl)).await;
+        let later = format!("member {i} still paused");
+        put_x(&others, &later).await;
+        rendered(&file, &later).await;
+        let now = others
+            .get("/coord/agents/web-01")
+            .await
+            .expect("etcd")
+            .expect("presence kept");
+        assert_eq!(
+            now.lease, before.lease,
+            "member {i} paused: the lease changed"
+        );
+        cluster.member(i).resume();
+    }
+    let log = agent.log();
+    assert!(!log.contains("Session lease lost"), "{log}");
+}
+
+#[tokio::test]
+async fn agents_whose_only_etcd_member_answers_nothing_keep_their_files_and_recover_without_double_runs()
+ {
+    let mut etcd = etcd().await;
+    let client = etcd.client().await;
+    let out = tempfile::tempdir().expect("tmp");
+    let rounds_log = out.path().join("rounds.log");
+    let starts = out.path().join("leader-starts");
+    let overlaps = out.path().join("leader-overlaps");
+    // The leader's command holds an flock for as long as it lives, killed
+    // or not: one that finds it taken overlaps another.
+    let leader = format!(
+        "exec 9>>{}; flock -n 9 || echo overlap >> {}; echo $COORD_FENCING_TOKEN >> {}; exec sleep 1000",
+        out.path().join("leader.lock").display(),
+        overlaps.display(),
+        starts.display()
+    );
+    let agent = |name: &str| {
+        let file = out.path().join(format!("{name}.txt"));
+        CoordProcess::run(&format!(
+            "{}{}\n[[task]]\nname = \"rounds\"\nlock = \"rounds\"\nschedule = \"every 2s\"\n\
+             run = [\"sh\", \"-c\", \"echo $COORD_TASK_ROUND >> {}\"]\n\n\
+             [[task]]\nname = \"leader\"\nlock = \"leader\"\nschedule = \"leader\"\ngrace = \"1s\"\n\
+             run = [\"sh\", \"-c\", \"{leader}\"]\n",
+            manifest(name, &[etcd.endpoint()], 3),
+            file_of_app_x(&file),
+            rounds_log.display(),
+        ))
+    };
+    client.put("/app/x", "one", None).await.expect("put");
+    let mut agents = [agent("web-01"), agent("web-02")];
+    let files = ["web-01", "web-02"].map(|n| out.path().join(format!("{n}.txt")));
+    for f in &files {
+        rendered(f, "one").await;
+    }
+    rounds(&rounds_log, 2).await;
+    let started = rounds(&starts, 1).await.len();
+
+    // Longer than the request timeout (2 s) and than the TTL (3 s).
+    etcd.member().pause();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for f in &files {
+        assert_eq!(
+            std::fs::read_to_string(f).expect("file"),
+            "one",
+            "the file is kept"
+        );
+    }
+    let free = std::process::Command::new("flock")
+        .args([
+            "-n",
+            &out.path().join("leader.lock").display().to_string(),
+            "true",
+        ])
+        .status()
+        .expect("run flock");
+    assert!(
+        free.success(),
+        "the leader's command must be stopped once its lease cannot be renewed"
+    );
+    for a in &mut agents {
+        assert!(a.is_running());
+    }
+    etcd.member().resume();
+
+    // Recovered by themselves.
+    put_x(&client, "two").await;
+    for f in &files {
+        rendered(f, "two").await;
+    }
+    let before = rounds(&rounds_log, 0).await.len();
+    let all_rounds = rounds(&rounds_log, before + 2).await;
+    // A new run of the leader, on a new lease and token.
+    let tokens = rounds(&starts, started + 1).await;
+    let mut unique = all_rounds.clone();
+    unique.dedup();
+    assert_eq!(unique, all_rounds, "a round ran twice: {all_rounds:?}");
+    assert!(
+        all_rounds.windows(2).all(|p| p[0] < p[1]),
+        "rounds out of order: {all_rounds:?}"
+    );
+    assert!(
+        tokens.windows(2).all(|p| p[0] < p[1]),
+        "fencing tokens only grow: {tokens:?}"
+    );
+    assert!(
+        !overlaps.exists(),
+        "two leaders' commands ran at once: {:?}",
+        std::fs::read_to_string(&overlaps)
+    );
+}
