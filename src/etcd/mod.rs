@@ -29,6 +29,6 @@ pub use connection::{
 pub use error::Error;
 pub use mvcc::Guarded;
 pub use reads::{Range, ReadSet};
-pub use session::{Session, SessionState, SessionStats, alive_lease};
+pub use session::{Abandoner, Session, SessionState, SessionStats, alive_lease};
 pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};
 pub use watchset::{WatchSet, WatchSetEvent};

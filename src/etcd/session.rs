@@ -20,6 +20,7 @@ use super::clock::{BootInstant, Clock};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::connection::Served;
 use super::{Backoff, Client, Error, LeaseId};
 
 /// What the session knows about its lease.
@@ -91,6 +92,7 @@ impl SessionStats {
 pub struct Session {
     state: watch::Receiver<SessionState>,
     cancel: CancellationToken,
+    abandon: watch::Sender<Option<LeaseId>>,
     task: JoinHandle<()>,
     stats: Arc<SessionStats>,
 }
@@ -118,8 +120,10 @@ impl Session {
     ) -> Session {
         let (tx, rx) = watch::channel(SessionState::Pending);
         let cancel = CancellationToken::new();
+        let abandon = watch::Sender::new(None);
         let keeper = Keeper {
             client,
+            abandon: abandon.subscribe(),
             ttl_secs: ttl.as_secs().max(2) as i64,
             state: tx,
             cancel: cancel.clone(),
@@ -130,6 +134,7 @@ impl Session {
         Session {
             state: rx,
             cancel,
+            abandon,
             task,
             stats,
         }
@@ -155,11 +160,31 @@ impl Session {
         alive_lease(&mut self.state.clone()).await
     }
 
+    /// A handle that gives up a lease of this session without closing it.
+    pub fn abandoner(&self) -> Abandoner {
+        Abandoner(self.abandon.clone())
+    }
+
     /// Stops renewing and revokes the lease at once, so that everything
     /// attached to it disappears now rather than after the TTL.
     pub async fn close(self) {
         self.cancel.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Gives up one lease of a session: renewals stop, the state turns
+/// `Lost`, and a new lease is granted. The old lease is left to expire
+/// rather than revoked, so whoever stops work on `Lost` (a guarded command,
+/// which gets no more renewals) is done before anything on it goes.
+#[derive(Debug, Clone)]
+pub struct Abandoner(watch::Sender<Option<LeaseId>>);
+
+impl Abandoner {
+    /// Gives up `lease` if it is the session's current one (or, if it is
+    /// not granted yet, never keeps it).
+    pub fn abandon(&self, lease: LeaseId) {
+        self.0.send_replace(Some(lease));
     }
 }
 
@@ -178,6 +203,7 @@ pub async fn alive_lease(state: &mut watch::Receiver<SessionState>) -> LeaseId {
 
 struct Keeper {
     client: Client,
+    abandon: watch::Receiver<Option<LeaseId>>,
     ttl_secs: i64,
     state: watch::Sender<SessionState>,
     cancel: CancellationToken,
@@ -188,6 +214,8 @@ struct Keeper {
 enum Ended {
     Shutdown,
     Lost(&'static str),
+    /// Given up by its holder ([`Abandoner`]): left to expire.
+    Abandoned,
 }
 
 impl Keeper {
@@ -237,6 +265,11 @@ impl Keeper {
                     self.state.send_replace(SessionState::Lost { lease });
                     previous = Some(lease);
                 }
+                Ended::Abandoned => {
+                    warn!(lease = %lease, "Session lease given up; it expires after its TTL.");
+                    self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                    self.state.send_replace(SessionState::Lost { lease });
+                }
             }
         }
     }
@@ -278,8 +311,15 @@ impl Keeper {
         // After a broken stream, try again soon (another endpoint may answer)
         // but not in a hot loop.
         let retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
-        let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
-            None;
+        let mut stream: Option<(
+            etcd_client::LeaseKeeper,
+            etcd_client::LeaseKeepAliveStream,
+            Served,
+        )> = None;
+        // A keepalive unanswered this long: the member is taken to be
+        // stopped or hung (it keeps the connection open and answers
+        // nothing), and the stream moves to another endpoint.
+        let stuck_after = interval.min(self.client.request_timeout());
         // Send times of unanswered keepalives, on both clocks: the boot
         // clock for the deadline, the monotonic one for the next ping.
         let mut in_flight: VecDeque<(BootInstant, Instant)> = VecDeque::new();
@@ -290,14 +330,43 @@ impl Keeper {
         let left = deadline.saturating_duration_since(self.clock.now());
         let mut next_ping = Instant::now() + left.saturating_sub(ttl - interval);
         loop {
+            let served = stream.as_ref().map(|(_, _, served)| served.clone());
+            let suspected = async {
+                match &served {
+                    Some(served) => served.suspected().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stuck_at = in_flight.front().map(|(_, sent)| *sent + stuck_after);
+            let stuck = async {
+                match stuck_at {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let message = async {
                 match stream.as_mut() {
-                    Some((_, s)) => s.message().await,
+                    Some((_, s, _)) => s.message().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ended::Shutdown,
+                _ = abandoned(self.abandon.clone(), lease) => return Ended::Abandoned,
+                _ = suspected => {
+                    debug!(lease = %lease, "The keepalive stream's endpoint is not answering; reopening elsewhere.");
+                    stream = None;
+                    in_flight.clear();
+                    next_ping = Instant::now();
+                }
+                _ = stuck => {
+                    if let Some(served) = &served {
+                        served.not_answering("lease keepalive");
+                    }
+                    stream = None;
+                    in_flight.clear();
+                    next_ping = Instant::now();
+                }
                 _ = self.clock.sleep_until(deadline) => {
                     return Ended::Lost("no keepalive answer before the local deadline");
                 }
@@ -328,7 +397,7 @@ impl Keeper {
                     }
                     let sent = Instant::now();
                     let sent_boot = self.clock.now();
-                    let Some((keeper, _)) = stream.as_mut() else { continue };
+                    let Some((keeper, _, _)) = stream.as_mut() else { continue };
                     if let Err(e) = keeper.keep_alive().await {
                         debug!(lease = %lease, error = %e, "Keepalive send failed.");
                         stream = None;
@@ -368,15 +437,31 @@ impl Keeper {
         &self,
         lease: LeaseId,
         deadline: BootInstant,
-    ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), Error> {
+    ) -> Result<
+        (
+            etcd_client::LeaseKeeper,
+            etcd_client::LeaseKeepAliveStream,
+            Served,
+        ),
+        Error,
+    > {
         let budget = deadline
             .saturating_duration_since(self.clock.now())
             .min(self.client.request_timeout());
-        self.client
-            .unary_within("lease keepalive", budget, |mut c| async move {
+        let ((keeper, stream), served) = self
+            .client
+            .stream_within("lease keepalive", budget, |mut c| async move {
                 c.lease_keep_alive(lease.0).await
             })
-            .await
+            .await?;
+        Ok((keeper, stream, served))
+    }
+}
+
+/// Returns once `lease` is given up; never if the session is gone.
+async fn abandoned(mut abandon: watch::Receiver<Option<LeaseId>>, lease: LeaseId) {
+    if abandon.wait_for(|a| *a == Some(lease)).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions, WatchStream};
 use tracing::{debug, info, warn};
 
+use super::connection::Served;
 use super::{Backoff, Client, KeyValue, Snapshot};
 
 /// One change to one key.
@@ -70,7 +71,8 @@ pub struct PrefixWatcher {
     prefix: String,
     /// Last revision fully seen; `None` until the first listing.
     revision: Option<i64>,
-    stream: Option<WatchStream>,
+    /// The stream and the endpoint it is on.
+    stream: Option<(WatchStream, Served)>,
     /// Whether a watch stream was ever opened (later opens are reconnects).
     opened: bool,
     backoff: Backoff,
@@ -153,7 +155,18 @@ impl PrefixWatcher {
                     }
                 },
             };
-            match stream.message().await {
+            let (stream, served) = (&mut stream.0, stream.1.clone());
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = served.suspected() => {
+                    // A member stopped or hung keeps the connection open
+                    // and sends nothing: resume from another endpoint.
+                    debug!(prefix = %self.prefix, "The watch's endpoint is not answering; resuming elsewhere.");
+                    self.stream = None;
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(resp)) => {
                     if resp.compact_revision() > 0 {
                         info!(prefix = %self.prefix, from = revision + 1, compacted = resp.compact_revision(), "Watch fell behind a compaction; listing again.");
@@ -225,10 +238,10 @@ impl PrefixWatcher {
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
 
-    async fn open(&self, start: i64) -> Result<WatchStream, super::Error> {
+    async fn open(&self, start: i64) -> Result<(WatchStream, Served), super::Error> {
         let prefix = self.prefix.as_str();
         self.client
-            .unary("watch", |c| async move {
+            .stream_within("watch", self.client.request_timeout(), |c| async move {
                 c.watch_client()
                     .max_decoding_message_size(super::reads::MAX_MESSAGE)
                     .watch(
