@@ -49,6 +49,21 @@ impl Client {
         Ok((kv, created))
     }
 
+    /// Deletes `key` only while it is the incarnation created at
+    /// `created` (a key deleted and created again is someone else's);
+    /// returns whether it deleted it.
+    pub async fn delete_if_created(&self, key: &str, created: i64) -> Result<bool, Error> {
+        let resp = self
+            .unary("delete if created", |mut c| {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key, CompareOp::Equal, created)])
+                    .and_then([TxnOp::delete(key, None)]);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(resp.succeeded())
+    }
+
     /// The keys under `prefix`, without values (one cheap read).
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, Error> {
         let opts = GetOptions::new().with_prefix().with_keys_only();
