@@ -9,9 +9,12 @@
 
 pub mod agent;
 pub mod config;
+pub mod coordinator;
 pub mod etcd;
 pub mod ids;
 pub mod lock;
 pub mod presence;
 pub mod registry;
 pub mod untrusted;
+
+pub use coordinator::{Coord, Options};

@@ -37,4 +37,8 @@ pub enum Error {
         requested: i64,
         compacted: i64,
     },
+    /// The session was closed (or its handle dropped): nothing more can
+    /// be held on its lease.
+    #[error("the session is closed: nothing more can be held on its lease")]
+    SessionClosed,
 }

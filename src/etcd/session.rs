@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -91,6 +91,8 @@ impl SessionStats {
 pub struct Session {
     state: watch::Receiver<SessionState>,
     cancel: CancellationToken,
+    /// Set when dropped: stop without revoking.
+    abandon: Arc<AtomicBool>,
     task: JoinHandle<()>,
     stats: Arc<SessionStats>,
 }
@@ -118,7 +120,9 @@ impl Session {
     ) -> Session {
         let (tx, rx) = watch::channel(SessionState::Pending);
         let cancel = CancellationToken::new();
+        let abandon = Arc::new(AtomicBool::new(false));
         let keeper = Keeper {
+            abandon: abandon.clone(),
             client,
             ttl_secs: ttl.as_secs().max(2) as i64,
             state: tx,
@@ -130,6 +134,7 @@ impl Session {
         Session {
             state: rx,
             cancel,
+            abandon,
             task,
             stats,
         }
@@ -157,9 +162,34 @@ impl Session {
 
     /// Stops renewing and revokes the lease at once, so that everything
     /// attached to it disappears now rather than after the TTL.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+
+    /// Like [`Session::close`], through a shared reference (the session
+    /// of a handle others share): returns once the lease is revoked (or
+    /// given up on) and the state is [`SessionState::Closed`].
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let mut state = self.state.clone();
+        while *state.borrow_and_update() != SessionState::Closed {
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::close`] stops renewing, so
+    /// nothing stays held for a session nobody has any more: the lease
+    /// ends after its TTL. It is not revoked: a drop may come on a path
+    /// where something the lease guards (a lock-guarded command) still
+    /// runs, and only the TTL gives that time to be stopped.
+    fn drop(&mut self) {
+        self.abandon.store(true, Ordering::Relaxed);
+        self.cancel.cancel();
     }
 }
 
@@ -177,6 +207,7 @@ pub async fn alive_lease(state: &mut watch::Receiver<SessionState>) -> LeaseId {
 }
 
 struct Keeper {
+    abandon: Arc<AtomicBool>,
     client: Client,
     ttl_secs: i64,
     state: watch::Sender<SessionState>,
@@ -221,6 +252,11 @@ impl Keeper {
             self.state
                 .send_replace(SessionState::Alive { lease, deadline });
             match self.keep_alive(lease, deadline).await {
+                Ended::Shutdown if self.abandon.load(Ordering::Relaxed) => {
+                    info!(lease = %lease, "Session dropped; its lease is no longer renewed and ends after its TTL.");
+                    self.state.send_replace(SessionState::Closed);
+                    return;
+                }
                 Ended::Shutdown => {
                     match revoke(&self.client, lease).await {
                         Ok(()) => info!(lease = %lease, "Session lease revoked."),

@@ -10,6 +10,7 @@ mod architecture;
 mod cache;
 mod cli;
 mod config;
+mod coordinator;
 mod deploy;
 mod faults;
 mod files;
