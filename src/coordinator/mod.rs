@@ -308,10 +308,31 @@ impl Coord {
         })
     }
 
+    /// Locks under this handle's namespace, held on the session.
+    pub fn locks(&self) -> Locks {
+        Locks::new(self.clone())
+    }
+
+    /// Instance ids of `pool` (`0..size`) under this handle's namespace.
+    pub fn ids(&self, pool: &str, size: u32) -> Ids {
+        Ids::new(self.clone(), pool, size)
+    }
+
+    /// The service registry under this handle's namespace.
+    pub fn registry(&self) -> Registry {
+        Registry::new(self.clone())
+    }
+
     /// Closes the session for every clone and scope: stops renewing and
     /// revokes the lease, so everything held on it goes now.
     pub async fn close(self) {
         self.shared.session.stop().await;
+    }
+
+    /// What lease-tied handles keep: the client and the session's state,
+    /// never the session itself (a guard kept must not keep it renewing).
+    pub(crate) fn tie(&self, lease: LeaseId) -> Tie {
+        Tie::new(self.shared.client.clone(), self.session_events(), lease)
     }
 }
 
@@ -329,3 +350,14 @@ pub(crate) async fn alive(state: &mut watch::Receiver<SessionState>) -> Result<L
         }
     }
 }
+
+mod ids;
+mod locks;
+mod registry;
+mod tie;
+
+pub use ids::{IdClaim, Ids};
+pub use locks::{LockGuard, Locks};
+pub use registry::{Registration, Registry, Service};
+pub use tie::Lost;
+use tie::Tie;

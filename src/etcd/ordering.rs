@@ -272,4 +272,15 @@ impl Client {
             .await?;
         Ok((resp.ttl() > 0).then_some(resp.ttl()))
     }
+
+    /// Revokes `lease`: every key on it is deleted at once. (What an
+    /// operator's `etcdctl lease revoke` does; a session's own lease is
+    /// revoked by [`super::Session::close`].)
+    pub async fn lease_revoke(&self, lease: LeaseId) -> Result<(), Error> {
+        self.unary("lease revoke", |mut c| async move {
+            c.lease_revoke(lease.0).await
+        })
+        .await
+        .map(|_| ())
+    }
 }

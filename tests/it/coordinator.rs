@@ -89,3 +89,144 @@ async fn connect_fails_when_no_endpoint_answers() {
     .expect_err("nobody listens");
     assert!(err.to_string().contains("first session lease"), "{err}");
 }
+
+#[tokio::test]
+async fn a_lock_guards_lost_fires_when_its_lease_is_revoked_from_outside_and_the_lock_is_not_retaken()
+ {
+    let etcd = etcd().await;
+    let outside = etcd.client().await;
+    let coord = Coord::connect(options(&etcd)).await.expect("connect");
+    let guard = coord.locks().lock("job").await.expect("lock");
+    let lost = tokio::spawn(guard.lost());
+    outside
+        .lease_revoke(guard.lease())
+        .await
+        .expect("revoke from outside");
+    let why = tokio::time::timeout(crate::support::PATIENCE, lost)
+        .await
+        .expect("lost() fires")
+        .expect("join");
+    assert!(
+        matches!(
+            why,
+            coord::coordinator::Lost::Lease | coord::coordinator::Lost::Key
+        ),
+        "{why:?}"
+    );
+    // The session moves on to a new lease; the lock stays lost.
+    let new_lease = eventually("a new lease", || async {
+        coord.lease().await.ok().filter(|l| *l != guard.lease())
+    })
+    .await;
+    assert!(!guard.is_held().await.expect("is_held"));
+    assert!(
+        coord.locks().queue("job").await.expect("queue").is_empty(),
+        "nobody took the lock again on lease {new_lease}"
+    );
+}
+
+#[tokio::test]
+async fn a_registration_comes_back_by_itself_after_its_lease_is_revoked_from_outside() {
+    use coord::coordinator::Service;
+    let etcd = etcd().await;
+    let outside = etcd.client().await;
+    let coord = Coord::connect(options(&etcd)).await.expect("connect");
+    let registry = coord.registry();
+    let reg = registry
+        .register(Service::new("api", "api-1", "127.0.0.1:9").metadata("zone", "eu-1"))
+        .await
+        .expect("register");
+    let found = registry.discover("api").await.expect("discover");
+    assert_eq!(found.len(), 1, "listed at once: {found:?}");
+    assert_eq!(found[0].addr(), Some("127.0.0.1:9"));
+    let first = reg.lease().expect("written");
+    let lost = tokio::spawn(reg.lost());
+    outside
+        .lease_revoke(first)
+        .await
+        .expect("revoke from outside");
+    assert_eq!(
+        tokio::time::timeout(crate::support::PATIENCE, lost)
+            .await
+            .expect("lost() fires")
+            .expect("join"),
+        coord::coordinator::Lost::Lease
+    );
+    let key = "/coord/services/api/api-1";
+    let back = eventually("the registration to be written again", || async {
+        outside
+            .get(key)
+            .await
+            .expect("get")
+            .and_then(|kv| kv.lease)
+            .filter(|l| *l != first)
+    })
+    .await;
+    assert_eq!(reg.rewritten(first).await, Some(back));
+    let health = outside
+        .get("/coord/health/api/api-1")
+        .await
+        .expect("get")
+        .expect("health record back too");
+    assert_eq!(health.lease, Some(back));
+    reg.release().await.expect("release");
+    assert!(registry.instances("api").await.expect("read").is_empty());
+}
+
+#[tokio::test]
+async fn dropped_guards_claims_and_registrations_are_released_and_a_deleted_claim_is_lost() {
+    use coord::coordinator::{Lost, Service};
+    let etcd = etcd().await;
+    let outside = etcd.client().await;
+    let coord = Coord::connect(options(&etcd).session_ttl(Duration::from_secs(60)))
+        .await
+        .expect("connect");
+    let guard = coord.locks().write("dropped").await.expect("lock");
+    let ids = coord.ids("worker", 4);
+    let claim = ids.claim().await.expect("claim");
+    let reg = coord
+        .registry()
+        .register(Service::new("web", "web-1", "127.0.0.1:10"))
+        .await
+        .expect("register");
+    drop((guard, reg));
+    eventually(
+        "the dropped guard and registration to be deleted",
+        || async {
+            let lock_gone = coord
+                .locks()
+                .queue("dropped")
+                .await
+                .expect("queue")
+                .is_empty();
+            let reg_gone = coord
+                .registry()
+                .instances("web")
+                .await
+                .expect("read")
+                .is_empty();
+            (lock_gone && reg_gone).then_some(())
+        },
+    )
+    .await;
+    // A claim whose key is deleted by hand is lost, and not made again.
+    let lost = tokio::spawn(claim.lost());
+    assert_eq!(outside.delete(claim.key()).await.expect("delete"), 1);
+    assert_eq!(
+        tokio::time::timeout(crate::support::PATIENCE, lost)
+            .await
+            .expect("lost() fires")
+            .expect("join"),
+        Lost::Key
+    );
+    assert!(ids.list().await.expect("list").is_empty());
+    let again = ids.claim().await.expect("claim again");
+    drop(claim);
+    let id = again.id();
+    again.release().await.expect("release");
+    assert!(
+        ids.list().await.expect("list").is_empty(),
+        "id {id} released at once"
+    );
+    coord.close().await;
+}
