@@ -90,6 +90,16 @@ pub enum Error {
     /// The value cannot be read or written as asked (bad JSON, wrong type).
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    /// A fenced write was refused: the lock holder key it was fenced on
+    /// is gone (or is another holding of it). Nothing was written.
+    #[error(
+        "refused to set `{key}`: the lock is no longer held by `{holder_key}` (fencing token {token}); nothing was written"
+    )]
+    Fenced {
+        key: String,
+        holder_key: String,
+        token: i64,
+    },
     /// The value does not match its JSON Schema; nothing was written.
     #[error(
         "the value for `{key}` does not match the schema: {}",
@@ -348,6 +358,52 @@ pub async fn set_raw(
             version: kv.map_or(0, |kv| kv.version),
         }),
         Guarded::Refused { current } => Err(refused("set", key, expect, current)),
+    }
+}
+
+/// Writes bytes at `key` only while `fence` holds (a lock's
+/// [`crate::lock::Guard::is_owner`]) and `expect` does: one transaction,
+/// so a holder that lost its lock — lease gone, key deleted, lock taken
+/// by someone else — never writes. [`Error::Fenced`] when the fence did
+/// not hold, [`Error::VersionConflict`] when only the version did not.
+pub async fn set_fenced(
+    client: &Client,
+    key: &str,
+    raw: &[u8],
+    expect: Expect,
+    fence: &etcd::Condition,
+) -> Result<Written, Error> {
+    let mut when = vec![fence.clone()];
+    if let Some(version) = expect.version() {
+        when.push(etcd::Condition::Version {
+            key: key.to_owned(),
+            version,
+        });
+    }
+    match client
+        .put_if(key, raw, &when)
+        .await
+        .map_err(unavailable(key))?
+    {
+        etcd::Conditional::Applied { revision, kv } => Ok(Written {
+            revision,
+            version: kv.map_or(0, |kv| kv.version),
+        }),
+        etcd::Conditional::Refused { current, failed } => {
+            if failed.contains(fence) {
+                let (holder_key, token) = match fence {
+                    etcd::Condition::CreatedAt { key, revision } => (key.clone(), *revision),
+                    other => (other.key().to_owned(), 0),
+                };
+                Err(Error::Fenced {
+                    key: key.to_owned(),
+                    holder_key,
+                    token,
+                })
+            } else {
+                Err(refused("set", key, expect, current))
+            }
+        }
     }
 }
 

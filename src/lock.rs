@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::etcd::{Client, Error as EtcdError, KeyValue, LeaseId};
+use crate::etcd::{Client, Condition, Error as EtcdError, KeyValue, LeaseId};
 
 /// How a lock is shared. A closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +165,13 @@ impl Guard {
             .map_err(etcd_error(&self.name))
     }
 
+    /// The condition that this holding still holds the lock — its holder
+    /// key, created at its token — to add to a transaction so that the
+    /// write happens only while the lock is ours (Go's `IsOwner()`).
+    pub fn is_owner(&self) -> Condition {
+        fence(&self.key, self.token)
+    }
+
     /// Whether the holder key is still there (the lock is still held).
     pub async fn is_held(&self, client: &Client) -> Result<bool, LockError> {
         client
@@ -172,6 +179,15 @@ impl Guard {
             .await
             .map(|kv| kv.is_some_and(|kv| kv.create_revision == self.token))
             .map_err(etcd_error(&self.name))
+    }
+}
+
+/// The condition that holder key `key` with fencing token `token` still
+/// holds its lock (see [`Guard::is_owner`]).
+pub fn fence(key: &str, token: i64) -> Condition {
+    Condition::CreatedAt {
+        key: key.to_owned(),
+        revision: token,
     }
 }
 

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::{Coord, Lost, Tie};
-use crate::etcd::{KeyValue, LeaseId};
+use crate::etcd::{Committed, Condition, Error as EtcdError, KeyValue, LeaseId, Op};
 use crate::lock::{self, Guard, Holder, LockError, Mode};
 
 /// Locks under a [`Coord`]'s namespace (`<namespace>/locks/<name>/`, the
@@ -175,6 +175,18 @@ impl LockGuard {
     /// Owns what it needs, so it may outlive a borrow of the guard.
     pub fn lost(&self) -> impl Future<Output = Lost> + Send + use<> {
         self.tie.lost(self.guard.key.clone(), self.guard.token)
+    }
+
+    /// The condition that this guard still holds the lock, to add to a
+    /// transaction (Go's `IsOwner()`): see [`crate::etcd::Client::commit`].
+    pub fn fence(&self) -> Condition {
+        self.guard.is_owner()
+    }
+
+    /// Applies `ops` in one transaction only while this guard holds the
+    /// lock; `succeeded` is false (and nothing written) once it does not.
+    pub async fn commit(&self, ops: &[Op]) -> Result<Committed, EtcdError> {
+        self.tie.client.commit(&[self.fence()], ops).await
     }
 
     /// Whether the holder key is still there, this holding of it.
