@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod config;
 pub mod coordinator;
+pub mod election;
 pub mod etcd;
 pub mod ids;
 pub mod lock;

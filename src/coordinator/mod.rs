@@ -323,6 +323,11 @@ impl Coord {
         Registry::new(self.clone())
     }
 
+    /// Leader elections under this handle's namespace.
+    pub fn elections(&self) -> Elections {
+        Elections::new(self.clone())
+    }
+
     /// Closes the session for every clone and scope: stops renewing and
     /// revokes the lease, so everything held on it goes now.
     pub async fn close(self) {
@@ -351,11 +356,13 @@ pub(crate) async fn alive(state: &mut watch::Receiver<SessionState>) -> Result<L
     }
 }
 
+mod elections;
 mod ids;
 mod locks;
 mod registry;
 mod tie;
 
+pub use elections::{Elections, Leading};
 pub use ids::{IdClaim, Ids};
 pub use locks::{LockGuard, Locks};
 pub use registry::{Registration, Registry, Service};

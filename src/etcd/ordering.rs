@@ -224,6 +224,74 @@ impl Client {
         }
     }
 
+    /// Waits for any key under `prefix` to be written after `revision`.
+    /// Also returns when the watch is compacted, cancelled or broken: the
+    /// caller reads again anyway.
+    pub async fn wait_put(&self, prefix: &str, revision: i64) -> Result<(), Error> {
+        let mut stream = self
+            .unary("watch", |mut c| async move {
+                c.watch(
+                    prefix,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                )
+                .await
+            })
+            .await?;
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.compact_revision() > 0
+                        || resp.canceled()
+                        || resp
+                            .events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Put)
+                    {
+                        return Ok(());
+                    }
+                }
+                Ok(None) | Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// The next change to `key` after revision `after`: `Some` with the
+    /// key as written, `None` once it is deleted. When changes in between
+    /// were compacted away (or the watch broke), the key as it is now
+    /// stands in for them.
+    pub async fn next_change(&self, key: &str, after: i64) -> Result<Option<KeyValue>, Error> {
+        let mut from = after + 1;
+        loop {
+            let mut stream = self
+                .unary("watch", |mut c| async move {
+                    c.watch(key, Some(WatchOptions::new().with_start_revision(from)))
+                        .await
+                })
+                .await?;
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.compact_revision() > 0 || resp.canceled() {
+                    break;
+                }
+                if let Some(event) = resp.events().first() {
+                    return Ok(match event.event_type() {
+                        EventType::Put => event.kv().map(KeyValue::from_raw),
+                        EventType::Delete => None,
+                    });
+                }
+            }
+            let (kvs, read_at) = self.get_sorted("get", key, GetOptions::new()).await?;
+            match kvs.into_iter().next() {
+                None => return Ok(None),
+                Some(kv) if kv.mod_revision > after => return Ok(Some(kv)),
+                Some(_) => from = read_at + 1,
+            }
+        }
+    }
+
     /// Waits until `key`, created at `created` and still there at `seen_at`,
     /// is deleted, resuming the watch after errors. Returns at once if it
     /// is already gone.

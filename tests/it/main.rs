@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod coordinator;
 mod deploy;
+mod election;
 mod faults;
 mod files;
 mod guarded;
