@@ -524,6 +524,58 @@ pub struct Change {
     pub new: Option<Entry>,
 }
 
+/// What a change did to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// The key was created (version 1).
+    Created,
+    /// An existing key got a new value.
+    Updated,
+    /// The key was deleted.
+    Deleted,
+}
+
+/// One change with its values typed, as [`watch_typed`] yields it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypedChange<T> {
+    /// The key.
+    pub key: String,
+    /// The revision of the change.
+    pub revision: i64,
+    /// Created, updated or deleted.
+    pub kind: ChangeKind,
+    /// The value before (`None` if there was none, or if that revision was
+    /// compacted away before etcd sent the change).
+    pub old: Option<T>,
+    /// The value after (`None` for a delete).
+    pub new: Option<T>,
+    /// The key's version after the change (0 after a delete).
+    pub version: i64,
+}
+
+impl Change {
+    /// Created, updated or deleted.
+    pub fn kind(&self) -> ChangeKind {
+        match &self.new {
+            None => ChangeKind::Deleted,
+            Some(e) if e.version == 1 => ChangeKind::Created,
+            Some(_) => ChangeKind::Updated,
+        }
+    }
+
+    /// The change with its values parsed as `T`.
+    pub fn typed<T: DeserializeOwned>(&self) -> Result<TypedChange<T>, Error> {
+        Ok(TypedChange {
+            key: self.key.clone(),
+            revision: self.revision,
+            kind: self.kind(),
+            old: self.old.as_ref().map(Entry::value).transpose()?,
+            new: self.new.as_ref().map(Entry::value).transpose()?,
+            version: self.new.as_ref().map_or(0, |e| e.version),
+        })
+    }
+}
+
 /// Changes to one key or a prefix, from the moment the watch was made.
 #[derive(Debug)]
 pub struct Watch {
@@ -549,7 +601,44 @@ async fn start_watch(client: &Client, key: &str, prefix: bool) -> Result<Watch, 
     })
 }
 
+/// Typed changes to `key` (every key under it if `prefix`) from now on,
+/// as a `Stream`, one change per item, in order. A value that does not
+/// parse as `T` is an [`Error::Invalid`] item and the stream goes on.
+/// Compaction is reported, never hidden: when the watch fell behind one
+/// (changes were lost) it yields [`Error::Compacted`] and ends — read the
+/// key again and watch anew.
+pub async fn watch_typed<T: DeserializeOwned + Send + 'static>(
+    client: &Client,
+    key: &str,
+    prefix: bool,
+) -> Result<impl futures_core::Stream<Item = Result<TypedChange<T>, Error>> + Send + use<T>, Error>
+{
+    let watch = start_watch(client, key, prefix).await?;
+    let changes = watch.into_stream();
+    Ok(futures_util::StreamExt::map(changes, |c| {
+        c.and_then(|c| c.typed::<T>())
+    }))
+}
+
 impl Watch {
+    /// The changes one at a time, as a `Stream`; after an error (only
+    /// [`Error::Compacted`]: changes were lost) it ends.
+    pub fn into_stream(self) -> impl futures_core::Stream<Item = Result<Change, Error>> + Send {
+        let pending: std::collections::VecDeque<Change> = Default::default();
+        futures_util::stream::unfold(Some((self, pending)), |state| async move {
+            let (mut watch, mut pending) = state?;
+            loop {
+                if let Some(change) = pending.pop_front() {
+                    return Some((Ok(change), Some((watch, pending))));
+                }
+                match watch.next().await {
+                    Ok(changes) => pending.extend(changes),
+                    Err(e) => return Some((Err(e), None)),
+                }
+            }
+        })
+    }
+
     /// The next changes, in order. It survives disconnects; if it fell
     /// behind a compaction (changes were lost) it fails with
     /// [`Error::Compacted`].

@@ -545,6 +545,15 @@ impl ServiceWatch {
         )
     }
 
+    /// The updates as a `Stream`: the first one once the first full read
+    /// is done (every listed instance as added), then one per change.
+    pub fn into_stream(self) -> impl futures_core::Stream<Item = ServiceUpdate> + Send {
+        futures_util::stream::unfold(self, |mut watch| async move {
+            let update = watch.next().await;
+            Some((update, watch))
+        })
+    }
+
     /// The next change. The first call waits for the first full read and
     /// reports every listed instance as added (and may report no change,
     /// for a service without instances).

@@ -323,6 +323,12 @@ impl Coord {
         Registry::new(self.clone())
     }
 
+    /// The config center: keys under `<namespace>/config/`, or absolute
+    /// ones as given.
+    pub fn config(&self) -> ConfigCenter {
+        ConfigCenter::new(self.clone())
+    }
+
     /// Leader elections under this handle's namespace.
     pub fn elections(&self) -> Elections {
         Elections::new(self.clone())
@@ -356,12 +362,14 @@ pub(crate) async fn alive(state: &mut watch::Receiver<SessionState>) -> Result<L
     }
 }
 
+mod config;
 mod elections;
 mod ids;
 mod locks;
 mod registry;
 mod tie;
 
+pub use config::ConfigCenter;
 pub use elections::{Elections, Leading};
 pub use ids::{IdClaim, Ids};
 pub use locks::{LockGuard, Locks};

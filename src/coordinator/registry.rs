@@ -117,6 +117,17 @@ impl Registry {
         registry::read(self.coord.client(), self.coord.namespace(), Some(service)).await
     }
 
+    /// `service`'s instances as a `Stream` of updates (through the shared
+    /// cache): the first once the first full read is done, every listed
+    /// instance as added; then one per change (added, removed, health).
+    pub fn watch(
+        &self,
+        service: &str,
+    ) -> impl futures_core::Stream<Item = registry::ServiceUpdate> + Send + use<> {
+        registry::ServiceWatch::new(self.coord.cache(), self.coord.namespace(), service)
+            .into_stream()
+    }
+
     /// A gRPC channel balanced over `service`'s listed instances, following
     /// discovery (see [`registry::grpc_channel`]); abort the task to stop
     /// following.

@@ -230,3 +230,102 @@ async fn dropped_guards_claims_and_registrations_are_released_and_a_deleted_clai
     );
     coord.close().await;
 }
+
+#[tokio::test]
+async fn a_typed_config_watch_yields_each_change_with_its_kind_and_reports_a_compaction() {
+    use coord::config::{ChangeKind, Error, Expect};
+    use futures_util::StreamExt;
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let coord = Coord::connect(options(&etcd)).await.expect("connect");
+    let config = coord.scope("billing").config();
+    assert_eq!(config.key("port"), "/coord/billing/config/port");
+    assert_eq!(config.key("/app/port"), "/app/port");
+    let mut changes = Box::pin(config.watch::<u16>("port").await.expect("watch"));
+    config.set("port", &80).await.expect("set");
+    config.set("port", &81).await.expect("set");
+    config.delete("port", Expect::Any).await.expect("delete");
+    client
+        .put("/coord/billing/config/port", "eighty", None)
+        .await
+        .expect("a value that is no u16");
+    let mut next = async || {
+        tokio::time::timeout(crate::support::PATIENCE, changes.next())
+            .await
+            .expect("a change")
+            .expect("the stream goes on")
+    };
+    let c = next().await.expect("typed");
+    assert_eq!(
+        (c.kind, c.old, c.new),
+        (ChangeKind::Created, None, Some(80))
+    );
+    let c = next().await.expect("typed");
+    assert_eq!(
+        (c.kind, c.old, c.new),
+        (ChangeKind::Updated, Some(80), Some(81))
+    );
+    let c = next().await.expect("typed");
+    assert_eq!(
+        (c.kind, c.old, c.new),
+        (ChangeKind::Deleted, Some(81), None)
+    );
+    assert!(matches!(next().await, Err(Error::Invalid { .. })));
+
+    // A watch that falls behind a compaction says so, then ends.
+    let behind = config.watch::<u16>("limit").await.expect("watch");
+    for n in 0..3 {
+        config.set("limit", &n).await.expect("set");
+    }
+    let now = client.current_revision().await.expect("revision");
+    client.compact(now).await.expect("compact");
+    let mut behind = Box::pin(behind);
+    let first = tokio::time::timeout(crate::support::PATIENCE, behind.next())
+        .await
+        .expect("an item");
+    assert!(
+        matches!(first, Some(Err(Error::Compacted { .. }))),
+        "{first:?}"
+    );
+    assert!(behind.next().await.is_none(), "the stream ends after it");
+}
+
+#[tokio::test]
+async fn a_service_watch_stream_follows_registrations() {
+    use coord::coordinator::Service;
+    use coord::registry::ServiceChange;
+    use futures_util::StreamExt;
+    let etcd = etcd().await;
+    let coord = Coord::connect(options(&etcd)).await.expect("connect");
+    let registry = coord.registry();
+    let mut updates = Box::pin(registry.watch("api"));
+    let first = updates.next().await.expect("first update");
+    assert!(first.current.is_empty());
+    let reg = registry
+        .register(Service::new("api", "api-1", "127.0.0.1:9"))
+        .await
+        .expect("register");
+    let added = loop {
+        let update = updates.next().await.expect("update");
+        if let Some(ServiceChange::Added(i)) = update.changes.first() {
+            break i.clone();
+        }
+    };
+    assert_eq!(added.id, "api-1");
+    reg.set_maintenance(Some("upgrading"));
+    loop {
+        let update = updates.next().await.expect("update");
+        if update
+            .changes
+            .iter()
+            .any(|c| matches!(c, ServiceChange::Removed(i) if i.id == "api-1"))
+        {
+            assert_eq!(
+                update.current[0].health.as_ref().map(|h| h.status),
+                Some(coord::registry::Health::Maintenance)
+            );
+            break;
+        }
+    }
+    reg.release().await.expect("release");
+}
