@@ -10,6 +10,8 @@
 //! discovery (critical, or in maintenance) stays visible. Both hang off the
 //! registering agent's session lease.
 
+pub mod check;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 
 use super::{Coord, Lost, Tie, alive};
 use crate::etcd::{Backoff, Client, Error, LeaseId, Op, SessionState};
+use crate::registry::check::{Check, Tally};
 use crate::registry::{
     self, Endpoint, Health, HealthRecord, Instance, bounded_output, endpoint_key, health_key,
 };
@@ -22,7 +23,7 @@ use crate::registry::{
 /// let api = Service::new("api", "api-1", "10.0.0.5:8080").metadata("zone", "eu-1");
 /// assert_eq!(api.metadata["zone"], "eu-1");
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Service {
     /// The service's name (`api`).
     pub name: String,
@@ -33,6 +34,9 @@ pub struct Service {
     /// What discovery shows beside the address (`version`, `zone`,
     /// `weight`, …).
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// A health check the registration runs itself: while it fails the
+    /// instance is critical and withdrawn from discovery.
+    pub check: Option<Check>,
 }
 
 impl Service {
@@ -43,7 +47,14 @@ impl Service {
             id: id.into(),
             addr: addr.into(),
             metadata: BTreeMap::new(),
+            check: None,
         }
+    }
+
+    /// Runs `check` for the instance (see [`Check`]).
+    pub fn check(mut self, check: Check) -> Self {
+        self.check = Some(check);
+        self
     }
 
     /// Adds a metadata entry.
@@ -67,13 +78,21 @@ impl Registry {
 
     /// Registers `service` in one call: its health record and its
     /// discovery entry, on the session lease, written before this returns.
-    /// A background task writes them again on each new lease (after a
-    /// loss or a revoke), so the instance comes back by itself.
+    /// With a check, the check runs once first (so a failing instance is
+    /// never listed) and then every interval. A background task writes the
+    /// registration again on each new lease (after a loss or a revoke), so
+    /// the instance comes back by itself, and whenever its health or
+    /// maintenance changes.
     pub async fn register(&self, service: Service) -> Result<Registration, Error> {
         let state = self.coord.session_events();
+        let mut tally = Tally::new(Health::Passing);
+        if let Some(check) = &service.check {
+            // The first result decides alone: nothing before it to outvote.
+            tally.apply(check.run_once().await, 1, 1);
+        }
         let (desired_tx, desired_rx) = watch::channel(Desired {
-            status: Health::Passing,
-            output: String::new(),
+            status: tally.status,
+            output: tally.output.clone(),
             maintenance: None,
         });
         let (written_tx, written_rx) = watch::channel(None);
@@ -87,6 +106,7 @@ impl Registry {
             written: written_tx,
             since: now(),
             last_status: None,
+            tally,
         };
         let lease = self.coord.lease().await?;
         let first = keeper.desired.borrow_and_update().clone();
@@ -169,6 +189,7 @@ struct Keeper {
     written: watch::Sender<Option<LeaseId>>,
     since: String,
     last_status: Option<Health>,
+    tally: Tally,
 }
 
 impl Keeper {
@@ -212,13 +233,28 @@ impl Keeper {
         Ok(())
     }
 
+    /// What the registration should say now: the check's tally and the
+    /// maintenance asked for.
+    fn wanted(&mut self) -> Desired {
+        let maintenance = self.desired.borrow_and_update().maintenance.clone();
+        Desired {
+            status: self.tally.status,
+            output: self.tally.output.clone(),
+            maintenance,
+        }
+    }
+
     async fn run(mut self, mut last: Option<(LeaseId, Desired)>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let check = self.service.check.clone();
+        let mut next_check = check
+            .as_ref()
+            .map(|c| tokio::time::Instant::now() + c.interval);
         loop {
             let Ok(lease) = alive(&mut self.state).await else {
                 return;
             };
-            let desired = self.desired.borrow_and_update().clone();
+            let desired = self.wanted();
             if last.as_ref() != Some(&(lease, desired.clone())) {
                 match self.write(lease, &desired).await {
                     Ok(()) => {
@@ -236,10 +272,26 @@ impl Keeper {
                     }
                 }
             }
+            let check_due = async {
+                match next_check {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = self.state.changed() => if changed.is_err() { return },
                 // The registration was dropped or released.
                 changed = self.desired.changed() => if changed.is_err() { return },
+                () = check_due => {
+                    if let Some(check) = &check {
+                        let result = check.run_once().await;
+                        if result.status != self.tally.status {
+                            debug!(service = %self.service.name, instance = %self.service.id, status = result.status.name(), "Health check result.");
+                        }
+                        self.tally.apply(result, check.successes, check.failures);
+                        next_check = Some(tokio::time::Instant::now() + check.interval);
+                    }
+                }
             }
         }
     }

@@ -329,3 +329,63 @@ async fn a_service_watch_stream_follows_registrations() {
     }
     reg.release().await.expect("release");
 }
+
+#[tokio::test]
+async fn a_registration_runs_its_check_withdraws_a_failing_instance_and_lists_it_again() {
+    use coord::coordinator::Service;
+    use coord::registry::Health;
+    use coord::registry::check::Check;
+    let etcd = etcd().await;
+    let coord = Coord::connect(options(&etcd)).await.expect("connect");
+    let registry = coord.registry();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let reg = registry
+        .register(
+            Service::new("db", "db-1", addr.clone())
+                .check(Check::tcp(addr.clone()).interval(Duration::from_millis(100))),
+        )
+        .await
+        .expect("register");
+    assert_eq!(registry.discover("db").await.expect("discover").len(), 1);
+    // The port closes: critical, withdrawn, its health still visible.
+    drop(listener);
+    let down = eventually("the failing instance to be withdrawn", || async {
+        let all = registry.instances("db").await.expect("read");
+        all.into_iter().find(|i| {
+            !i.is_listed() && i.health.as_ref().map(|h| h.status) == Some(Health::Critical)
+        })
+    })
+    .await;
+    let output = down.health.expect("health").output;
+    assert!(output.contains("cannot connect"), "{output}");
+    // It answers again: listed again.
+    let _listener = std::net::TcpListener::bind(&addr).expect("bind the same port again");
+    eventually("the instance to be listed again", || async {
+        (registry.discover("db").await.expect("discover").len() == 1).then_some(())
+    })
+    .await;
+    reg.release().await.expect("release");
+}
+
+#[tokio::test]
+async fn an_instance_whose_first_check_fails_is_never_listed() {
+    use coord::coordinator::Service;
+    use coord::registry::Health;
+    use coord::registry::check::{Check, CheckResult};
+    let etcd = etcd().await;
+    let coord = Coord::connect(options(&etcd)).await.expect("connect");
+    let registry = coord.registry();
+    let reg = registry
+        .register(
+            Service::new("q", "q-1", "127.0.0.1:1").check(Check::custom(|| async {
+                CheckResult::new(Health::Critical, "not ready")
+            })),
+        )
+        .await
+        .expect("register");
+    let all = registry.instances("q").await.expect("read");
+    assert_eq!(all.len(), 1);
+    assert!(!all[0].is_listed(), "withdrawn from the start: {all:?}");
+    drop(reg);
+}
