@@ -13,6 +13,7 @@ mod config;
 mod coordinator;
 mod deploy;
 mod election;
+mod examples;
 mod faults;
 mod files;
 mod guarded;
