@@ -161,3 +161,23 @@ async fn every_example_runs_against_etcd_exits_0_and_says_what_it_did() {
         assert!(left.is_empty(), "left under {prefix}: {left:?}");
     }
 }
+
+#[test]
+fn the_readme_quotes_the_service_example_as_it_is() {
+    let root = crate::support::repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let example = std::fs::read_to_string(root.join("examples/service.rs")).expect("example");
+    let marker = "<!-- quoted from examples/service.rs";
+    let after = &readme[readme.find(marker).expect("the quote's marker")..];
+    let block = after
+        .split("```rust\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("a rust block after the marker");
+    let quoted: Vec<&str> = block.lines().map(str::trim).collect();
+    let lines: Vec<&str> = example.lines().map(str::trim).collect();
+    assert!(
+        lines.windows(quoted.len()).any(|w| w == quoted.as_slice()),
+        "the README's quote is not in examples/service.rs as it is:\n{block}"
+    );
+}
