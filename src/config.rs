@@ -58,17 +58,30 @@ pub use schema::{Schema, Violation};
 pub enum Error {
     /// The key does not exist.
     #[error("`{key}` does not exist")]
-    NotFound { key: String },
+    /// The key does not exist.
+    NotFound {
+        /// The key.
+        key: String,
+    },
     /// The key had no value at that revision (it did not exist then).
     #[error("`{key}` had no value at revision {revision}")]
-    AbsentAt { key: String, revision: i64 },
+    AbsentAt {
+        /// The key.
+        key: String,
+        /// The revision asked for.
+        revision: i64,
+    },
     /// A guarded write was refused: the key is not at the expected version.
     /// Nothing was written. `current` is 0 when the key does not exist.
     #[error("refused to {op} `{key}`: {}", conflict(*expected, *current))]
     VersionConflict {
+        /// What was refused (`set`, `delete`).
         op: &'static str,
+        /// The key.
         key: String,
+        /// The version the write expected (0: absent).
         expected: i64,
+        /// The version found (0: absent).
         current: i64,
     },
     /// The revision asked for is older than etcd's compaction point.
@@ -76,28 +89,41 @@ pub enum Error {
         "revision {revision} of `{key}` is compacted away (the oldest revision etcd keeps is {compacted})"
     )]
     Compacted {
+        /// The key.
         key: String,
+        /// The revision asked for.
         revision: i64,
+        /// The oldest revision etcd keeps.
         compacted: i64,
     },
     /// etcd could not be reached or refused the request.
     #[error("etcd failed on `{key}`: {source}")]
     Unavailable {
+        /// The key.
         key: String,
         #[source]
+        /// What etcd said.
         source: etcd::Error,
     },
     /// The value cannot be read or written as asked (bad JSON, wrong type).
     #[error("invalid value for `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
+    Invalid {
+        /// The key.
+        key: String,
+        /// What is wrong with the value.
+        reason: String,
+    },
     /// A fenced write was refused: the lock holder key it was fenced on
     /// is gone (or is another holding of it). Nothing was written.
     #[error(
         "refused to set `{key}`: the lock is no longer held by `{holder_key}` (fencing token {token}); nothing was written"
     )]
     Fenced {
+        /// The key that was not written.
         key: String,
+        /// The lock holder key the write was fenced on.
         holder_key: String,
+        /// The fencing token it was fenced on.
         token: i64,
     },
     /// The value does not match its JSON Schema; nothing was written.
@@ -106,7 +132,9 @@ pub enum Error {
         schema::list(violations)
     )]
     SchemaViolation {
+        /// The key.
         key: String,
+        /// Where the value breaks the schema.
         violations: Vec<Violation>,
     },
 }
@@ -144,6 +172,7 @@ fn unavailable(key: &str) -> impl FnOnce(etcd::Error) -> Error + '_ {
 /// A key's value as stored, with its version and revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The key.
     pub key: String,
     /// The stored bytes.
     pub raw: Vec<u8>,
@@ -186,9 +215,13 @@ impl Entry {
 /// A typed value with its version and revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned<T> {
+    /// The value, typed.
     pub value: T,
+    /// 1 when created, +1 on each write.
     pub version: i64,
+    /// The revision of the write that gave this value.
     pub mod_revision: i64,
+    /// The revision that created the key.
     pub create_revision: i64,
 }
 
@@ -432,6 +465,7 @@ pub async fn delete(client: &Client, key: &str, expect: Expect) -> Result<bool, 
 /// A key's values, newest first, read back through etcd's MVCC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct History {
+    /// The key.
     pub key: String,
     /// The current value first, then each earlier one, back to the write
     /// that created the key (or as far as `limit` or compaction allowed).
@@ -516,7 +550,9 @@ pub async fn rollback(
 /// One change seen by a [`Watch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
+    /// The key.
     pub key: String,
+    /// The revision of the change.
     pub revision: i64,
     /// Before the change: `None` if the key did not exist.
     pub old: Option<Entry>,

@@ -88,8 +88,11 @@ impl std::str::FromStr for Mode {
 /// ignore it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
+    /// The agent (or `Coord` name) that holds it.
     pub agent: String,
+    /// The host it runs on.
     pub host: String,
+    /// The holding process.
     pub pid: u32,
 }
 
@@ -97,19 +100,37 @@ pub struct Holder {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("failed to take lock `{name}`: {source}")]
+    /// etcd could not be reached or refused the request.
     Etcd {
+        /// The lock.
         name: String,
         #[source]
+        /// What etcd said.
         source: EtcdError,
     },
     #[error("lost lock `{name}` while waiting for it: the session lease expired")]
-    SessionExpired { name: String },
+    /// Our key went while we waited (the lease ended, or it was deleted).
+    SessionExpired {
+        /// The lock.
+        name: String,
+    },
+    /// The name or mode cannot be a lock's.
     #[error("invalid lock `{name}`: {reason}")]
-    Invalid { name: String, reason: String },
+    Invalid {
+        /// The lock.
+        name: String,
+        /// Why not.
+        reason: String,
+    },
     /// The lock was not ours within the time given; our place in its queue
     /// was given up (the queue key deleted).
     #[error("`{name}` was not ours within {}; gave up our place in its queue", humantime::format_duration(*timeout))]
-    Timeout { name: String, timeout: Duration },
+    Timeout {
+        /// The lock.
+        name: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
 }
 
 /// Maps an etcd failure on lock `name` to a [`LockError`].
@@ -130,11 +151,13 @@ pub fn prefix(namespace: &str, name: &str) -> String {
 /// [`Guard::release`], or let the session lease go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Guard {
+    /// The lock's name.
     pub name: String,
     /// The holder key.
     pub key: String,
     /// The fencing token: the holder key's create revision.
     pub token: i64,
+    /// How it is held.
     pub mode: Mode,
     /// The session lease the lock hangs off.
     pub lease: LeaseId,

@@ -17,10 +17,18 @@ const GRPC_OUT_OF_RANGE: i32 = 11;
 pub enum Guarded {
     /// The write happened at `revision`. `kv` is the key as written (for a
     /// put) or as it was before (for a delete; `None` if it did not exist).
-    Applied { revision: i64, kv: Option<KeyValue> },
+    Applied {
+        /// The revision of the write.
+        revision: i64,
+        /// The key as written (put) or as it was (delete).
+        kv: Option<KeyValue>,
+    },
     /// The key was not at the expected version; nothing was written.
     /// `current` is the key as it is (`None` if it does not exist).
-    Refused { current: Option<KeyValue> },
+    Refused {
+        /// The key as it is (`None`: absent).
+        current: Option<KeyValue>,
+    },
 }
 
 /// A condition a transaction holds to: what makes a write conditional

@@ -30,11 +30,16 @@ pub enum SessionState {
     /// The lease is ours at least until `deadline` (on `CLOCK_BOOTTIME`,
     /// which counts suspend as the server does).
     Alive {
+        /// The lease.
         lease: LeaseId,
+        /// Until when it is ours for sure, on `CLOCK_BOOTTIME`.
         deadline: BootInstant,
     },
     /// The lease may be gone; a new one is being requested.
-    Lost { lease: LeaseId },
+    Lost {
+        /// The lease that may be gone.
+        lease: LeaseId,
+    },
     /// The session was closed and its lease revoked (or left to expire).
     Closed,
 }
