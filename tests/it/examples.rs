@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use crate::support::{PATIENCE, etcd};
 
-/// `target/<profile>/examples/`, beside the test binary's `deps/`. A
-/// plain `cargo test` builds the examples before the tests run; with
-/// `cargo test --test it` they are built here, once per run.
+/// `target/<profile>/examples/`, beside the test binary's `deps/`, with
+/// the examples built from the current sources: a plain `cargo test` has
+/// built them already (then this is cargo's no-op check); with `cargo
+/// test --test it` they are built here, once per run, so a stale binary
+/// is never what runs.
 fn examples_dir() -> PathBuf {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
@@ -22,10 +24,6 @@ fn examples_dir() -> PathBuf {
             .ok_or("the test binary is not in target/<profile>/deps")?
             .to_owned();
         let dir = profile_dir.join("examples");
-        let names = ["service", "lock", "config", "ids", "election"];
-        if names.iter().all(|n| dir.join(n).is_file()) {
-            return Ok(dir);
-        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(cargo)
             .args(["build", "--examples"])
