@@ -30,11 +30,17 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
+    /// `http://` or `https://` URLs of the cluster's members.
     pub endpoints: Vec<String>,
+    /// Time allowed to open a connection to one endpoint.
     pub dial_timeout: Duration,
+    /// Time allowed for one unary request (failover to other endpoints included).
     pub request_timeout: Duration,
+    /// TLS to etcd, if any.
     pub tls: Option<TlsFiles>,
+    /// etcd's auth user, if any (with `password`).
     pub username: Option<String>,
+    /// The user's password.
     pub password: Option<Password>,
 }
 
@@ -57,8 +63,11 @@ impl ConnectOptions {
 /// needed for `https://` endpoints; `cert` and `key` go together.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// The CA certificate that signed the members' certificates.
     pub ca: Option<PathBuf>,
+    /// The client certificate, for etcd's client-certificate auth.
     pub cert: Option<PathBuf>,
+    /// The client certificate's key.
     pub key: Option<PathBuf>,
 }
 
@@ -67,6 +76,7 @@ pub struct TlsFiles {
 pub struct Password(String);
 
 impl Password {
+    /// Wraps a secret.
     pub fn new(secret: impl Into<String>) -> Self {
         Password(secret.into())
     }
@@ -96,11 +106,17 @@ impl fmt::Display for LeaseId {
 /// One key as etcd stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
+    /// The key.
     pub key: String,
+    /// Its value.
     pub value: Vec<u8>,
+    /// The revision that created it (this incarnation).
     pub create_revision: i64,
+    /// The revision of its last write.
     pub mod_revision: i64,
+    /// 1 when created, +1 on each write.
     pub version: i64,
+    /// The lease it is attached to, if any.
     pub lease: Option<LeaseId>,
 }
 
@@ -129,12 +145,18 @@ pub const BATCH: usize = 64;
 /// One write of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
+    /// Write `value` at `key`, attached to `lease` if given.
     Put {
+        /// The key.
         key: String,
+        /// The value.
         value: Vec<u8>,
+        /// The lease to attach it to.
         lease: Option<LeaseId>,
     },
+    /// Delete `key`.
     Delete {
+        /// The key.
         key: String,
     },
 }
@@ -142,7 +164,9 @@ pub enum Op {
 /// The keys under a prefix at one revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The revision of the read.
     pub revision: i64,
+    /// The keys, in key order.
     pub kvs: Vec<KeyValue>,
 }
 

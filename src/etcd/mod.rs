@@ -27,7 +27,7 @@ pub use connection::{
     LeaseId, Op, Password, Snapshot, TlsFiles,
 };
 pub use error::Error;
-pub use mvcc::Guarded;
+pub use mvcc::{Committed, Condition, Conditional, Guarded};
 pub use reads::{Range, ReadSet};
 pub use session::{Abandoner, Session, SessionState, SessionStats, alive_lease};
 pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -31,11 +31,16 @@ pub enum SessionState {
     /// The lease is ours at least until `deadline` (on `CLOCK_BOOTTIME`,
     /// which counts suspend as the server does).
     Alive {
+        /// The lease.
         lease: LeaseId,
+        /// Until when it is ours for sure, on `CLOCK_BOOTTIME`.
         deadline: BootInstant,
     },
     /// The lease may be gone; a new one is being requested.
-    Lost { lease: LeaseId },
+    Lost {
+        /// The lease that may be gone.
+        lease: LeaseId,
+    },
     /// The session was closed and its lease revoked (or left to expire).
     Closed,
 }
@@ -93,6 +98,8 @@ pub struct Session {
     state: watch::Receiver<SessionState>,
     cancel: CancellationToken,
     abandon: watch::Sender<Option<LeaseId>>,
+    /// Set when dropped: stop without revoking.
+    dropped: Arc<AtomicBool>,
     task: JoinHandle<()>,
     stats: Arc<SessionStats>,
 }
@@ -121,7 +128,9 @@ impl Session {
         let (tx, rx) = watch::channel(SessionState::Pending);
         let cancel = CancellationToken::new();
         let abandon = watch::Sender::new(None);
+        let dropped = Arc::new(AtomicBool::new(false));
         let keeper = Keeper {
+            dropped: dropped.clone(),
             client,
             abandon: abandon.subscribe(),
             ttl_secs: ttl.as_secs().max(2) as i64,
@@ -135,6 +144,7 @@ impl Session {
             state: rx,
             cancel,
             abandon,
+            dropped,
             task,
             stats,
         }
@@ -167,9 +177,34 @@ impl Session {
 
     /// Stops renewing and revokes the lease at once, so that everything
     /// attached to it disappears now rather than after the TTL.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+
+    /// Like [`Session::close`], through a shared reference (the session
+    /// of a handle others share): returns once the lease is revoked (or
+    /// given up on) and the state is [`SessionState::Closed`].
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let mut state = self.state.clone();
+        while *state.borrow_and_update() != SessionState::Closed {
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::close`] stops renewing, so
+    /// nothing stays held for a session nobody has any more: the lease
+    /// ends after its TTL. It is not revoked: a drop may come on a path
+    /// where something the lease guards (a lock-guarded command) still
+    /// runs, and only the TTL gives that time to be stopped.
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::Relaxed);
+        self.cancel.cancel();
     }
 }
 
@@ -202,6 +237,7 @@ pub async fn alive_lease(state: &mut watch::Receiver<SessionState>) -> LeaseId {
 }
 
 struct Keeper {
+    dropped: Arc<AtomicBool>,
     client: Client,
     abandon: watch::Receiver<Option<LeaseId>>,
     ttl_secs: i64,
@@ -249,6 +285,11 @@ impl Keeper {
             self.state
                 .send_replace(SessionState::Alive { lease, deadline });
             match self.keep_alive(lease, deadline).await {
+                Ended::Shutdown if self.dropped.load(Ordering::Relaxed) => {
+                    info!(lease = %lease, "Session dropped; its lease is no longer renewed and ends after its TTL.");
+                    self.state.send_replace(SessionState::Closed);
+                    return;
+                }
                 Ended::Shutdown => {
                     match revoke(&self.client, lease).await {
                         Ok(()) => info!(lease = %lease, "Session lease revoked."),

@@ -14,11 +14,19 @@ use super::{Backoff, Client, KeyValue, Snapshot};
 /// One change to one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
+    /// The key as written.
     Put(KeyValue),
-    Delete { key: String, revision: i64 },
+    /// The key was deleted at `revision`.
+    Delete {
+        /// The key.
+        key: String,
+        /// The revision of the delete.
+        revision: i64,
+    },
 }
 
 impl Change {
+    /// The key changed.
     pub fn key(&self) -> &str {
         match self {
             Change::Put(kv) => &kv.key,
@@ -34,7 +42,12 @@ pub enum WatchEvent {
     /// the watch fell behind a compaction. Replaces everything known before.
     Reset(Snapshot),
     /// Changes at `revision`, in order.
-    Changes { revision: i64, changes: Vec<Change> },
+    Changes {
+        /// etcd's revision of the changes.
+        revision: i64,
+        /// The changes, in order.
+        changes: Vec<Change>,
+    },
 }
 
 /// Counters a watcher keeps about its own health (the library exports no
@@ -82,6 +95,7 @@ pub struct PrefixWatcher {
 }
 
 impl PrefixWatcher {
+    /// A watcher of `prefix`, reading nothing until first polled.
     pub fn new(client: Client, prefix: impl Into<String>) -> Self {
         PrefixWatcher {
             client,
@@ -108,10 +122,12 @@ impl PrefixWatcher {
         }
     }
 
+    /// The prefix watched.
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
+    /// Its reconnect and re-list counters.
     pub fn stats(&self) -> Arc<WatchStats> {
         self.stats.clone()
     }

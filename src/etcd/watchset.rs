@@ -20,8 +20,11 @@ pub enum WatchSetEvent {
     /// part), so a copy of the range kept up to date with these is the
     /// range as it was at `revision`.
     Changed {
+        /// The watched range.
         range: Range,
+        /// etcd's revision of the changes.
         revision: i64,
+        /// The changes, in order.
         changes: Vec<Change>,
     },
     /// Some changes may have been missed (a watch started below etcd's
@@ -78,6 +81,7 @@ pub struct WatchSet {
 }
 
 impl WatchSet {
+    /// A set watching nothing yet.
     pub fn new(client: Client) -> Self {
         WatchSet {
             client,
@@ -136,6 +140,7 @@ impl WatchSet {
         self.wanted.len()
     }
 
+    /// Whether nothing is watched.
     pub fn is_empty(&self) -> bool {
         self.wanted.is_empty()
     }
