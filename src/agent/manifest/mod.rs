@@ -26,6 +26,7 @@ use toml::de::{DeTable, DeValue};
 use diagnostics::Diagnostics;
 pub use diagnostics::{Diagnostic, ManifestError};
 pub use dns::DnsSettings;
+use file::HookNames;
 pub use file::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
 pub use instance_id::InstanceIdSpec;
@@ -213,8 +214,8 @@ impl Manifest {
                 None
             }
         };
-        let hooks = hooks(&mut d, root, base);
-        let files = files(&mut d, root, base, &hooks);
+        let (hooks, hook_names) = hooks(&mut d, root, base);
+        let files = files(&mut d, root, base, &hook_names);
         if let Some(a) = &agent
             && !valid_agent_name(&a.name)
         {
@@ -229,9 +230,9 @@ impl Manifest {
             );
         }
         let agent_name = agent.as_ref().map_or_else(default_name, |a| a.name.clone());
-        let services = services(&mut d, root, &agent_name, &hooks);
-        let tasks = tasks(&mut d, root, &hooks);
-        let instance_ids = instance_ids(&mut d, root, base, &hooks);
+        let services = services(&mut d, root, &agent_name, &hook_names);
+        let tasks = tasks(&mut d, root, &hook_names);
+        let instance_ids = instance_ids(&mut d, root, base, &hook_names);
         let status = section(&mut d, root, "status").and_then(|t| status::status(&mut d, t));
         let dns = section(&mut d, root, "dns").and_then(|t| dns::dns(&mut d, t));
         match (agent, etcd) {
@@ -395,10 +396,16 @@ fn tables<'a, 'i>(
         .collect()
 }
 
-fn hooks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, base: &Path) -> Vec<HookSpec> {
+/// The `[[hook]]`s, and every name a `[[hook]]` was given — valid or not:
+/// a hook whose definition has a mistake is still defined for the
+/// resources that name it, so one mistake is one error, not one more per
+/// reference.
+fn hooks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, base: &Path) -> (Vec<HookSpec>, HookNames) {
     let mut hooks: Vec<HookSpec> = Vec::new();
+    let mut names = HookNames::default();
     for t in tables(d, root, "hook") {
         let span = t.span_of("name");
+        names.declare(t.name_as_written("name"));
         let Some(h) = hook::hook(d, t, base) else {
             continue;
         };
@@ -414,20 +421,19 @@ fn hooks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, base: &Path) -> Vec<HookSp
         }
         hooks.push(h);
     }
-    hooks
+    (hooks, names)
 }
 
 fn files(
     d: &mut Diagnostics<'_>,
     root: &DeTable<'_>,
     base: &Path,
-    hooks: &[HookSpec],
+    names: &HookNames,
 ) -> Vec<FileSpec> {
-    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
     let mut files: Vec<FileSpec> = Vec::new();
     for t in tables(d, root, "file") {
         let span = t.span_of("path");
-        let Some(f) = file::file(d, t, base, &names) else {
+        let Some(f) = file::file(d, t, base, names) else {
             continue;
         };
         if let Some(first) = files.iter().find(|o| o.path == f.path) {
@@ -450,13 +456,12 @@ fn services(
     d: &mut Diagnostics<'_>,
     root: &DeTable<'_>,
     agent: &str,
-    hooks: &[HookSpec],
+    names: &HookNames,
 ) -> Vec<ServiceSpec> {
-    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
     let mut services: Vec<ServiceSpec> = Vec::new();
     for t in tables(d, root, "service") {
         let span = t.span_of("name");
-        let Some(s) = service::service(d, t, agent, &names) else {
+        let Some(s) = service::service(d, t, agent, names) else {
             continue;
         };
         if let Some(first) = services.iter().find(|o| o.name == s.name && o.id == s.id) {
@@ -474,12 +479,11 @@ fn services(
     services
 }
 
-fn tasks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, hooks: &[HookSpec]) -> Vec<TaskSpec> {
-    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
+fn tasks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, names: &HookNames) -> Vec<TaskSpec> {
     let mut tasks: Vec<TaskSpec> = Vec::new();
     for t in tables(d, root, "task") {
         let span = t.span_of("name");
-        let Some(task) = task::task(d, t, &names) else {
+        let Some(task) = task::task(d, t, names) else {
             continue;
         };
         if let Some(first) = tasks.iter().find(|o| o.name == task.name) {
@@ -501,13 +505,12 @@ fn instance_ids(
     d: &mut Diagnostics<'_>,
     root: &DeTable<'_>,
     base: &Path,
-    hooks: &[HookSpec],
+    names: &HookNames,
 ) -> Vec<InstanceIdSpec> {
-    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
     let mut out: Vec<InstanceIdSpec> = Vec::new();
     for t in tables(d, root, "instance_id") {
         let span = t.span_of("pool");
-        let Some(spec) = instance_id::instance_id(d, t, base, &names) else {
+        let Some(spec) = instance_id::instance_id(d, t, base, names) else {
             continue;
         };
         if let Some(first) = out.iter().find(|o| o.pool == spec.pool) {
@@ -754,6 +757,14 @@ impl fmt::Display for Summary<'_> {
                 Schedule::Every(d) => format!("every {}", humantime::format_duration(*d)),
                 Schedule::Cron(c) => format!("cron {c}"),
                 Schedule::Leader => "leader".to_owned(),
+            };
+            // When it would run if the agent started now: a cron expression
+            // that reads differently than meant shows here.
+            let when = match t.schedule.next_round(std::time::SystemTime::now()) {
+                Some((_, at)) => {
+                    format!("{when}, next run {}", humantime::format_rfc3339_seconds(at))
+                }
+                None => when,
             };
             write!(
                 f,
