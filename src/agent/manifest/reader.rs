@@ -161,7 +161,7 @@ impl<'a, 'i> TableReader<'a, 'i> {
     pub(crate) fn finish(mut self, d: &mut Diagnostics<'_>) {
         for (key, _) in self.table.iter() {
             let key_name = key.get_ref().as_ref();
-            if self.taken.iter().any(|t| *t == key_name) {
+            if self.taken.contains(&key_name) {
                 continue;
             }
             let meant = closest(key_name, &self.taken);
