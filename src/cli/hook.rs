@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use coord::agent::hooks::{Envelope, HookRunner, KeyReader, Outcome, SCHEMA_VERSION};
-use coord::agent::manifest::{HookAction, Manifest};
+use coord::agent::manifest::{HookAction, Manifest, Runner};
 use coord::etcd::Client;
 
 #[derive(Debug, Args)]
@@ -59,8 +59,10 @@ pub async fn hook(args: HookArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("invalid event in `{}`", args.event))?;
     let keys = fetch_keys(&manifest).await;
     let m = manifest.clone();
-    let runner =
-        tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, Arc::new(keys))).await??;
+    let runner = tokio::task::spawn_blocking(move || {
+        HookRunner::for_manifest(&m, Arc::new(keys), Runner::OneShot)
+    })
+    .await??;
     eprintln!(
         "coord hook: running `{}` on {}",
         args.name,

@@ -22,11 +22,11 @@ fn errors(text: &str) -> Vec<(usize, usize, String)> {
     }
 }
 
-/// Writes `text` as `agent.toml` in `dir` and runs `coord check` on it.
+/// Writes `text` as `agent.toml` in `dir` and runs `coord check
+/// agent.toml` there, as one does in a project directory.
 fn check_in(dir: &Path, text: &str) -> (Option<i32>, String, String) {
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, text).expect("write the manifest");
-    let (status, out, err) = coord(&["check", path.to_str().expect("utf-8")], Some(dir));
+    std::fs::write(dir.join("agent.toml"), text).expect("write the manifest");
+    let (status, out, err) = coord(&["check", "agent.toml"], Some(dir));
     (status.code(), out, err)
 }
 
@@ -213,4 +213,219 @@ schedule = \"once\"
     assert!(hourly.contains("(every 1h, next run "), "{hourly}");
     assert!(hourly.contains(":00:00Z)"), "{hourly}");
     assert!(!line("setup").contains("next run"), "{out}");
+}
+
+/// A directory with every run-time failure `coord check` knows, each in a
+/// [[file]], [[instance_id]], [[hook]] or [etcd] of its own.
+fn broken_host(dir: &Path) -> String {
+    std::fs::create_dir(dir.join("password")).expect("a directory where the password file goes");
+    std::fs::write(dir.join("not-a-dir"), "x").expect("a file where a directory goes");
+    std::fs::write(
+        dir.join("syntax.j2"),
+        "upstream api {\n{% for i in service(\"api\") %}\n  server {{ i.address }};\n{% endfor %\n}\n",
+    )
+    .expect("template");
+    std::fs::write(
+        dir.join("typo.j2"),
+        "{% for k in ls(\"/app/\") %}{{ loop.index }} {{ k }}\n{% endfor %}\nport = {{ key_ro(\"/app/port\", \"80\") }}\n",
+    )
+    .expect("template");
+    std::fs::write(dir.join("junk.wasm"), "not wasm").expect("junk");
+    r#"[agent]
+state_dir = "state"
+
+[etcd]
+endpoints = ["https://127.0.0.1:2379"]
+username = "coord"
+password_file = "password"
+
+[etcd.tls]
+ca = "ca.pem"
+
+[[file]]
+path = "a.conf"
+template = "missing.j2"
+
+[[file]]
+path = "b.conf"
+template = "syntax.j2"
+
+[[file]]
+path = "c.conf"
+template = "typo.j2"
+
+[[file]]
+path = "d.conf"
+source = """
+{{ keyz("/app/x") }}
+"""
+
+[[file]]
+path = "nowhere/e.conf"
+source = "x"
+
+[[instance_id]]
+pool = "worker"
+size = 4
+file = "not-a-dir/run/worker-id"
+
+[[hook]]
+name = "one"
+wasm = "junk.wasm"
+
+[[hook]]
+name = "two"
+wasm = "absent.wasm"
+"#
+    .to_owned()
+}
+
+#[test]
+fn check_reports_every_run_time_failure_each_located_and_exits_64() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let text = broken_host(dir.path());
+    let (code, out, err) = check_in(dir.path(), &text);
+    assert_eq!(code, Some(64), "{out}{err}");
+    let lines = located(&err);
+    let expected: &[&str] = &[
+        "agent.toml:7:17: error: [etcd] password_file password: cannot be read (Is a directory",
+        "agent.toml:10:6: error: [etcd.tls] ca ca.pem: does not exist; the agent could not connect to etcd",
+        "agent.toml:14:12: error: [[file]] `a.conf`: template missing.j2: does not exist; every render would fail",
+        "agent.toml:26:10: error: [[file]] `d.conf`: line 1 of its `source`: unknown function or variable `keyz`; did you mean `key`?",
+        "agent.toml:31:8: error: [[file]] `nowhere/e.conf`: the directory nowhere does not exist, so every render would fail; create it, or set `create_dirs = true`",
+        "agent.toml:37:8: error: [[instance_id]] `worker`: the directory not-a-dir/run (of `file`) cannot be created, since not-a-dir is not a directory",
+        "agent.toml:41:8: error: hook `one` could not be loaded from `junk.wasm`: not a WebAssembly file",
+        "agent.toml:45:8: error: hook `two` could not be loaded from `absent.wasm`",
+        "syntax.j2:4:11: error: syntax error: unexpected `%`, expected end of block (the template of [[file]] `b.conf`)",
+        "typo.j2:3:11: error: unknown function or variable `key_ro`; did you mean `key_or`? (the template of [[file]] `c.conf`)",
+    ];
+    for (line, want) in lines.iter().zip(expected) {
+        assert!(
+            line.starts_with(want),
+            "expected `{want}…`, got `{line}`\n{err}"
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "{err}");
+    assert!(
+        err.contains("error: 10 problems would fail at run time on this host"),
+        "{err}"
+    );
+    assert!(
+        out.is_empty(),
+        "no `ok` summary for a manifest that would fail: {out}"
+    );
+
+    // The same manifest checked for another host: the manifest itself is good.
+    let path = dir.path().join("agent.toml");
+    let (status, out, err) = coord(
+        &["check", "--manifest-only", path.to_str().expect("utf-8")],
+        Some(dir.path()),
+    );
+    assert!(status.success(), "{err}");
+    assert!(out.contains("agent.toml: ok"), "{out}");
+}
+
+#[test]
+fn an_id_file_directory_that_can_still_be_created_is_a_warning_not_an_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let text = format!(
+        "[agent]\nstate_dir = \"state\"\n{ETCD}\n[[instance_id]]\npool = \"worker\"\nsize = 4\nfile = \"later/worker-id\"\n\n[[file]]\npath = \"made/by/coord.conf\"\nsource = \"x\"\ncreate_dirs = true\n"
+    );
+    let (code, out, err) = check_in(dir.path(), &text);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains("agent.toml:9:8: warning: [[instance_id]] `worker`: the directory later (of `file`) does not exist; the agent retries"),
+        "{err}"
+    );
+    assert!(!err.contains("error"), "{err}");
+}
+
+/// Files anywhere below `dir`.
+fn files_below(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| {
+                if e.path().is_dir() {
+                    files_below(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+    })
+}
+
+/// `coord check` and `coord hook` by root from a project directory, with a
+/// WASM hook and no `state_dir`: the compiled plugin goes to the user's
+/// cache (`$XDG_CACHE_HOME/coord`, else `~/.cache/coord`), and nothing is
+/// created under /var/lib. Each runs in a mount namespace of its own with
+/// an empty tmpfs on /var/lib, so the test sees exactly what it created
+/// whatever the machine already has there.
+#[test]
+fn one_shot_commands_keep_their_cache_in_the_users_cache_dir_never_in_var_lib() {
+    let plugins = crate::support::plugins();
+    let dir = tempfile::tempdir().expect("tmp");
+    let xdg = dir.path().join("xdg");
+    let home = dir.path().join("home");
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        format!(
+            "{ETCD}\n[[hook]]\nname = \"audit\"\nwasm = \"{}\"\n",
+            plugins.log_events.display()
+        ),
+    )
+    .expect("manifest");
+    std::fs::write(
+        dir.path().join("event.json"),
+        r#"{"type":"lock-acquired","lock":"reports","fencing_token":7}"#,
+    )
+    .expect("event");
+    let in_namespace = |command: &str, env: &[(&str, &Path)]| {
+        let script = format!(
+            "mount -t tmpfs tmpfs /var/lib && '{}' {command} && echo '--- /var/lib:' && ls -A /var/lib",
+            env!("CARGO_BIN_EXE_coord")
+        );
+        let out = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .current_dir(dir.path())
+            .env_remove("XDG_CACHE_HOME")
+            .envs(env.iter().copied())
+            .output()
+            .expect("unshare (util-linux) must be installed");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{command}: {stdout}{stderr}");
+        let (_, var_lib) = stdout
+            .split_once("--- /var/lib:\n")
+            .unwrap_or_else(|| panic!("{stdout}"));
+        assert_eq!(
+            var_lib.trim(),
+            "",
+            "{command} created under /var/lib:\n{stdout}{stderr}"
+        );
+        assert!(!stderr.contains("No compilation cache"), "{stderr}");
+        stdout
+    };
+
+    let out = in_namespace(
+        "check agent.toml",
+        &[("XDG_CACHE_HOME", &xdg), ("HOME", &home)],
+    );
+    assert!(out.contains("hook   audit: wasm"), "{out}");
+    assert!(
+        files_below(&xdg.join("coord/wasm-cache")) >= 1,
+        "the compiled plugin is cached under $XDG_CACHE_HOME/coord"
+    );
+    assert_eq!(files_below(&home), 0, "XDG_CACHE_HOME comes first");
+
+    let out = in_namespace(
+        "hook audit --event event.json --manifest agent.toml",
+        &[("HOME", &home)],
+    );
+    assert!(out.contains("hook `audit`: done"), "{out}");
+    assert!(
+        files_below(&home.join(".cache/coord/wasm-cache")) >= 1,
+        "without XDG_CACHE_HOME, the cache is ~/.cache/coord"
+    );
 }

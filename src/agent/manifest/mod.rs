@@ -29,6 +29,7 @@ pub use dns::DnsSettings;
 use file::HookNames;
 pub use file::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
+pub use host::{HostReport, Problem, Step};
 pub use instance_id::InstanceIdSpec;
 use reader::TableReader;
 pub(crate) use reader::suggest;
@@ -78,7 +79,7 @@ pub struct Manifest {
 }
 
 /// A place in the manifest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Location {
     pub line: usize,
     pub column: usize,
@@ -102,6 +103,8 @@ pub struct AgentSettings {
     /// Where the agent keeps what must survive a restart (compiled plugins,
     /// the last instance ids).
     pub state_dir: PathBuf,
+    /// Whether the manifest names `state_dir` (else it is the default).
+    pub state_dir_given: bool,
     /// The address other hosts reach this one at, published in the
     /// presence record (`<agent>.agent.<domain>` answers it). `None`: the
     /// local address of the route to the first etcd endpoint.
@@ -276,9 +279,56 @@ impl AgentSettings {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             ttl: DEFAULT_TTL,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            state_dir_given: false,
             address: None,
         }
     }
+
+    /// Where `who` keeps compiled WASM plugins; `None`: nowhere, compile
+    /// in memory. The agent uses `<state_dir>/wasm-cache`. A one-shot
+    /// command (`coord check`, `coord hook`, `coord render`) uses it when
+    /// the manifest names `state_dir`, or when it is already there and
+    /// this user's (`coord check` as systemd's `ExecReload`, run as the
+    /// agent's user); else the user's cache directory: run by hand from a
+    /// project directory (as root, too), it must not create a system
+    /// directory nobody asked for.
+    pub fn wasm_cache_dir(&self, who: Runner) -> Option<PathBuf> {
+        let agents = self.state_dir.join("wasm-cache");
+        let ours = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::symlink_metadata(&agents)
+                .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw())
+        };
+        match who {
+            Runner::Agent => Some(agents),
+            Runner::OneShot if self.state_dir_given || ours() => Some(agents),
+            Runner::OneShot => user_cache_dir().map(|d| d.join("wasm-cache")),
+        }
+    }
+}
+
+/// Who runs with a manifest: what decides where its caches go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runner {
+    /// `coord run`, `coord dev`: the long-lived agent.
+    Agent,
+    /// A command run by hand that exits when done.
+    OneShot,
+}
+
+/// `$XDG_CACHE_HOME/coord`, else `~/.cache/coord` (the XDG base directory
+/// rules: a relative `XDG_CACHE_HOME` is ignored). *Why not the `dirs`
+/// crate:* coord runs on Linux only, where this is all it would do.
+fn user_cache_dir() -> Option<PathBuf> {
+    let absolute = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    std::env::var_os("XDG_CACHE_HOME")
+        .and_then(absolute)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(absolute)
+                .map(|h| h.join(".cache"))
+        })
+        .map(|d| d.join("coord"))
 }
 
 impl EtcdSettings {
@@ -579,6 +629,7 @@ fn agent_settings(
         name: name.unwrap_or_else(default_name),
         namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
         ttl: ttl.unwrap_or(DEFAULT_TTL),
+        state_dir_given: state_dir.is_some(),
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| base.join(p)),
         address,
     })
