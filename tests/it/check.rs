@@ -429,3 +429,103 @@ fn one_shot_commands_keep_their_cache_in_the_users_cache_dir_never_in_var_lib() 
         "without XDG_CACHE_HOME, the cache is ~/.cache/coord"
     );
 }
+
+/// A ```toml block of a document: the line its text starts on, whether it
+/// is marked `<!-- fragment -->` (the line before the fence), its text.
+fn toml_blocks(doc: &str) -> Vec<(usize, bool, String)> {
+    let lines: Vec<&str> = doc.lines().collect();
+    let mut blocks = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].trim() == "```toml" {
+            let fragment = i > 0 && lines[i - 1].trim() == "<!-- fragment -->";
+            let end = (i + 1..lines.len())
+                .find(|&j| lines[j].trim() == "```")
+                .unwrap_or_else(|| panic!("the ```toml block at line {} is not closed", i + 1));
+            blocks.push((i + 2, fragment, lines[i + 1..end].join("\n") + "\n"));
+            i = end;
+        }
+        i += 1;
+    }
+    blocks
+}
+
+/// A fragment made a manifest: an `[etcd]` section, and an exec hook for
+/// every hook name it refers to but does not define.
+fn wrap_fragment(text: &str) -> String {
+    let table: toml::Table = text
+        .parse()
+        .unwrap_or_else(|e| panic!("the fragment is not TOML: {e}\n{text}"));
+    let tables = |section: &str| -> Vec<toml::Table> {
+        table
+            .get(section)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|t| t.as_table().cloned()).collect())
+            .unwrap_or_default()
+    };
+    let defined: Vec<String> = tables("hook")
+        .iter()
+        .filter_map(|h| h.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .collect();
+    let mut named: Vec<String> = Vec::new();
+    for section in ["file", "service", "task", "instance_id"] {
+        for t in tables(section) {
+            for key in ["on_change", "validate"] {
+                for name in t.get(key).and_then(|v| v.as_array()).into_iter().flatten() {
+                    let name = name.as_str().expect("hook names are strings").to_owned();
+                    if !defined.contains(&name) && !named.contains(&name) {
+                        named.push(name);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = format!("{text}\n{ETCD}");
+    for name in named {
+        out.push_str(&format!(
+            "\n[[hook]]\nname = \"{name}\"\nexec = [\"true\"]\n"
+        ));
+    }
+    out
+}
+
+/// Every manifest snippet of the README, as written, passes `coord check`
+/// — checked as a manifest (`--manifest-only`: the snippets name files of
+/// a production host, `/etc/coord/ca.pem`, that this one has not). A
+/// snippet that is only part of a manifest is marked `<!-- fragment -->`
+/// and checked inside an `[etcd]` section and a hook per name it refers
+/// to; none is skipped. The example manifest is checked whole, host and
+/// all, from the repository's root, as `coord dev` runs it.
+#[test]
+fn every_toml_snippet_of_the_readme_and_the_example_manifest_passes_coord_check() {
+    let root = crate::support::repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let fences = readme.lines().filter(|l| l.trim() == "```toml").count();
+    let blocks = toml_blocks(&readme);
+    assert_eq!(blocks.len(), fences, "every ```toml block is checked");
+    assert!(blocks.len() >= 9, "found only {} blocks", blocks.len());
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut failures = Vec::new();
+    for (line, fragment, text) in &blocks {
+        let manifest = if *fragment {
+            wrap_fragment(text)
+        } else {
+            text.clone()
+        };
+        let path = dir.path().join(format!("readme-line-{line}.toml"));
+        std::fs::write(&path, &manifest).expect("write");
+        let (status, _, err) = coord(
+            &["check", "--manifest-only", path.to_str().expect("utf-8")],
+            None,
+        );
+        if !status.success() {
+            failures.push(format!("README.md line {line}:\n{manifest}\n{err}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    let (status, out, err) = coord(&["check", "agent.toml.example"], Some(&root));
+    assert!(status.success(), "{out}{err}");
+    assert!(out.starts_with("agent.toml.example: ok"), "{out}");
+    assert!(err.trim().is_empty(), "no warnings for the example: {err}");
+}
