@@ -529,3 +529,29 @@ fn every_toml_snippet_of_the_readme_and_the_example_manifest_passes_coord_check(
     assert!(out.starts_with("agent.toml.example: ok"), "{out}");
     assert!(err.trim().is_empty(), "no warnings for the example: {err}");
 }
+
+#[test]
+fn coord_hook_with_a_misspelt_name_says_which_was_meant() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        format!("{ETCD}\n[[hook]]\nname = \"reload-nginx\"\nexec = [\"true\"]\n"),
+    )
+    .expect("manifest");
+    let (status, _, err) = coord(
+        &[
+            "hook",
+            "reload-ngnix",
+            "--event",
+            "-",
+            "--manifest",
+            "agent.toml",
+        ],
+        Some(dir.path()),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no hook `reload-ngnix` in `agent.toml`; did you mean `reload-nginx`?"),
+        "{err}"
+    );
+}

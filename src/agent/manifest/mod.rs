@@ -32,7 +32,7 @@ pub use hook::{HookAction, HookSpec, WasmSpec};
 pub use host::{HostReport, Problem, Step};
 pub use instance_id::InstanceIdSpec;
 use reader::TableReader;
-pub(crate) use reader::suggest;
+pub use reader::suggest;
 pub use service::{CheckKind, CheckSpec, ServiceSpec};
 pub use status::StatusSettings;
 pub use task::{Schedule, TaskSpec};

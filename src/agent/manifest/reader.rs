@@ -206,8 +206,9 @@ fn closest<'k>(unknown: &str, known: &[&'k str]) -> Option<&'k str> {
         .map(|(_, k)| k)
 }
 
-/// ", did you mean `x`?" when a known name is close, else the known names.
-pub(crate) fn suggest(unknown: &str, known: &[&str]) -> String {
+/// "; did you mean `x`?" when a known name is close, else "; expected one
+/// of: …" (nothing when none are known).
+pub fn suggest(unknown: &str, known: &[&str]) -> String {
     match closest(unknown, known) {
         Some(k) => format!("; did you mean `{k}`?"),
         None if known.is_empty() => String::new(),
