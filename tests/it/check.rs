@@ -276,6 +276,10 @@ wasm = "junk.wasm"
 [[hook]]
 name = "two"
 wasm = "absent.wasm"
+
+[[hook]]
+name = "three"
+exec = ["/nonexistent/bin/reload", "now"]
 "#
     .to_owned()
 }
@@ -296,6 +300,7 @@ fn check_reports_every_run_time_failure_each_located_and_exits_64() {
         "agent.toml:37:8: error: [[instance_id]] `worker`: the directory not-a-dir/run (of `file`) cannot be created, since not-a-dir is not a directory",
         "agent.toml:41:8: error: hook `one` could not be loaded from `junk.wasm`: not a WebAssembly file",
         "agent.toml:45:8: error: hook `two` could not be loaded from `absent.wasm`",
+        "agent.toml:49:8: error: [[hook]] `three`: /nonexistent/bin/reload does not exist; every run would fail",
         "syntax.j2:4:11: error: syntax error: unexpected `%`, expected end of block (the template of [[file]] `b.conf`)",
         "typo.j2:3:11: error: unknown function or variable `key_ro`; did you mean `key_or`? (the template of [[file]] `c.conf`)",
     ];
@@ -307,7 +312,7 @@ fn check_reports_every_run_time_failure_each_located_and_exits_64() {
     }
     assert_eq!(lines.len(), expected.len(), "{err}");
     assert!(
-        err.contains("error: 10 problems would fail at run time on this host"),
+        err.contains("error: 11 problems would fail at run time on this host"),
         "{err}"
     );
     assert!(
@@ -326,15 +331,19 @@ fn check_reports_every_run_time_failure_each_located_and_exits_64() {
 }
 
 #[test]
-fn an_id_file_directory_that_can_still_be_created_is_a_warning_not_an_error() {
+fn what_the_agent_copes_with_is_a_warning_not_an_error() {
     let dir = tempfile::tempdir().expect("tmp");
     let text = format!(
-        "[agent]\nstate_dir = \"state\"\n{ETCD}\n[[instance_id]]\npool = \"worker\"\nsize = 4\nfile = \"later/worker-id\"\n\n[[file]]\npath = \"made/by/coord.conf\"\nsource = \"x\"\ncreate_dirs = true\n"
+        "[agent]\nstate_dir = \"state\"\n{ETCD}\n[[instance_id]]\npool = \"worker\"\nsize = 4\nfile = \"later/worker-id\"\n\n[[file]]\npath = \"made/by/coord.conf\"\nsource = \"x\"\ncreate_dirs = true\n\n[[hook]]\nname = \"h\"\nexec = [\"no-such-program-for-coord\"]\n"
     );
     let (code, out, err) = check_in(dir.path(), &text);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
         err.contains("agent.toml:9:8: warning: [[instance_id]] `worker`: the directory later (of `file`) does not exist; the agent retries"),
+        "{err}"
+    );
+    assert!(
+        err.contains("agent.toml:18:8: warning: [[hook]] `h`: `no-such-program-for-coord` is not found on this PATH; it must be on the agent's"),
         "{err}"
     );
     assert!(!err.contains("error"), "{err}");

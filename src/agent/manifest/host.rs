@@ -158,7 +158,72 @@ impl Manifest {
                 ));
             }
         }
+        self.check_programs(&mut report, &text);
         report
+    }
+
+    /// Every program the manifest runs (hooks, tasks, exec checks, files'
+    /// `check`): one named by an absolute path must be there and
+    /// executable (an error); one found through `PATH` is only warned
+    /// about when this `PATH` lacks it, since the agent's may differ.
+    /// Relative paths are left alone: they resolve against the agent's
+    /// working directory, which is not this one.
+    fn check_programs(&self, report: &mut HostReport, text: &str) {
+        use super::{CheckKind, CheckSpec, HookAction};
+        let mut programs: Vec<(String, Vec<Step<'static>>, &str)> = Vec::new();
+        for (i, h) in self.hooks.iter().enumerate() {
+            if let HookAction::Exec { argv } = &h.action {
+                let at = vec![Step::Key("hook"), Step::Item(i), Step::Key("exec")];
+                programs.push((format!("[[hook]] `{}`", h.name), at, &argv[0]));
+            }
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            let at = vec![Step::Key("task"), Step::Item(i), Step::Key("run")];
+            programs.push((format!("[[task]] `{}`", t.name), at, &t.run[0]));
+        }
+        for (i, svc) in self.services.iter().enumerate() {
+            if let Some(CheckSpec {
+                kind: CheckKind::Exec(argv),
+                ..
+            }) = &svc.check
+            {
+                let at = vec![
+                    Step::Key("service"),
+                    Step::Item(i),
+                    Step::Key("check"),
+                    Step::Key("exec"),
+                ];
+                programs.push((
+                    format!("[[service]] `{}/{}`", svc.name, svc.id),
+                    at,
+                    &argv[0],
+                ));
+            }
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            if let Some(argv) = &f.check {
+                let at = vec![Step::Key("file"), Step::Item(i), Step::Key("check")];
+                programs.push((format!("[[file]] `{}`", f.path.display()), at, &argv[0]));
+            }
+        }
+        for (what, steps, program) in programs {
+            let problem = |message| Problem {
+                file: self.path.clone(),
+                location: locate(text, &steps),
+                message,
+            };
+            if program.starts_with('/') {
+                if let Some(why) = not_executable(Path::new(program)) {
+                    report.errors.push(problem(format!(
+                        "{what}: {program} {why}; every run would fail"
+                    )));
+                }
+            } else if !program.contains('/') && !on_path(program) {
+                report.warnings.push(problem(format!(
+                    "{what}: `{program}` is not found on this PATH; it must be on the agent's"
+                )));
+            }
+        }
     }
 
     /// Where the value at `steps` is written in the manifest file (read
@@ -242,4 +307,23 @@ fn not_a_directory(dir: &Path) -> Option<String> {
             existing.display()
         )),
     }
+}
+
+/// Why `program` cannot be run, if it cannot.
+fn not_executable(program: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(program) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("does not exist".to_owned()),
+        Err(e) => Some(format!("cannot be read ({e})")),
+        Ok(m) if m.is_dir() => Some("is a directory".to_owned()),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => Some("is not executable".to_owned()),
+        Ok(_) => None,
+    }
+}
+
+/// Whether `name` is an executable file in a directory of `PATH`.
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| not_executable(&dir.join(name)).is_none())
+    })
 }
