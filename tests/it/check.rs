@@ -118,7 +118,7 @@ on_change = [\"notify\", \"notfy\"]
 }
 
 #[test]
-fn cron_mistakes_name_the_field_and_its_range_and_six_fields_are_refused_with_the_dialect() {
+fn cron_mistakes_name_the_field_and_its_range_and_the_dialect_is_said() {
     let task = |schedule: &str| {
         format!("{ETCD}\n[[task]]\nname = \"t\"\nrun = [\"true\"]\nschedule = \"{schedule}\"\n")
     };
@@ -137,13 +137,14 @@ fn cron_mistakes_name_the_field_and_its_range_and_six_fields_are_refused_with_th
         ),
         ("*/0 * * * *", &["minute field", "step /0"]),
         ("0 0 * FOO *", &["month field", "`FOO`", "JAN"]),
+        ("61 0 3 * * *", &["second field", "61 is out of range 0–59"]),
+        ("0 61 3 * * *", &["minute field", "61 is out of range 0–59"]),
         (
-            "0 0 3 * * *",
+            "0 0 3 * * * 2027",
             &[
-                "5 fields: minute hour day-of-month month day-of-week, in UTC",
-                "6 fields",
-                "seconds",
-                "every 30s",
+                "5 fields: minute hour day-of-month month day-of-week, in UTC (or 6, with seconds first)",
+                "this one has 7",
+                "no year",
             ],
         ),
         ("0 3 * *", &["5 fields", "this has 4 fields"]),
@@ -193,6 +194,11 @@ run = [\"true\"]
 schedule = \"every 1h\"
 
 [[task]]
+name = \"seconds\"
+run = [\"true\"]
+schedule = \"15 30 3 * * *\"
+
+[[task]]
 name = \"setup\"
 run = [\"true\"]
 schedule = \"once\"
@@ -209,6 +215,12 @@ schedule = \"once\"
     let nightly = line("nightly");
     assert!(nightly.contains("(cron 30 3 * * *, next run "), "{nightly}");
     assert!(nightly.contains("T03:30:00Z)"), "{nightly}");
+    let seconds = line("seconds");
+    assert!(
+        seconds.contains("(cron 15 30 3 * * *, seconds first, next run "),
+        "{seconds}"
+    );
+    assert!(seconds.contains("T03:30:15Z)"), "{seconds}");
     let hourly = line("hourly");
     assert!(hourly.contains("(every 1h, next run "), "{hourly}");
     assert!(hourly.contains(":00:00Z)"), "{hourly}");

@@ -806,6 +806,9 @@ impl fmt::Display for Summary<'_> {
             let when = match &t.schedule {
                 Schedule::Once => "once".to_owned(),
                 Schedule::Every(d) => format!("every {}", humantime::format_duration(*d)),
+                Schedule::Cron(c) if task::cron_has_seconds(c) => {
+                    format!("cron {c}, seconds first")
+                }
                 Schedule::Cron(c) => format!("cron {c}"),
                 Schedule::Leader => "leader".to_owned(),
             };

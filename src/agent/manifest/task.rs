@@ -72,8 +72,9 @@ impl Schedule {
     }
 }
 
-/// The cron dialect coord reads: five fields, in UTC.
-pub const CRON_DIALECT: &str = "5 fields: minute hour day-of-month month day-of-week, in UTC";
+/// The cron dialect coord reads, as messages name it.
+pub const CRON_DIALECT: &str = "5 fields: minute hour day-of-month month day-of-week, in UTC \
+     (or 6, with seconds first)";
 
 /// A cron field: its name, its bounds, and the names it also takes.
 struct CronField {
@@ -81,6 +82,13 @@ struct CronField {
     range: RangeInclusive<u32>,
     names: &'static [&'static str],
 }
+
+/// The leading field of a six-field expression.
+const SECONDS: CronField = CronField {
+    name: "second",
+    range: 0..=59,
+    names: &[],
+};
 
 const CRON_FIELDS: [CronField; 5] = [
     CronField {
@@ -113,21 +121,27 @@ const CRON_FIELDS: [CronField; 5] = [
 ];
 
 /// Why `expr` is not a cron expression coord runs, naming the field.
-/// *Why five fields only:* that is crontab's dialect, which is what people
-/// write; a sixth field is seconds first to some tools (Quartz, croner)
-/// and a year last to others, so rather than guess, coord refuses it and
-/// says what to write. croner has the last word on what is left (`L`,
-/// `W`, `#`, `@daily`), after the field-by-field check has named any
-/// number out of range — croner would only say "Number out of bounds".
+/// crontab's five fields, or six with seconds first (croner's reading,
+/// and Quartz's; a task every few seconds needs it). *Why seconds-first
+/// rather than refusing six fields:* a refusal would take sub-minute cron
+/// schedules away from whoever uses them, while what made the reading a
+/// surprise was that nothing showed it — now the README states it and
+/// `coord check` prints "seconds first" and the next run beside the
+/// expression. Seven fields (a year, to some tools) are refused. croner
+/// has the last word on what is left (`L`, `W`, `#`, `@daily`), after the
+/// field-by-field check has named any number out of range — croner would
+/// only say "Number out of bounds".
 pub fn cron_problem(expr: &str) -> Option<String> {
     let fields: Vec<&str> = expr.split_whitespace().collect();
     if !expr.starts_with('@') {
-        match fields.len() {
-            5 => {}
-            6 | 7 => {
+        let named: Vec<&CronField> = match fields.len() {
+            5 => CRON_FIELDS.iter().collect(),
+            6 => std::iter::once(&SECONDS)
+                .chain(CRON_FIELDS.iter())
+                .collect(),
+            7 => {
                 return Some(format!(
-                    "a cron expression has {CRON_DIALECT}; this one has {} fields, and coord does not read seconds or years: for a schedule finer than a minute write \"every 30s\"",
-                    fields.len()
+                    "a cron expression has {CRON_DIALECT}; this one has 7, and coord reads no year field"
                 ));
             }
             n => {
@@ -136,8 +150,8 @@ pub fn cron_problem(expr: &str) -> Option<String> {
                     if n == 1 { "" } else { "s" }
                 ));
             }
-        }
-        for (text, field) in fields.iter().zip(CRON_FIELDS.iter()) {
+        };
+        for (text, field) in fields.iter().zip(named) {
             if let Some(why) = cron_field_problem(text, field) {
                 return Some(format!("{} field: {why}", field.name));
             }
@@ -146,6 +160,11 @@ pub fn cron_problem(expr: &str) -> Option<String> {
     croner::Cron::from_str(expr)
         .err()
         .map(|e| format!("not a cron expression of {CRON_DIALECT} ({e})"))
+}
+
+/// Whether a cron expression has a seconds field.
+pub fn cron_has_seconds(expr: &str) -> bool {
+    !expr.starts_with('@') && expr.split_whitespace().count() == 6
 }
 
 fn cron_field_problem(text: &str, field: &CronField) -> Option<String> {
