@@ -199,7 +199,7 @@ fn hook_runs_one_hook_by_hand_and_reports_a_veto() {
     let (status, _, err) = coord(&["hook", "nope", "--event", v, "--manifest", m], None);
     assert!(!status.success());
     assert!(
-        err.contains("no hook `nope`") && err.contains("note, deny"),
+        err.contains("no hook `nope`") && err.contains("did you mean `note`?"),
         "{err}"
     );
 }
