@@ -13,7 +13,9 @@ use super::dns::{DnsError, DnsServer, RegistryView};
 use super::files::FilesController;
 use super::hooks::{AmbientEnv, CacheKeys, HookError, HookRunner, KeyReader};
 use super::instance_ids::InstanceIdsController;
-use super::manifest::{FileSpec, InstanceIdSpec, Manifest, PasswordError, ServiceSpec, TaskSpec};
+use super::manifest::{
+    FileSpec, InstanceIdSpec, Manifest, PasswordError, Runner, ServiceSpec, TaskSpec,
+};
 use super::presence::{Desired, PresenceController};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
@@ -269,7 +271,8 @@ async fn hook_runner(
     let ambient = ambient.clone();
     let status = status.clone();
     let built = tokio::task::spawn_blocking(move || {
-        HookRunner::for_manifest(&m, keys).map(|r| r.with_ambient(ambient).with_status(status))
+        HookRunner::for_manifest(&m, keys, Runner::Agent)
+            .map(|r| r.with_ambient(ambient).with_status(status))
     })
     .await
     .unwrap_or_else(|e| {

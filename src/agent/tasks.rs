@@ -13,9 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -149,15 +148,17 @@ impl TasksController {
                     0
                 }
                 Schedule::Leader => 0,
-                Schedule::Every(every) => {
-                    let (slot, at) = next_slot(*every, self.clock.now());
+                Schedule::Every(_) => {
+                    let Some((slot, at)) = spec.schedule.next_round(self.clock.now()) else {
+                        return;
+                    };
                     if self.clock.sleep_until(at, &stop).await {
                         return;
                     }
                     slot
                 }
                 Schedule::Cron(expr) => {
-                    let Some((slot, at)) = next_cron(expr, self.clock.now()) else {
+                    let Some((slot, at)) = spec.schedule.next_round(self.clock.now()) else {
                         warn!(task = %spec.name, cron = %expr, "No next time for this cron expression; the task stops.");
                         return;
                     };
@@ -535,23 +536,4 @@ fn ttl_of(session: &watch::Receiver<SessionState>, lease: LeaseId) -> Duration {
             .max(Duration::from_secs(2)),
         _ => Duration::from_secs(2),
     }
-}
-
-/// The next slot of an interval, aligned to the Unix epoch so that every
-/// agent agrees on it: (slot number, when it starts).
-fn next_slot(every: Duration, now: SystemTime) -> (i64, SystemTime) {
-    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let every_ms = every.as_millis().max(1);
-    let slot = now.as_millis() / every_ms + 1;
-    let at = Duration::from_millis((slot * every_ms) as u64);
-    (slot as i64, UNIX_EPOCH + at)
-}
-
-/// The next time of a cron expression after `now`: (its Unix second, that
-/// time).
-fn next_cron(expr: &str, now: SystemTime) -> Option<(i64, SystemTime)> {
-    let cron = croner::Cron::from_str(expr).ok()?;
-    let now = chrono::DateTime::<chrono::Utc>::from(now);
-    let next = cron.find_next_occurrence(&now, false).ok()?;
-    Some((next.timestamp(), SystemTime::from(next)))
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use coord::agent::hooks::{Envelope, HookRunner, KeyReader, Outcome, SCHEMA_VERSION};
-use coord::agent::manifest::{HookAction, Manifest};
+use coord::agent::manifest::{HookAction, Manifest, Runner, suggest};
 use coord::etcd::Client;
 
 #[derive(Debug, Args)]
@@ -34,15 +34,18 @@ pub async fn hook(args: HookArgs) -> anyhow::Result<ExitCode> {
     let manifest = Manifest::load(&args.manifest)?;
     if manifest.hook(&args.name).is_none() {
         let known: Vec<&str> = manifest.hooks.iter().map(|h| h.name.as_str()).collect();
+        if known.is_empty() {
+            bail!(
+                "no hook `{}` in `{}`: it defines no [[hook]]",
+                args.name,
+                args.manifest.display()
+            );
+        }
         bail!(
-            "no hook `{}` in `{}` (hooks there: {})",
+            "no hook `{}` in `{}`{}",
             args.name,
             args.manifest.display(),
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
+            suggest(&args.name, &known)
         );
     }
     let text = if args.event == "-" {
@@ -59,8 +62,10 @@ pub async fn hook(args: HookArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("invalid event in `{}`", args.event))?;
     let keys = fetch_keys(&manifest).await;
     let m = manifest.clone();
-    let runner =
-        tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, Arc::new(keys))).await??;
+    let runner = tokio::task::spawn_blocking(move || {
+        HookRunner::for_manifest(&m, Arc::new(keys), Runner::OneShot)
+    })
+    .await??;
     eprintln!(
         "coord hook: running `{}` on {}",
         args.name,

@@ -150,7 +150,7 @@ enum Command {
     Render(render::RenderArgs),
     /// List services and their instances; report TTL checks.
     Services(Box<services::ServicesArgs>),
-    /// Put an agent or one of its services in maintenance (withdrawn from discovery), or take it out.
+    /// Put a service instance (or every service of an agent) in maintenance: withdrawn from discovery; or take it out.
     Maint(maint::MaintArgs),
     /// List a pool's instance ids, or run a command with one claimed.
     Ids(Box<ids::IdsArgs>),

@@ -7,7 +7,7 @@ use clap::Args;
 
 use coord::agent::files::{Renderer, WriteOutcome, write};
 use coord::agent::hooks::HookRunner;
-use coord::agent::manifest::Manifest;
+use coord::agent::manifest::{Manifest, Runner};
 use coord::etcd::{Client, ReadSet};
 
 #[derive(Debug, Args)]
@@ -52,7 +52,9 @@ pub async fn render(args: RenderArgs) -> anyhow::Result<ExitCode> {
     })?;
     let m = manifest.clone();
     let keys = Arc::new(snapshot.clone());
-    let hooks = tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, keys)).await??;
+    let hooks =
+        tokio::task::spawn_blocking(move || HookRunner::for_manifest(&m, keys, Runner::OneShot))
+            .await??;
     let mut renderer = Renderer::new(&manifest.agent.namespace).with_agent(&manifest.agent.name);
     let mut failed = 0;
     for spec in &manifest.files {

@@ -199,7 +199,7 @@ fn hook_runs_one_hook_by_hand_and_reports_a_veto() {
     let (status, _, err) = coord(&["hook", "nope", "--event", v, "--manifest", m], None);
     assert!(!status.success());
     assert!(
-        err.contains("no hook `nope`") && err.contains("note, deny"),
+        err.contains("no hook `nope`") && err.contains("did you mean `note`?"),
         "{err}"
     );
 }
@@ -327,7 +327,7 @@ fn check_loads_wasm_plugins_and_locates_one_that_is_not_a_component() {
     let m = manifest.to_str().expect("utf-8");
     let (status, _, err) = coord(&["check", m], None);
     assert_eq!(status.code(), Some(64), "{err}");
-    assert!(err.contains("agent.toml:6:1: error: hook `audit`"), "{err}");
+    assert!(err.contains("agent.toml:8:8: error: hook `audit`"), "{err}");
     std::fs::write(&manifest, text(&plugins.log_events)).expect("manifest");
     let (status, out, err) = coord(&["check", m], None);
     assert!(status.success(), "{err}");

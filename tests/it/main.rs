@@ -8,6 +8,7 @@ mod support;
 
 mod architecture;
 mod cache;
+mod check;
 mod cli;
 mod config;
 mod coordinator;

@@ -494,3 +494,70 @@ async fn a_huge_ttl_note_is_cut_short_and_other_services_keep_registering() {
     }
     listed(&client, LISTED, true).await;
 }
+
+/// `coord maint` names a target as `coord services pass` and `coord
+/// status` do — `service/instance`, or an instance id — and a whole agent
+/// with `--agent`; the old `agent/service` still works, with a note.
+#[tokio::test]
+async fn maint_takes_service_slash_instance_like_services_pass_and_the_old_spelling_with_a_note() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let _agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\n",
+    ));
+    listed(&client, LISTED, true).await;
+    let ep = etcd.endpoint();
+    let maint = |args: &[&str]| {
+        let mut all = vec!["maint"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--endpoints", &ep]);
+        coord(&all, None)
+    };
+
+    let (status, out, err) = maint(&["on", "api/web-01-api", "--reason", "deploy"]);
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        "api/web-01-api (service api on agent web-01): maintenance on"
+    );
+    assert!(!err.contains("note"), "{err}");
+    listed(&client, LISTED, false).await;
+    let (status, out, err) = maint(&["off", "web-01-api"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("maintenance off"), "{out}");
+    listed(&client, LISTED, true).await;
+
+    let (status, out, err) = maint(&["on", "web-01/api"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        err.contains(
+            "note: `web-01/api` read as agent/service (the old spelling); write it as `api/web-01-api`"
+        ),
+        "{err}"
+    );
+    listed(&client, LISTED, false).await;
+    maint(&["off", "api/web-01-api"]);
+    listed(&client, LISTED, true).await;
+
+    let (status, out, err) = maint(&["on", "--agent", "web-01"]);
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(out.trim(), "agent web-01: maintenance on");
+    listed(&client, LISTED, false).await;
+    let (_, _, err) = maint(&["off", "web-01"]);
+    assert!(
+        err.contains(
+            "note: `web-01` read as an agent (the old spelling); write it as `--agent web-01`"
+        ),
+        "{err}"
+    );
+    listed(&client, LISTED, true).await;
+
+    let (status, out, err) = maint(&["on", "nope/none"]);
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("no instance `nope/none` is registered"),
+        "{err}"
+    );
+}

@@ -8,5 +8,5 @@ mod write;
 
 pub use controller::{FileStats, FilesController};
 pub use functions::RenderData;
-pub use render::{Deps, Render, RenderError, Renderer};
+pub use render::{Deps, Render, RenderError, Renderer, TemplateProblem};
 pub use write::{WriteError, WriteOutcome, hash, write};

@@ -360,6 +360,83 @@ impl Renderer {
     }
 }
 
+/// A mistake in a template found without rendering it: 1-based line and
+/// column in the template's text, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateProblem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl Renderer {
+    /// What would fail in `text` whatever etcd holds: a syntax error, or a
+    /// name that is neither one of coord's functions nor set in the
+    /// template (`key_ro(…)`), with a "did you mean". For `coord check`.
+    /// (A name used only behind `is defined` is reported too: templates
+    /// render with strict undefined, where that is rare.)
+    pub fn check_template(&self, text: &str) -> Vec<TemplateProblem> {
+        let template = match self.env.template_from_str(text) {
+            Ok(t) => t,
+            Err(e) => {
+                let (line, column) = match e.range() {
+                    Some(r) => line_column(text, r.start),
+                    None => (e.line().unwrap_or(1), 1),
+                };
+                let message = match e.detail() {
+                    Some(detail) => format!("{}: {detail}", e.kind()),
+                    None => e.kind().to_string(),
+                };
+                return vec![TemplateProblem {
+                    line,
+                    column,
+                    message,
+                }];
+            }
+        };
+        let globals: Vec<&str> = self.env.globals().map(|(name, _)| name).collect();
+        let mut unknown: Vec<String> = template
+            .undeclared_variables(false)
+            .into_iter()
+            .filter(|name| name != "__coord_data" && !globals.contains(&name.as_str()))
+            .collect();
+        unknown.sort();
+        unknown
+            .into_iter()
+            .map(|name| {
+                let (line, column) =
+                    first_use(text, &name).map_or((1, 1), |at| line_column(text, at));
+                TemplateProblem {
+                    line,
+                    column,
+                    message: format!(
+                        "unknown function or variable `{name}`{}",
+                        crate::agent::manifest::suggest(&name, functions::FUNCTIONS)
+                    ),
+                }
+            })
+            .collect()
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
+/// Where `name` is first written as a whole identifier.
+fn first_use(text: &str, name: &str) -> Option<usize> {
+    let ident = |c: char| c.is_alphanumeric() || c == '_';
+    text.match_indices(name).map(|(at, _)| at).find(|&at| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + name.len()..].chars().next();
+        !before.is_some_and(ident) && !after.is_some_and(ident)
+    })
+}
+
 fn template_error(file: &Path, e: &minijinja::Error) -> RenderError {
     let mut message = e.to_string();
     if e.kind() == ErrorKind::UnknownFunction

@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use super::exec::ExecHook;
 use super::{Envelope, Event, HookError, KeyReader, Outcome, WasmHost, WasmPlugin};
-use crate::agent::manifest::{HookAction, HookSpec, Manifest};
+use crate::agent::manifest::{HookAction, HookSpec, Manifest, Runner};
 use crate::agent::status::Status;
 use crate::agent::status::report::HookResult;
 use crate::etcd::Backoff;
@@ -175,36 +175,66 @@ impl HookRunner {
         })
     }
 
-    /// Prepares the hooks of `manifest`: WASM components are compiled with
-    /// their compilation cache in `<state_dir>/wasm-cache` (without a cache
-    /// if that cannot be created), reading keys through `keys`. Blocks while
-    /// compiling.
+    /// Prepares the hooks of `manifest` for `who`: WASM components are
+    /// compiled with their compilation cache where
+    /// [`AgentSettings::wasm_cache_dir`](crate::agent::manifest::AgentSettings::wasm_cache_dir)
+    /// says (without a cache if that cannot be created), reading keys
+    /// through `keys`. Blocks while compiling; the first hook that fails
+    /// is the error.
     pub fn for_manifest(
         manifest: &Manifest,
         keys: Arc<dyn KeyReader>,
+        who: Runner,
     ) -> Result<HookRunner, HookError> {
-        let wasm = manifest
+        let plugins = Self::plugins_for(manifest, keys, who)?;
+        Self::with_plugins(&manifest.agent.name, &manifest.hooks, plugins.as_ref())
+    }
+
+    /// Loads every WASM hook of `manifest` as [`for_manifest`](Self::for_manifest)
+    /// would and returns every one that fails, not only the first: what
+    /// `coord check` reports.
+    pub fn plugin_problems(manifest: &Manifest, who: Runner) -> Vec<HookError> {
+        let keys: Arc<dyn KeyReader> = Arc::new(crate::etcd::CacheSnapshot::default());
+        let plugins = match Self::plugins_for(manifest, keys, who) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Vec::new(),
+            Err(e) => return vec![e],
+        };
+        manifest
             .hooks
             .iter()
-            .find(|h| matches!(h.action, HookAction::Wasm(_)));
-        let plugins = match wasm {
-            None => None,
-            Some(first) => {
-                let dir = manifest.agent.state_dir.join("wasm-cache");
-                let host = WasmHost::new(Some(&dir))
-                    .or_else(|e| {
-                        warn!(dir = %dir.display(), error = %e, "No compilation cache for WASM hooks; compiling at every start.");
-                        WasmHost::new(None)
-                    })
-                    .map_err(|e| HookError::Load {
-                        hook: first.name.clone(),
-                        path: dir.display().to_string(),
-                        message: e.to_string(),
-                    })?;
-                Some(Plugins { host, keys })
-            }
+            .filter(|h| matches!(h.action, HookAction::Wasm(_)))
+            .filter_map(|spec| plugins.host.load(spec, plugins.keys.clone()).err())
+            .collect()
+    }
+
+    fn plugins_for(
+        manifest: &Manifest,
+        keys: Arc<dyn KeyReader>,
+        who: Runner,
+    ) -> Result<Option<Plugins>, HookError> {
+        let Some(first) = manifest
+            .hooks
+            .iter()
+            .find(|h| matches!(h.action, HookAction::Wasm(_)))
+        else {
+            return Ok(None);
         };
-        Self::with_plugins(&manifest.agent.name, &manifest.hooks, plugins.as_ref())
+        let dir = manifest.agent.wasm_cache_dir(who);
+        let host = match dir.as_deref().map(|d| (d, WasmHost::new(Some(d)))) {
+            Some((_, Ok(host))) => Ok(host),
+            Some((d, Err(e))) => {
+                warn!(dir = %d.display(), error = %e, "No compilation cache for WASM hooks; compiling at every start.");
+                WasmHost::new(None)
+            }
+            None => WasmHost::new(None),
+        }
+        .map_err(|e| HookError::Load {
+            hook: first.name.clone(),
+            path: first_path(first),
+            message: e.to_string(),
+        })?;
+        Ok(Some(Plugins { host, keys }))
     }
 
     /// Gives every shell hook `ambient` on top of its event.
@@ -420,5 +450,13 @@ impl HookRunner {
 impl Drop for HookRunner {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// The component file of a WASM hook, for errors.
+fn first_path(spec: &HookSpec) -> String {
+    match &spec.action {
+        HookAction::Wasm(w) => w.path.display().to_string(),
+        HookAction::Exec { argv } => argv.join(" "),
     }
 }

@@ -124,7 +124,7 @@ impl<'s> Diagnostics<'s> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-fn position(source: &str, offset: usize) -> (usize, usize) {
+pub(super) fn position(source: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(source.len());
     let before = source.get(..offset).unwrap_or(source);
     let line = before.matches('\n').count() + 1;

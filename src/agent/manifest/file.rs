@@ -121,7 +121,7 @@ pub(super) fn file(
     d: &mut Diagnostics<'_>,
     mut t: TableReader<'_, '_>,
     base: &Path,
-    hooks: &[String],
+    hooks: &HookNames,
 ) -> Option<FileSpec> {
     let before = d.len();
     let path = t.required::<PathBuf>(d, "path", "say where the file is written");
@@ -296,25 +296,58 @@ pub const DEFAULT_DEBOUNCE_MAX: Duration = Duration::from_secs(2);
 /// `debounce.min` and `debounce.max`.
 pub const DEBOUNCE_RANGE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3600);
 
+/// The names the manifest's `[[hook]]`s were given, valid or not.
+#[derive(Debug, Default)]
+pub(super) struct HookNames {
+    names: Vec<String>,
+    /// Whether every `[[hook]]` has a name that could be read: when one has
+    /// none, a reference to an unknown name may well be to that one, and
+    /// is not judged (the hook's own error is what to fix).
+    complete: bool,
+    /// Whether any `[[hook]]` was seen.
+    seen: bool,
+}
+
+impl HookNames {
+    /// Records one `[[hook]]`'s name as written (`None`: unreadable).
+    pub(super) fn declare(&mut self, name: Option<String>) {
+        if !self.seen {
+            self.seen = true;
+            self.complete = true;
+        }
+        match name {
+            Some(n) => self.names.push(n),
+            None => self.complete = false,
+        }
+    }
+
+    fn judge(&self, name: &str, key: &str) -> Option<String> {
+        if self.names.iter().any(|n| n == name) || (self.seen && !self.complete) {
+            return None;
+        }
+        let known: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        Some(if known.is_empty() {
+            format!("unknown hook `{name}` in `{key}`: no [[hook]] is defined")
+        } else {
+            format!(
+                "unknown hook `{name}` in `{key}`{}",
+                super::suggest(name, &known)
+            )
+        })
+    }
+}
+
 /// A list of hook names, each of which must be a `[[hook]]`.
 pub(super) fn hook_refs(
     d: &mut Diagnostics<'_>,
     t: &mut TableReader<'_, '_>,
     key: &'static str,
-    hooks: &[String],
+    hooks: &HookNames,
 ) -> Vec<String> {
     let names = t.optional::<Vec<String>>(d, key).unwrap_or_default();
     for name in &names {
-        if !hooks.contains(name) {
-            let known = if hooks.is_empty() {
-                "none are defined".to_owned()
-            } else {
-                format!("defined: {}", hooks.join(", "))
-            };
-            d.error(
-                t.span_of(key),
-                format!("unknown hook `{name}` in `{key}` ({known})"),
-            );
+        if let Some(message) = hooks.judge(name, key) {
+            d.error(t.span_of(key), message);
         }
     }
     names

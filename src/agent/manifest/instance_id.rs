@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::Location;
 use super::diagnostics::Diagnostics;
-use super::file::hook_refs;
+use super::file::{HookNames, hook_refs};
 use super::reader::{TableReader, check_range};
 
 /// A pool's `size`: ids are `0..size`.
@@ -29,7 +29,7 @@ pub(super) fn instance_id(
     d: &mut Diagnostics<'_>,
     mut t: TableReader<'_, '_>,
     base: &Path,
-    hooks: &[String],
+    hooks: &HookNames,
 ) -> Option<InstanceIdSpec> {
     let before = d.len();
     let pool = t.required::<String>(d, "pool", "name the pool, e.g. pool = \"worker\"");

@@ -26,11 +26,13 @@ use toml::de::{DeTable, DeValue};
 use diagnostics::Diagnostics;
 pub use diagnostics::{Diagnostic, ManifestError};
 pub use dns::DnsSettings;
+use file::HookNames;
 pub use file::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
 pub use hook::{HookAction, HookSpec, WasmSpec};
+pub use host::{HostReport, Problem, Step};
 pub use instance_id::InstanceIdSpec;
 use reader::TableReader;
-pub(crate) use reader::suggest;
+pub use reader::suggest;
 pub use service::{CheckKind, CheckSpec, ServiceSpec};
 pub use status::StatusSettings;
 pub use task::{Schedule, TaskSpec};
@@ -77,7 +79,7 @@ pub struct Manifest {
 }
 
 /// A place in the manifest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Location {
     pub line: usize,
     pub column: usize,
@@ -101,6 +103,8 @@ pub struct AgentSettings {
     /// Where the agent keeps what must survive a restart (compiled plugins,
     /// the last instance ids).
     pub state_dir: PathBuf,
+    /// Whether the manifest names `state_dir` (else it is the default).
+    pub state_dir_given: bool,
     /// The address other hosts reach this one at, published in the
     /// presence record (`<agent>.agent.<domain>` answers it). `None`: the
     /// local address of the route to the first etcd endpoint.
@@ -213,8 +217,8 @@ impl Manifest {
                 None
             }
         };
-        let hooks = hooks(&mut d, root, base);
-        let files = files(&mut d, root, base, &hooks);
+        let (hooks, hook_names) = hooks(&mut d, root, base);
+        let files = files(&mut d, root, base, &hook_names);
         if let Some(a) = &agent
             && !valid_agent_name(&a.name)
         {
@@ -229,9 +233,9 @@ impl Manifest {
             );
         }
         let agent_name = agent.as_ref().map_or_else(default_name, |a| a.name.clone());
-        let services = services(&mut d, root, &agent_name, &hooks);
-        let tasks = tasks(&mut d, root, &hooks);
-        let instance_ids = instance_ids(&mut d, root, base, &hooks);
+        let services = services(&mut d, root, &agent_name, &hook_names);
+        let tasks = tasks(&mut d, root, &hook_names);
+        let instance_ids = instance_ids(&mut d, root, base, &hook_names);
         let status = section(&mut d, root, "status").and_then(|t| status::status(&mut d, t));
         let dns = section(&mut d, root, "dns").and_then(|t| dns::dns(&mut d, t));
         match (agent, etcd) {
@@ -275,9 +279,56 @@ impl AgentSettings {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             ttl: DEFAULT_TTL,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            state_dir_given: false,
             address: None,
         }
     }
+
+    /// Where `who` keeps compiled WASM plugins; `None`: nowhere, compile
+    /// in memory. The agent uses `<state_dir>/wasm-cache`. A one-shot
+    /// command (`coord check`, `coord hook`, `coord render`) uses it when
+    /// the manifest names `state_dir`, or when it is already there and
+    /// this user's (`coord check` as systemd's `ExecReload`, run as the
+    /// agent's user); else the user's cache directory: run by hand from a
+    /// project directory (as root, too), it must not create a system
+    /// directory nobody asked for.
+    pub fn wasm_cache_dir(&self, who: Runner) -> Option<PathBuf> {
+        let agents = self.state_dir.join("wasm-cache");
+        let ours = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::symlink_metadata(&agents)
+                .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw())
+        };
+        match who {
+            Runner::Agent => Some(agents),
+            Runner::OneShot if self.state_dir_given || ours() => Some(agents),
+            Runner::OneShot => user_cache_dir().map(|d| d.join("wasm-cache")),
+        }
+    }
+}
+
+/// Who runs with a manifest: what decides where its caches go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runner {
+    /// `coord run`, `coord dev`: the long-lived agent.
+    Agent,
+    /// A command run by hand that exits when done.
+    OneShot,
+}
+
+/// `$XDG_CACHE_HOME/coord`, else `~/.cache/coord` (the XDG base directory
+/// rules: a relative `XDG_CACHE_HOME` is ignored). *Why not the `dirs`
+/// crate:* coord runs on Linux only, where this is all it would do.
+fn user_cache_dir() -> Option<PathBuf> {
+    let absolute = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    std::env::var_os("XDG_CACHE_HOME")
+        .and_then(absolute)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(absolute)
+                .map(|h| h.join(".cache"))
+        })
+        .map(|d| d.join("coord"))
 }
 
 impl EtcdSettings {
@@ -395,10 +446,16 @@ fn tables<'a, 'i>(
         .collect()
 }
 
-fn hooks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, base: &Path) -> Vec<HookSpec> {
+/// The `[[hook]]`s, and every name a `[[hook]]` was given — valid or not:
+/// a hook whose definition has a mistake is still defined for the
+/// resources that name it, so one mistake is one error, not one more per
+/// reference.
+fn hooks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, base: &Path) -> (Vec<HookSpec>, HookNames) {
     let mut hooks: Vec<HookSpec> = Vec::new();
+    let mut names = HookNames::default();
     for t in tables(d, root, "hook") {
         let span = t.span_of("name");
+        names.declare(t.name_as_written("name"));
         let Some(h) = hook::hook(d, t, base) else {
             continue;
         };
@@ -414,20 +471,19 @@ fn hooks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, base: &Path) -> Vec<HookSp
         }
         hooks.push(h);
     }
-    hooks
+    (hooks, names)
 }
 
 fn files(
     d: &mut Diagnostics<'_>,
     root: &DeTable<'_>,
     base: &Path,
-    hooks: &[HookSpec],
+    names: &HookNames,
 ) -> Vec<FileSpec> {
-    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
     let mut files: Vec<FileSpec> = Vec::new();
     for t in tables(d, root, "file") {
         let span = t.span_of("path");
-        let Some(f) = file::file(d, t, base, &names) else {
+        let Some(f) = file::file(d, t, base, names) else {
             continue;
         };
         if let Some(first) = files.iter().find(|o| o.path == f.path) {
@@ -450,13 +506,12 @@ fn services(
     d: &mut Diagnostics<'_>,
     root: &DeTable<'_>,
     agent: &str,
-    hooks: &[HookSpec],
+    names: &HookNames,
 ) -> Vec<ServiceSpec> {
-    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
     let mut services: Vec<ServiceSpec> = Vec::new();
     for t in tables(d, root, "service") {
         let span = t.span_of("name");
-        let Some(s) = service::service(d, t, agent, &names) else {
+        let Some(s) = service::service(d, t, agent, names) else {
             continue;
         };
         if let Some(first) = services.iter().find(|o| o.name == s.name && o.id == s.id) {
@@ -474,12 +529,11 @@ fn services(
     services
 }
 
-fn tasks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, hooks: &[HookSpec]) -> Vec<TaskSpec> {
-    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
+fn tasks(d: &mut Diagnostics<'_>, root: &DeTable<'_>, names: &HookNames) -> Vec<TaskSpec> {
     let mut tasks: Vec<TaskSpec> = Vec::new();
     for t in tables(d, root, "task") {
         let span = t.span_of("name");
-        let Some(task) = task::task(d, t, &names) else {
+        let Some(task) = task::task(d, t, names) else {
             continue;
         };
         if let Some(first) = tasks.iter().find(|o| o.name == task.name) {
@@ -501,13 +555,12 @@ fn instance_ids(
     d: &mut Diagnostics<'_>,
     root: &DeTable<'_>,
     base: &Path,
-    hooks: &[HookSpec],
+    names: &HookNames,
 ) -> Vec<InstanceIdSpec> {
-    let names: Vec<String> = hooks.iter().map(|h| h.name.clone()).collect();
     let mut out: Vec<InstanceIdSpec> = Vec::new();
     for t in tables(d, root, "instance_id") {
         let span = t.span_of("pool");
-        let Some(spec) = instance_id::instance_id(d, t, base, &names) else {
+        let Some(spec) = instance_id::instance_id(d, t, base, names) else {
             continue;
         };
         if let Some(first) = out.iter().find(|o| o.pool == spec.pool) {
@@ -576,6 +629,7 @@ fn agent_settings(
         name: name.unwrap_or_else(default_name),
         namespace: namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
         ttl: ttl.unwrap_or(DEFAULT_TTL),
+        state_dir_given: state_dir.is_some(),
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| base.join(p)),
         address,
     })
@@ -752,8 +806,19 @@ impl fmt::Display for Summary<'_> {
             let when = match &t.schedule {
                 Schedule::Once => "once".to_owned(),
                 Schedule::Every(d) => format!("every {}", humantime::format_duration(*d)),
+                Schedule::Cron(c) if task::cron_has_seconds(c) => {
+                    format!("cron {c}, seconds first")
+                }
                 Schedule::Cron(c) => format!("cron {c}"),
                 Schedule::Leader => "leader".to_owned(),
+            };
+            // When it would run if the agent started now: a cron expression
+            // that reads differently than meant shows here.
+            let when = match t.schedule.next_round(std::time::SystemTime::now()) {
+                Some((_, at)) => {
+                    format!("{when}, next run {}", humantime::format_rfc3339_seconds(at))
+                }
+                None => when,
             };
             write!(
                 f,

@@ -17,6 +17,10 @@ pub(crate) struct TableReader<'a, 'i> {
     table: &'a DeTable<'i>,
     span: Range<usize>,
     taken: Vec<&'static str>,
+    /// Required fields found missing, with their hints: reported at
+    /// `finish`, where a misspelt key that stands for one is reported
+    /// instead (one typo, one error).
+    missing: Vec<(&'static str, String)>,
 }
 
 impl<'a, 'i> TableReader<'a, 'i> {
@@ -26,6 +30,7 @@ impl<'a, 'i> TableReader<'a, 'i> {
             table,
             span,
             taken: Vec::new(),
+            missing: Vec::new(),
         }
     }
 
@@ -93,7 +98,8 @@ impl<'a, 'i> TableReader<'a, 'i> {
         }
     }
 
-    /// A field that must be present.
+    /// A field that must be present. Its absence is reported by
+    /// [`finish`](Self::finish).
     pub(crate) fn required<T: FromToml>(
         &mut self,
         d: &mut Diagnostics<'_>,
@@ -102,13 +108,31 @@ impl<'a, 'i> TableReader<'a, 'i> {
     ) -> Option<T> {
         if !self.table.contains_key(key) {
             self.taken.push(key);
-            d.error(
-                self.span.clone(),
-                format!("missing `{key}` in {}: {hint}", self.name),
-            );
+            self.missing.push((key, hint.to_owned()));
             return None;
         }
         self.optional(d, key)
+    }
+
+    /// The string value of `key` as written, or of the one unknown key
+    /// that reads as a misspelling of it (`nmae` for `name`), without
+    /// judging it: what a table that failed to parse is still called.
+    pub(crate) fn name_as_written(&self, key: &str) -> Option<String> {
+        let as_str = |v: &Spanned<DeValue<'_>>| match v.get_ref() {
+            DeValue::String(s) => Some(s.to_string()),
+            _ => None,
+        };
+        if let Some(v) = self.table.get(key) {
+            return as_str(v);
+        }
+        let mut close = self
+            .table
+            .iter()
+            .filter(|(k, _)| closest(k.get_ref(), &[key]).is_some());
+        match (close.next(), close.next()) {
+            (Some((_, v)), None) => as_str(v),
+            _ => None,
+        }
     }
 
     /// A sub-table (`[etcd.tls]` or `tls = { … }`).
@@ -131,34 +155,62 @@ impl<'a, 'i> TableReader<'a, 'i> {
         }
     }
 
-    /// Reports every field nobody asked for.
-    pub(crate) fn finish(self, d: &mut Diagnostics<'_>) {
+    /// Reports every field nobody asked for, and every required one
+    /// missing. A misspelt key that stands for a missing required one is
+    /// one mistake, reported once, at the misspelling.
+    pub(crate) fn finish(mut self, d: &mut Diagnostics<'_>) {
         for (key, _) in self.table.iter() {
-            if self.taken.iter().any(|t| *t == key.get_ref().as_ref()) {
+            let key_name = key.get_ref().as_ref();
+            if self.taken.contains(&key_name) {
+                continue;
+            }
+            let meant = closest(key_name, &self.taken);
+            let required = meant.is_some_and(|m| self.missing.iter().any(|(k, _)| *k == m));
+            if let (Some(meant), true) = (meant, required) {
+                self.missing.retain(|(k, _)| *k != meant);
+                d.error(
+                    key.span(),
+                    format!(
+                        "unknown field `{key_name}` in {}; did you mean `{meant}` (which is required)?",
+                        self.name
+                    ),
+                );
                 continue;
             }
             d.error(
                 key.span(),
                 format!(
-                    "unknown field `{}` in {}{}",
-                    key.get_ref(),
+                    "unknown field `{key_name}` in {}{}",
                     self.name,
-                    suggest(key.get_ref(), &self.taken)
+                    suggest(key_name, &self.taken)
                 ),
+            );
+        }
+        for (key, hint) in &self.missing {
+            d.error(
+                self.span.clone(),
+                format!("missing `{key}` in {}: {hint}", self.name),
             );
         }
     }
 }
 
-/// ", did you mean `x`?" when a known name is close, else the known names.
-pub(crate) fn suggest(unknown: &str, known: &[&str]) -> String {
-    let best = known
+/// The known name `unknown` is most likely a misspelling of, if any is
+/// close enough.
+fn closest<'k>(unknown: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
         .iter()
         .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
         .filter(|(distance, k)| *distance <= (k.len() / 3).max(1))
-        .min_by_key(|(distance, _)| *distance);
-    match best {
-        Some((_, k)) => format!("; did you mean `{k}`?"),
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, k)| k)
+}
+
+/// "; did you mean `x`?" when a known name is close, else "; expected one
+/// of: …" (nothing when none are known).
+pub fn suggest(unknown: &str, known: &[&str]) -> String {
+    match closest(unknown, known) {
+        Some(k) => format!("; did you mean `{k}`?"),
         None if known.is_empty() => String::new(),
         None => format!("; expected one of: {}", known.join(", ")),
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::Location;
 use super::diagnostics::Diagnostics;
-use super::file::hook_refs;
+use super::file::{HookNames, hook_refs};
 use super::reader::TableReader;
 use crate::registry::Health;
 
@@ -70,7 +70,7 @@ pub(super) fn service(
     d: &mut Diagnostics<'_>,
     mut t: TableReader<'_, '_>,
     agent: &str,
-    hooks: &[String],
+    hooks: &HookNames,
 ) -> Option<ServiceSpec> {
     let before = d.len();
     let name = t.required::<String>(d, "name", "give the service a name");

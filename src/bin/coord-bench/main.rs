@@ -3,7 +3,7 @@
 //! ```sh
 //! cargo build --release --bins
 //! target/release/coord-bench all            # every scenario (several minutes)
-//! target/release/coord-bench all --quick    # fewer rounds
+//! target/release/coord-bench all --quick    # fewer rounds (`all` may be left out)
 //! target/release/coord-bench reaction locks # some scenarios
 //! target/release/coord-bench dns            # the DNS server against dnsmasq, with dnsperf
 //! target/release/coord-bench nemesis --runs 300   # guarded runs under faults
@@ -46,8 +46,8 @@ use report::Report;
 #[derive(Debug, Parser)]
 #[command(name = "coord-bench")]
 struct Args {
-    /// `all`, or the scenarios to run, in this order.
-    #[arg(required = true, value_enum)]
+    /// `all` (the default), or the scenarios to run, in this order.
+    #[arg(value_enum, default_value = "all")]
     scenarios: Vec<Scenario>,
     /// Fewer rounds everywhere (noisier numbers, a few minutes less).
     #[arg(long)]
@@ -198,4 +198,21 @@ async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
     println!("{machine}");
     report.print();
     Ok(all_ran)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Args, Scenario};
+
+    /// `coord-bench --quick`, as the README says it, runs every scenario.
+    #[test]
+    fn without_a_scenario_every_one_runs() {
+        let args = Args::try_parse_from(["coord-bench", "--quick"]).expect("parses");
+        assert!(args.quick);
+        assert_eq!(args.scenarios, [Scenario::All]);
+        let args = Args::try_parse_from(["coord-bench", "locks", "--quick"]).expect("parses");
+        assert_eq!(args.scenarios, [Scenario::Locks]);
+    }
 }
