@@ -561,3 +561,85 @@ async fn maint_takes_service_slash_instance_like_services_pass_and_the_old_spell
         "{err}"
     );
 }
+
+/// A reload that changes only what is registered (here the weight) is a
+/// diff: the instance keeps its standing and its key, rewritten in place.
+/// Before, it started over as a new instance: health back to `initial`,
+/// withdrawn until its check passed again.
+#[tokio::test]
+async fn a_reload_that_changes_only_the_weight_rewrites_the_instance_in_place_never_withdrawn() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let hook_log = dir.path().join("hook.log");
+    let with_weight = |w: u32| {
+        manifest(
+            &endpoint(&etcd),
+            10,
+            &format!(
+                "[[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_OLD-$COORD_NEW >> {}\"]\n\
+                 [[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\nweight = {w}\non_change = [\"note\"]\n\
+                 check = {{ exec = [\"true\"], interval = \"100ms\", successes = 2, initial = \"critical\" }}\n",
+                hook_log.display()
+            ),
+        )
+    };
+    let agent = CoordProcess::run(&with_weight(1));
+    listed(&client, LISTED, true).await;
+    let before = client.get(LISTED).await.expect("get").expect("listed");
+    std::fs::write(agent.manifest_path(), with_weight(5)).expect("rewrite");
+    agent.signal(Signal::SIGHUP);
+    let after = eventually("the new weight to be registered", || async {
+        let kv = client.get(LISTED).await.ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+        (v["Metadata"]["weight"] == 5).then_some(kv)
+    })
+    .await;
+    assert_eq!(
+        after.create_revision, before.create_revision,
+        "the endpoint key was rewritten in place, never deleted and listed again"
+    );
+    // A check of the old instance that had started over would first have
+    // to pass twice: the health record would have said critical meanwhile.
+    let health = health_is(&client, "passing").await;
+    assert_eq!(health["metadata"]["weight"], 5, "{health}");
+    let log = std::fs::read_to_string(&hook_log).expect("hook log");
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        ["-critical", "critical-passing"],
+        "one start, one recovery; nothing from the reload"
+    );
+}
+
+/// `exec = ["./check-api.sh"]` is the script beside the manifest, as every
+/// other relative path in it is — not one in whatever directory the agent
+/// was started from (here the test's, where there is none).
+#[tokio::test]
+async fn an_exec_check_named_by_a_relative_path_runs_the_program_beside_the_manifest() {
+    use std::os::unix::fs::PermissionsExt;
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let agent = CoordProcess::run(&manifest(
+        &endpoint(&etcd),
+        10,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\n\
+         check = { exec = [\"./check-api.sh\"], interval = \"100ms\", initial = \"critical\" }\n",
+    ));
+    let script = agent
+        .manifest_path()
+        .parent()
+        .expect("manifest dir")
+        .join("check-api.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert!(
+        !std::env::current_dir()
+            .expect("cwd")
+            .join("check-api.sh")
+            .exists(),
+        "the agent's working directory has no such script"
+    );
+    listed(&client, LISTED, true).await;
+    let health = health_is(&client, "passing").await;
+    assert_eq!(health["status"], "passing", "{health}");
+}

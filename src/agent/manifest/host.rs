@@ -166,8 +166,8 @@ impl Manifest {
     /// `check`): one named by an absolute path must be there and
     /// executable (an error); one found through `PATH` is only warned
     /// about when this `PATH` lacks it, since the agent's may differ.
-    /// Relative paths are left alone: they resolve against the agent's
-    /// working directory, which is not this one.
+    /// Relative paths were made absolute, beside the manifest, when it was
+    /// read.
     fn check_programs(&self, report: &mut HostReport, text: &str) {
         use super::{CheckKind, CheckSpec, HookAction};
         let mut programs: Vec<(String, Vec<Step<'static>>, &str)> = Vec::new();

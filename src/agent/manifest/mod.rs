@@ -239,20 +239,65 @@ impl Manifest {
         let status = section(&mut d, root, "status").and_then(|t| status::status(&mut d, t));
         let dns = section(&mut d, root, "dns").and_then(|t| dns::dns(&mut d, t));
         match (agent, etcd) {
-            (Some(agent), Some(etcd)) if d.is_empty() => Ok(Manifest {
-                path: path.to_owned(),
-                hash: hex(&Sha256::digest(text.as_bytes())),
-                agent,
-                etcd,
-                hooks,
-                files,
-                services,
-                tasks,
-                instance_ids,
-                status,
-                dns,
-            }),
+            (Some(agent), Some(etcd)) if d.is_empty() => {
+                let mut m = Manifest {
+                    path: path.to_owned(),
+                    hash: hex(&Sha256::digest(text.as_bytes())),
+                    agent,
+                    etcd,
+                    hooks,
+                    files,
+                    services,
+                    tasks,
+                    instance_ids,
+                    status,
+                    dns,
+                };
+                m.programs_beside_the_manifest(base);
+                Ok(m)
+            }
             _ => Err(d.into_error(path)),
+        }
+    }
+
+    /// A program named by a relative path (`./check-api.sh`,
+    /// `bin/report`) is the one beside the manifest, as every other
+    /// relative path in it is, wherever the agent runs from; a bare name
+    /// (`nginx`) is still looked up on the agent's `PATH`.
+    fn programs_beside_the_manifest(&mut self, base: &Path) {
+        let resolve = |argv: &mut Vec<String>| {
+            if let Some(program) = argv.first_mut()
+                && program.contains('/')
+                && !program.starts_with('/')
+            {
+                let relative = Path::new(program.as_str());
+                let relative = relative.strip_prefix("./").unwrap_or(relative);
+                let joined = base.join(relative);
+                let absolute = std::path::absolute(&joined).unwrap_or(joined);
+                *program = absolute.to_string_lossy().into_owned();
+            }
+        };
+        for h in &mut self.hooks {
+            if let HookAction::Exec { argv } = &mut h.action {
+                resolve(argv);
+            }
+        }
+        for t in &mut self.tasks {
+            resolve(&mut t.run);
+        }
+        for s in &mut self.services {
+            if let Some(CheckSpec {
+                kind: CheckKind::Exec(argv),
+                ..
+            }) = &mut s.check
+            {
+                resolve(argv);
+            }
+        }
+        for f in &mut self.files {
+            if let Some(argv) = &mut f.check {
+                resolve(argv);
+            }
         }
     }
 

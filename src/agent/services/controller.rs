@@ -223,6 +223,16 @@ impl ServicesController {
                 removed.push(k);
             }
             for (k, spec) in &keep {
+                if let Some(inst) = instances.get_mut(k)
+                    && inst.spec != **spec
+                    && inst.spec.check == spec.check
+                {
+                    // What is registered changed (address, weight, tags, hooks)
+                    // but not how health is judged: the instance keeps its
+                    // standing and is rewritten in place, never withdrawn.
+                    inst.spec = (*spec).clone();
+                    continue;
+                }
                 if instances.get(k).is_none_or(|i| &i.spec != *spec) {
                     instances.insert(k.clone(), Instance::new((*spec).clone()));
                     match active_check(spec) {
