@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::controller::{Context, Loops};
 use super::hold::key_gone;
@@ -21,7 +21,7 @@ use super::hooks::{AmbientEnv, Event, HookRunner};
 use super::manifest::InstanceIdSpec;
 use super::sleep_or_stop;
 use super::status::report::ResourceKind;
-use crate::etcd::{Backoff, LeaseId, SessionState, alive_lease};
+use crate::etcd::{Backoff, LeaseId, SessionState, alive_lease, unreachable_in};
 use crate::ids::{self, ClaimRecord, IdError};
 
 /// The ids this agent holds, by pool.
@@ -180,6 +180,10 @@ impl InstanceIdsController {
                     match &e {
                         IdError::Exhausted { .. } => {
                             error!(pool = %spec.pool, error = %e, "No free id; waiting for one.")
+                        }
+                        _ if unreachable_in(&e).is_some() => {
+                            // Said once per endpoint by the client.
+                            debug!(pool = %spec.pool, error = %e, retry_in = ?wait, "Could not claim an id.")
                         }
                         _ => {
                             warn!(pool = %spec.pool, error = %e, retry_in = ?wait, "Could not claim an id.")

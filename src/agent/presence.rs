@@ -22,7 +22,9 @@ use tracing::{debug, error, info, warn};
 
 use super::status::Status;
 use super::status::report::{QueueName, ResourceKind};
-use crate::etcd::{Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription};
+use crate::etcd::{
+    Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription, unreachable_in,
+};
 use crate::presence::{self, AgentRecord, Registration};
 
 /// The address the presence record publishes: `configured`, else the
@@ -313,7 +315,12 @@ impl PresenceController {
                     }
                     Err(e) => {
                         let wait = queue.failed(key.clone());
-                        warn!(key = %etcd_key, error = %e, retry_in = ?wait, "Could not register agent presence.");
+                        if unreachable_in(&e).is_some() {
+                            // Said once per endpoint by the client.
+                            debug!(key = %etcd_key, error = %e, retry_in = ?wait, "Could not register agent presence.");
+                        } else {
+                            warn!(key = %etcd_key, error = %e, retry_in = ?wait, "Could not register agent presence.");
+                        }
                         self.status.set(
                             ResourceKind::Presence,
                             &desired.agent,

@@ -6,6 +6,7 @@ mod check;
 mod connection;
 mod dev;
 mod docs;
+mod errors;
 mod hook;
 mod ids;
 mod kv;
@@ -236,7 +237,7 @@ impl Cli {
                     ));
                     return ExitCode::from(EXIT_USAGE);
                 }
-                stderr.say(format_args!("error: {e:#}"));
+                stderr.say(format_args!("error: {}", errors::describe(&e)));
                 ExitCode::FAILURE
             }
         }

@@ -14,6 +14,8 @@ use tokio::sync::OnceCell;
 use tracing::debug;
 
 use super::Error;
+use super::error::{brief, worth_another_endpoint};
+use super::reachability::{EndpointState, Reachability};
 
 /// Default time allowed to open a connection to one endpoint.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,6 +172,7 @@ struct Shared {
 struct Endpoint {
     url: String,
     client: OnceCell<etcd_client::Client>,
+    seen: Reachability,
 }
 
 impl fmt::Debug for Client {
@@ -177,18 +180,6 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("endpoints", &self.endpoints())
             .finish_non_exhaustive()
-    }
-}
-
-/// gRPC's UNAVAILABLE: the request did not reach a member that could serve
-/// it (connection refused, member without a leader), so another member may.
-const GRPC_UNAVAILABLE: i32 = 14;
-
-fn worth_another_endpoint(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => i32::from(status.code()) == GRPC_UNAVAILABLE,
-        _ => false,
     }
 }
 
@@ -238,6 +229,7 @@ impl Client {
                     .map(|url| Endpoint {
                         url: url.clone(),
                         client: OnceCell::new(),
+                        seen: Reachability::default(),
                     })
                     .collect(),
                 preferred: AtomicUsize::new(0),
@@ -253,6 +245,16 @@ impl Client {
             .endpoints
             .iter()
             .map(|e| e.url.clone())
+            .collect()
+    }
+
+    /// Each endpoint as last seen by a request: answering, unreachable
+    /// (and why), or not asked yet.
+    pub fn endpoint_states(&self) -> Vec<EndpointState> {
+        self.shared
+            .endpoints
+            .iter()
+            .map(|e| e.seen.state(&e.url))
             .collect()
     }
 
@@ -302,18 +304,40 @@ impl Client {
                     let c = self.endpoint(i).await?;
                     f(c).await
                 };
+                let ep = &self.shared.endpoints[i];
                 match tokio::time::timeout_at(deadline, attempt).await {
-                    Err(_) => break,
+                    Err(_) => {
+                        if last.is_none() {
+                            // Not one answer, not even a refusal, in the
+                            // whole request timeout: this one is not
+                            // answering (a black-holed address, a frozen
+                            // member). A slow answer after a refusal
+                            // elsewhere says nothing new about this one.
+                            let waited = humantime::format_duration(timeout);
+                            ep.seen.failed(&ep.url, format!("no answer within {waited}"));
+                        }
+                        break;
+                    }
                     Ok(Ok(v)) => {
+                        ep.seen.answered(&ep.url);
                         self.shared.preferred.store(i, Ordering::Relaxed);
                         return Ok(v);
                     }
                     Ok(Err(e)) if worth_another_endpoint(&e) => {
-                        debug!(endpoint = %self.shared.endpoints[i].url, op, error = %e, "Endpoint cannot serve; trying the next.");
+                        debug!(endpoint = %ep.url, op, error = %e, "Endpoint cannot serve; trying the next.");
+                        if super::error::is_transport(&e) {
+                            ep.seen.failed(&ep.url, brief(&e));
+                        } else {
+                            ep.seen.answered(&ep.url);
+                        }
                         self.shared.preferred.store((i + 1) % n, Ordering::Relaxed);
                         last = Some(e);
                     }
-                    Ok(Err(e)) => return Err(Error::Request { op, source: e }),
+                    Ok(Err(e)) => {
+                        // An answer, if not the one hoped for.
+                        ep.seen.answered(&ep.url);
+                        return Err(Error::Request { op, source: e });
+                    }
                 }
             }
             // No endpoint could serve: wait a little (a leader election

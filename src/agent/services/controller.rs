@@ -14,7 +14,7 @@ use crate::agent::controller::{Context, Loops};
 use crate::agent::hooks::{Event, HookRunner};
 use crate::agent::manifest::{CheckKind, ServiceSpec};
 use crate::agent::status::report::ResourceKind;
-use crate::etcd::{Backoff, LeaseId, Op, SessionState, Subscription};
+use crate::etcd::{Backoff, LeaseId, Op, SessionState, Subscription, unreachable_in};
 use crate::registry::{self, Endpoint, Health, HealthRecord};
 use crate::untrusted::Untrusted;
 
@@ -271,7 +271,12 @@ impl ServicesController {
                     }
                     Err(e) => {
                         let wait = backoff.next_delay();
-                        warn!(error = %e, retry_in = ?wait, "Could not register services.");
+                        if unreachable_in(&e).is_some() {
+                            // Said once per endpoint by the client.
+                            debug!(error = %e, retry_in = ?wait, "Could not register services.");
+                        } else {
+                            warn!(error = %e, retry_in = ?wait, "Could not register services.");
+                        }
                         for ((service, id), inst) in &instances {
                             let state = inst.effective.map_or("pending", Health::name);
                             self.ctx.status.set(
