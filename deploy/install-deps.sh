@@ -21,6 +21,8 @@
 #   resolver and    golang-etcd-server-dev,   client (tests/interop/grpc-go) in
 #   grpc-go         golang-google-grpc-dev)   GOPATH mode, without network
 #                                      (about 160 MB to download)
+#   libfaketime    (faketime)          tests/it/faults.rs steps the agent's
+#                                      wall clock through a timestamp file
 #
 # Rust itself comes from rustup (Debian's rustc is too old). Without cargo
 # this script installs the packages above and then stops, saying so; with
@@ -36,7 +38,7 @@ for arg in "$@"; do
   case $arg in
     --rustup) with_rustup=1 ;;
     --tests) with_tests=1 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "install-deps: unknown argument \`$arg\` (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +80,18 @@ can_build_grpc_go_client() {
     go list go.etcd.io/etcd/clientv3/naming/resolver google.golang.org/grpc/health/grpc_health_v1 >/dev/null 2>&1
 }
 
+# As the test uses it: preloaded from the multiarch directory, reading
+# its offset from FAKETIME_TIMESTAMP_FILE.
+can_fake_the_clock() {
+  local lib
+  for lib in /usr/lib/*/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1; do
+    [ -f "$lib" ] || continue
+    echo "@2000-01-01 00:00:00" >"$work/faketime"
+    [ "$(LD_PRELOAD=$lib FAKETIME_TIMESTAMP_FILE="$work/faketime" FAKETIME_NO_CACHE=1 date -u +%Y 2>/dev/null)" = 2000 ] && return 0
+  done
+  return 1
+}
+
 missing=()
 can_compile_c || missing+=(gcc libc6-dev)
 can_compile_protos || missing+=(protobuf-compiler libprotobuf-dev)
@@ -90,6 +104,7 @@ if [ $with_tests = 1 ]; then
   can_ask_dns || missing+=(dnsutils)
   can_render_man_pages || missing+=(man-db)
   can_build_grpc_go_client || missing+=(golang-go golang-etcd-server-dev golang-google-grpc-dev)
+  can_fake_the_clock || missing+=(faketime)
 fi
 
 cargo_home=${CARGO_HOME:-$HOME/.cargo}
@@ -121,6 +136,7 @@ if [ $with_tests = 1 ]; then
   can_ask_dns || failed+=("dig does not run")
   can_render_man_pages || failed+=("man -l cannot render a page")
   can_build_grpc_go_client || failed+=("go cannot find etcd's resolver and grpc-go in /usr/share/gocode")
+  can_fake_the_clock || failed+=("libfaketime cannot fake a process's clock from a timestamp file")
 fi
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'install-deps: still missing after installing: %s\n' "${failed[@]}" >&2

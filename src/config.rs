@@ -58,17 +58,30 @@ pub use schema::{Schema, Violation};
 pub enum Error {
     /// The key does not exist.
     #[error("`{key}` does not exist")]
-    NotFound { key: String },
+    /// The key does not exist.
+    NotFound {
+        /// The key.
+        key: String,
+    },
     /// The key had no value at that revision (it did not exist then).
     #[error("`{key}` had no value at revision {revision}")]
-    AbsentAt { key: String, revision: i64 },
+    AbsentAt {
+        /// The key.
+        key: String,
+        /// The revision asked for.
+        revision: i64,
+    },
     /// A guarded write was refused: the key is not at the expected version.
     /// Nothing was written. `current` is 0 when the key does not exist.
     #[error("refused to {op} `{key}`: {}", conflict(*expected, *current))]
     VersionConflict {
+        /// What was refused (`set`, `delete`).
         op: &'static str,
+        /// The key.
         key: String,
+        /// The version the write expected (0: absent).
         expected: i64,
+        /// The version found (0: absent).
         current: i64,
     },
     /// The revision asked for is older than etcd's compaction point.
@@ -76,27 +89,52 @@ pub enum Error {
         "revision {revision} of `{key}` is compacted away (the oldest revision etcd keeps is {compacted})"
     )]
     Compacted {
+        /// The key.
         key: String,
+        /// The revision asked for.
         revision: i64,
+        /// The oldest revision etcd keeps.
         compacted: i64,
     },
     /// etcd could not be reached or refused the request.
     #[error("etcd failed on `{key}`: {source}")]
     Unavailable {
+        /// The key.
         key: String,
         #[source]
+        /// What etcd said.
         source: etcd::Error,
     },
     /// The value cannot be read or written as asked (bad JSON, wrong type).
     #[error("invalid value for `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
+    Invalid {
+        /// The key.
+        key: String,
+        /// What is wrong with the value.
+        reason: String,
+    },
+    /// A fenced write was refused: the lock holder key it was fenced on
+    /// is gone (or is another holding of it). Nothing was written.
+    #[error(
+        "refused to set `{key}`: the lock is no longer held by `{holder_key}` (fencing token {token}); nothing was written"
+    )]
+    Fenced {
+        /// The key that was not written.
+        key: String,
+        /// The lock holder key the write was fenced on.
+        holder_key: String,
+        /// The fencing token it was fenced on.
+        token: i64,
+    },
     /// The value does not match its JSON Schema; nothing was written.
     #[error(
         "the value for `{key}` does not match the schema: {}",
         schema::list(violations)
     )]
     SchemaViolation {
+        /// The key.
         key: String,
+        /// Where the value breaks the schema.
         violations: Vec<Violation>,
     },
 }
@@ -134,6 +172,7 @@ fn unavailable(key: &str) -> impl FnOnce(etcd::Error) -> Error + '_ {
 /// A key's value as stored, with its version and revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The key.
     pub key: String,
     /// The stored bytes.
     pub raw: Vec<u8>,
@@ -176,9 +215,13 @@ impl Entry {
 /// A typed value with its version and revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned<T> {
+    /// The value, typed.
     pub value: T,
+    /// 1 when created, +1 on each write.
     pub version: i64,
+    /// The revision of the write that gave this value.
     pub mod_revision: i64,
+    /// The revision that created the key.
     pub create_revision: i64,
 }
 
@@ -351,6 +394,52 @@ pub async fn set_raw(
     }
 }
 
+/// Writes bytes at `key` only while `fence` holds (a lock's
+/// [`crate::lock::Guard::is_owner`]) and `expect` does: one transaction,
+/// so a holder that lost its lock — lease gone, key deleted, lock taken
+/// by someone else — never writes. [`Error::Fenced`] when the fence did
+/// not hold, [`Error::VersionConflict`] when only the version did not.
+pub async fn set_fenced(
+    client: &Client,
+    key: &str,
+    raw: &[u8],
+    expect: Expect,
+    fence: &etcd::Condition,
+) -> Result<Written, Error> {
+    let mut when = vec![fence.clone()];
+    if let Some(version) = expect.version() {
+        when.push(etcd::Condition::Version {
+            key: key.to_owned(),
+            version,
+        });
+    }
+    match client
+        .put_if(key, raw, &when)
+        .await
+        .map_err(unavailable(key))?
+    {
+        etcd::Conditional::Applied { revision, kv } => Ok(Written {
+            revision,
+            version: kv.map_or(0, |kv| kv.version),
+        }),
+        etcd::Conditional::Refused { current, failed } => {
+            if failed.contains(fence) {
+                let (holder_key, token) = match fence {
+                    etcd::Condition::CreatedAt { key, revision } => (key.clone(), *revision),
+                    other => (other.key().to_owned(), 0),
+                };
+                Err(Error::Fenced {
+                    key: key.to_owned(),
+                    holder_key,
+                    token,
+                })
+            } else {
+                Err(refused("set", key, expect, current))
+            }
+        }
+    }
+}
+
 fn refused(op: &'static str, key: &str, expect: Expect, current: Option<KeyValue>) -> Error {
     Error::VersionConflict {
         op,
@@ -376,6 +465,7 @@ pub async fn delete(client: &Client, key: &str, expect: Expect) -> Result<bool, 
 /// A key's values, newest first, read back through etcd's MVCC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct History {
+    /// The key.
     pub key: String,
     /// The current value first, then each earlier one, back to the write
     /// that created the key (or as far as `limit` or compaction allowed).
@@ -460,12 +550,66 @@ pub async fn rollback(
 /// One change seen by a [`Watch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
+    /// The key.
     pub key: String,
+    /// The revision of the change.
     pub revision: i64,
     /// Before the change: `None` if the key did not exist.
     pub old: Option<Entry>,
     /// After the change: `None` if it was deleted.
     pub new: Option<Entry>,
+}
+
+/// What a change did to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// The key was created (version 1).
+    Created,
+    /// An existing key got a new value.
+    Updated,
+    /// The key was deleted.
+    Deleted,
+}
+
+/// One change with its values typed, as [`watch_typed`] yields it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypedChange<T> {
+    /// The key.
+    pub key: String,
+    /// The revision of the change.
+    pub revision: i64,
+    /// Created, updated or deleted.
+    pub kind: ChangeKind,
+    /// The value before (`None` if there was none, or if that revision was
+    /// compacted away before etcd sent the change).
+    pub old: Option<T>,
+    /// The value after (`None` for a delete).
+    pub new: Option<T>,
+    /// The key's version after the change (0 after a delete).
+    pub version: i64,
+}
+
+impl Change {
+    /// Created, updated or deleted.
+    pub fn kind(&self) -> ChangeKind {
+        match &self.new {
+            None => ChangeKind::Deleted,
+            Some(e) if e.version == 1 => ChangeKind::Created,
+            Some(_) => ChangeKind::Updated,
+        }
+    }
+
+    /// The change with its values parsed as `T`.
+    pub fn typed<T: DeserializeOwned>(&self) -> Result<TypedChange<T>, Error> {
+        Ok(TypedChange {
+            key: self.key.clone(),
+            revision: self.revision,
+            kind: self.kind(),
+            old: self.old.as_ref().map(Entry::value).transpose()?,
+            new: self.new.as_ref().map(Entry::value).transpose()?,
+            version: self.new.as_ref().map_or(0, |e| e.version),
+        })
+    }
 }
 
 /// Changes to one key or a prefix, from the moment the watch was made.
@@ -493,7 +637,44 @@ async fn start_watch(client: &Client, key: &str, prefix: bool) -> Result<Watch, 
     })
 }
 
+/// Typed changes to `key` (every key under it if `prefix`) from now on,
+/// as a `Stream`, one change per item, in order. A value that does not
+/// parse as `T` is an [`Error::Invalid`] item and the stream goes on.
+/// Compaction is reported, never hidden: when the watch fell behind one
+/// (changes were lost) it yields [`Error::Compacted`] and ends — read the
+/// key again and watch anew.
+pub async fn watch_typed<T: DeserializeOwned + Send + 'static>(
+    client: &Client,
+    key: &str,
+    prefix: bool,
+) -> Result<impl futures_core::Stream<Item = Result<TypedChange<T>, Error>> + Send + use<T>, Error>
+{
+    let watch = start_watch(client, key, prefix).await?;
+    let changes = watch.into_stream();
+    Ok(futures_util::StreamExt::map(changes, |c| {
+        c.and_then(|c| c.typed::<T>())
+    }))
+}
+
 impl Watch {
+    /// The changes one at a time, as a `Stream`; after an error (only
+    /// [`Error::Compacted`]: changes were lost) it ends.
+    pub fn into_stream(self) -> impl futures_core::Stream<Item = Result<Change, Error>> + Send {
+        let pending: std::collections::VecDeque<Change> = Default::default();
+        futures_util::stream::unfold(Some((self, pending)), |state| async move {
+            let (mut watch, mut pending) = state?;
+            loop {
+                if let Some(change) = pending.pop_front() {
+                    return Some((Ok(change), Some((watch, pending))));
+                }
+                match watch.next().await {
+                    Ok(changes) => pending.extend(changes),
+                    Err(e) => return Some((Err(e), None)),
+                }
+            }
+        })
+    }
+
     /// The next changes, in order. It survives disconnects; if it fell
     /// behind a compaction (changes were lost) it fails with
     /// [`Error::Compacted`].

@@ -18,6 +18,7 @@ use crate::etcd::{Client, Error as EtcdError, KeyValue, LeaseId};
 /// Who holds an id, stored as the claim's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimRecord {
+    /// The agent (or `Coord` name) that holds it.
     pub agent: String,
     /// RFC 3339.
     pub claimed_at: String,
@@ -26,11 +27,15 @@ pub struct ClaimRecord {
 /// A held id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
+    /// The pool.
     pub pool: String,
+    /// The id.
     pub id: u32,
+    /// The claim key.
     pub key: String,
     /// The claim's create revision: larger for every new claim of the pool.
     pub generation: i64,
+    /// The session lease it is held on.
     pub lease: LeaseId,
     /// Round trips the claim took (reads and transactions).
     pub round_trips: u32,
@@ -40,15 +45,30 @@ pub struct Claim {
 #[derive(Debug, thiserror::Error)]
 pub enum IdError {
     #[error("pool `{pool}` is full: all {size} ids are claimed")]
-    Exhausted { pool: String, size: u32 },
+    /// Every id of the pool is claimed.
+    Exhausted {
+        /// The pool.
+        pool: String,
+        /// Its size.
+        size: u32,
+    },
     #[error("failed to claim an id in pool `{pool}`: {source}")]
+    /// etcd could not be reached or refused the request.
     Etcd {
+        /// The pool.
         pool: String,
         #[source]
+        /// What etcd said.
         source: EtcdError,
     },
     #[error("invalid pool `{pool}`: {reason}")]
-    Invalid { pool: String, reason: String },
+    /// The pool or its size cannot be.
+    Invalid {
+        /// The pool.
+        pool: String,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// Maps an etcd failure in `pool` to an [`IdError`].

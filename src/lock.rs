@@ -17,9 +17,13 @@
 //! writer is not starved by a stream of readers). Semaphores put up to
 //! `limit` holders under the mutex layout.
 
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
-use crate::etcd::{Client, Error as EtcdError, KeyValue, LeaseId};
+use crate::etcd::{Client, Condition, Error as EtcdError, KeyValue, LeaseId};
 
 /// How a lock is shared. A closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +88,11 @@ impl std::str::FromStr for Mode {
 /// ignore it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
+    /// The agent (or `Coord` name) that holds it.
     pub agent: String,
+    /// The host it runs on.
     pub host: String,
+    /// The holding process.
     pub pid: u32,
 }
 
@@ -93,15 +100,37 @@ pub struct Holder {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("failed to take lock `{name}`: {source}")]
+    /// etcd could not be reached or refused the request.
     Etcd {
+        /// The lock.
         name: String,
         #[source]
+        /// What etcd said.
         source: EtcdError,
     },
     #[error("lost lock `{name}` while waiting for it: the session lease expired")]
-    SessionExpired { name: String },
+    /// Our key went while we waited (the lease ended, or it was deleted).
+    SessionExpired {
+        /// The lock.
+        name: String,
+    },
+    /// The name or mode cannot be a lock's.
     #[error("invalid lock `{name}`: {reason}")]
-    Invalid { name: String, reason: String },
+    Invalid {
+        /// The lock.
+        name: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The lock was not ours within the time given; our place in its queue
+    /// was given up (the queue key deleted).
+    #[error("`{name}` was not ours within {}; gave up our place in its queue", humantime::format_duration(*timeout))]
+    Timeout {
+        /// The lock.
+        name: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
 }
 
 /// Maps an etcd failure on lock `name` to a [`LockError`].
@@ -122,21 +151,25 @@ pub fn prefix(namespace: &str, name: &str) -> String {
 /// [`Guard::release`], or let the session lease go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Guard {
+    /// The lock's name.
     pub name: String,
     /// The holder key.
     pub key: String,
     /// The fencing token: the holder key's create revision.
     pub token: i64,
+    /// How it is held.
     pub mode: Mode,
     /// The session lease the lock hangs off.
     pub lease: LeaseId,
 }
 
 impl Guard {
-    /// Releases the lock by deleting the holder key.
+    /// Releases the lock by deleting the holder key — only this holding
+    /// of it: a key the same lease created again later (a new holding,
+    /// with a new token) is left alone.
     pub async fn release(&self, client: &Client) -> Result<(), LockError> {
         client
-            .delete(&self.key)
+            .delete_if_created(&self.key, self.token)
             .await
             .map(|_| ())
             .map_err(etcd_error(&self.name))
@@ -155,6 +188,13 @@ impl Guard {
             .map_err(etcd_error(&self.name))
     }
 
+    /// The condition that this holding still holds the lock — its holder
+    /// key, created at its token — to add to a transaction so that the
+    /// write happens only while the lock is ours (Go's `IsOwner()`).
+    pub fn is_owner(&self) -> Condition {
+        fence(&self.key, self.token)
+    }
+
     /// Whether the holder key is still there (the lock is still held).
     pub async fn is_held(&self, client: &Client) -> Result<bool, LockError> {
         client
@@ -162,6 +202,15 @@ impl Guard {
             .await
             .map(|kv| kv.is_some_and(|kv| kv.create_revision == self.token))
             .map_err(etcd_error(&self.name))
+    }
+}
+
+/// The condition that holder key `key` with fencing token `token` still
+/// holds its lock (see [`Guard::is_owner`]).
+pub fn fence(key: &str, token: i64) -> Condition {
+    Condition::CreatedAt {
+        key: key.to_owned(),
+        revision: token,
     }
 }
 
@@ -220,10 +269,15 @@ fn blocks(mode: Mode, namespace: &str, name: &str, other: &KeyValue) -> bool {
     }
 }
 
-/// Takes the lock, waiting as long as it takes (wrap the future in a
-/// timeout to bound it). On error, or if the future is dropped while
-/// waiting, the caller should delete the holder key or let the lease go —
-/// [`acquire`] does the former on its own errors.
+/// Takes the lock, waiting as long as it takes (see [`acquire_timeout`]
+/// to bound the wait). On error our key is deleted; if the future is
+/// dropped while it waits (a `tokio::time::timeout` around it, a
+/// `select!` that took another branch), the delete is sent from the
+/// runtime in the background, so the queue does not keep a key nobody
+/// waits on until the lease ends.
+///
+/// One acquire per lease and lock at a time: two would share the holder
+/// key (etcd's own mutex does the same). [`Locker`] keeps to that.
 ///
 /// ```no_run
 /// # async fn demo(client: coord::etcd::Client, lease: coord::etcd::LeaseId) -> Result<(), coord::lock::LockError> {
@@ -242,8 +296,101 @@ pub async fn acquire(
     mode: Mode,
     holder: &Holder,
 ) -> Result<Guard, LockError> {
+    let queued = Queued::default();
+    acquire_queued(client, lease, namespace, name, mode, holder, &queued).await
+}
+
+/// Like [`acquire`], giving up after `timeout` with [`LockError::Timeout`]
+/// — and then only once our queue key is deleted, so nothing of this
+/// attempt is left in etcd. (Should the time run out while the key is
+/// still being created, that create may land after the delete; the key
+/// then goes with the lease.)
+pub async fn acquire_timeout(
+    client: &Client,
+    lease: LeaseId,
+    namespace: &str,
+    name: &str,
+    mode: Mode,
+    holder: &Holder,
+    timeout: Duration,
+) -> Result<Guard, LockError> {
+    let queued = Queued::default();
+    let attempt = acquire_queued(client, lease, namespace, name, mode, holder, &queued);
+    tokio::pin!(attempt);
+    match tokio::time::timeout(timeout, &mut attempt).await {
+        Ok(result) => result,
+        Err(_) => {
+            // Taken before `attempt` is dropped, so its own clean-up finds
+            // nothing to do and the delete is awaited here instead.
+            if let Some((key, token)) = queued.take() {
+                client
+                    .delete_if_created(&key, token)
+                    .await
+                    .map_err(etcd_error(name))?;
+            }
+            Err(LockError::Timeout {
+                name: name.to_owned(),
+                timeout,
+            })
+        }
+    }
+}
+
+/// The queue key of an acquire in progress (key, create revision), until
+/// it holds or has given up.
+#[derive(Debug, Default)]
+struct Queued(std::sync::Mutex<Option<(String, i64)>>);
+
+impl Queued {
+    fn set(&self, key: &str, token: i64) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((key.to_owned(), token));
+    }
+
+    fn take(&self) -> Option<(String, i64)> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// Deletes the queue key of an acquire dropped while it waited.
+struct Dequeue<'a> {
+    client: &'a Client,
+    queued: &'a Queued,
+}
+
+impl Drop for Dequeue<'_> {
+    fn drop(&mut self) {
+        let Some((key, token)) = self.queued.take() else {
+            return;
+        };
+        // Nobody awaits a dropped future: the delete runs on its own.
+        // Outside a runtime it cannot, and the key goes with the lease.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move {
+                if let Err(e) = client.delete_if_created(&key, token).await {
+                    tracing::debug!(key, error = %e, "Could not leave the lock queue; the key goes with the lease.");
+                }
+            });
+        }
+    }
+}
+
+async fn acquire_queued(
+    client: &Client,
+    lease: LeaseId,
+    namespace: &str,
+    name: &str,
+    mode: Mode,
+    holder: &Holder,
+    queued: &Queued,
+) -> Result<Guard, LockError> {
+    let _dequeue = Dequeue { client, queued };
     let guard = enqueue(client, lease, namespace, name, mode, holder).await?;
-    match wait_turn(client, namespace, name, &guard).await {
+    queued.set(&guard.key, guard.token);
+    let waited = wait_turn(client, namespace, name, &guard).await;
+    // Held or failed: either way no longer a waiter to clean up after.
+    queued.take();
+    match waited {
         Ok(()) => Ok(guard),
         Err(e) => {
             let _ = guard.release(client).await;
@@ -402,6 +549,10 @@ pub async fn queue(
 /// count comes back to zero. One holder key per owner and lock, as etcd's
 /// own mutex has.
 ///
+/// Each lock name has its own slot: waiting in etcd for one lock holds up
+/// only other calls for that same name (which must learn whether it was
+/// taken), never a lock or unlock of another name.
+///
 /// ```no_run
 /// # async fn demo(client: coord::etcd::Client, lease: coord::etcd::LeaseId) -> Result<(), coord::lock::LockError> {
 /// use coord::lock::{Holder, Locker, Mode};
@@ -420,59 +571,128 @@ pub struct Locker {
     lease: LeaseId,
     namespace: String,
     holder: Holder,
-    held: tokio::sync::Mutex<std::collections::HashMap<String, (Guard, usize)>>,
+    held: std::sync::Mutex<HashMap<String, Slot>>,
 }
 
+/// One lock name's holding: the guard and how many times it is held.
+type Slot = Arc<tokio::sync::Mutex<Option<(Guard, usize)>>>;
+
 impl Locker {
+    /// A locker for `holder`, taking locks under `namespace` on `lease`.
     pub fn new(client: Client, lease: LeaseId, namespace: &str, holder: Holder) -> Self {
         Locker {
             client,
             lease,
             namespace: namespace.to_owned(),
             holder,
-            held: tokio::sync::Mutex::default(),
+            held: std::sync::Mutex::default(),
+        }
+    }
+
+    fn slot(&self, name: &str) -> Slot {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets `name`'s slot when it is empty and nobody else uses it.
+    fn tidy(&self, name: &str, slot: &Slot) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        // The map's reference and the caller's: nobody waits on it.
+        if Arc::strong_count(slot) == 2 && slot.try_lock().is_ok_and(|s| s.is_none()) {
+            held.remove(name);
         }
     }
 
     /// Takes `name` (waiting as [`acquire`] does), or counts up if this
     /// owner holds it already.
     pub async fn lock(&self, name: &str, mode: Mode) -> Result<Guard, LockError> {
-        let mut held = self.held.lock().await;
-        if let Some((guard, count)) = held.get_mut(name) {
-            *count += 1;
-            return Ok(guard.clone());
+        self.lock_within(name, mode, None).await
+    }
+
+    /// Like [`Locker::lock`], giving up after `timeout` as
+    /// [`acquire_timeout`] does (leaving no key behind).
+    pub async fn lock_timeout(
+        &self,
+        name: &str,
+        mode: Mode,
+        timeout: Duration,
+    ) -> Result<Guard, LockError> {
+        self.lock_within(name, mode, Some(timeout)).await
+    }
+
+    async fn lock_within(
+        &self,
+        name: &str,
+        mode: Mode,
+        timeout: Option<Duration>,
+    ) -> Result<Guard, LockError> {
+        let slot = self.slot(name);
+        let taken = {
+            let mut held = slot.lock().await;
+            if let Some((guard, count)) = held.as_mut() {
+                *count += 1;
+                return Ok(guard.clone());
+            }
+            let (c, ns, h) = (&self.client, self.namespace.as_str(), &self.holder);
+            let taken = match timeout {
+                None => acquire(c, self.lease, ns, name, mode, h).await,
+                Some(t) => acquire_timeout(c, self.lease, ns, name, mode, h, t).await,
+            };
+            if let Ok(guard) = &taken {
+                *held = Some((guard.clone(), 1));
+            }
+            taken
+        };
+        if taken.is_err() {
+            self.tidy(name, &slot);
         }
-        let guard = acquire(
-            &self.client,
-            self.lease,
-            &self.namespace,
-            name,
-            mode,
-            &self.holder,
-        )
-        .await?;
-        held.insert(name.to_owned(), (guard.clone(), 1));
-        Ok(guard)
+        taken
     }
 
     /// Counts down; releases the lock when no holding is left. Unlocking
     /// a lock this owner does not hold does nothing.
     pub async fn unlock(&self, name: &str) -> Result<(), LockError> {
-        let mut held = self.held.lock().await;
-        let Some((guard, count)) = held.get_mut(name) else {
+        let Some(slot) = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+        else {
             return Ok(());
         };
-        *count -= 1;
-        if *count == 0 {
+        let released = {
+            let mut held = slot.lock().await;
+            let Some((guard, count)) = held.as_mut() else {
+                return Ok(());
+            };
+            *count -= 1;
+            if *count > 0 {
+                return Ok(());
+            }
             let guard = guard.clone();
-            held.remove(name);
-            guard.release(&self.client).await?;
-        }
-        Ok(())
+            *held = None;
+            guard.release(&self.client).await
+        };
+        self.tidy(name, &slot);
+        released
     }
 
     /// How many times this owner holds `name` (0 when it does not).
     pub async fn count(&self, name: &str) -> usize {
-        self.held.lock().await.get(name).map_or(0, |(_, c)| *c)
+        let slot = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned();
+        match slot {
+            Some(slot) => slot.lock().await.as_ref().map_or(0, |(_, c)| *c),
+            None => 0,
+        }
     }
 }

@@ -28,9 +28,11 @@ pub struct AgentRecord {
 /// A presence key as read back from etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
+    /// The agent's name.
     pub name: String,
     /// `None` when the value is not a record coord wrote.
     pub record: Option<AgentRecord>,
+    /// The session lease the record is on.
     pub lease: Option<LeaseId>,
 }
 

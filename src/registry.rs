@@ -10,6 +10,8 @@
 //! discovery (critical, or in maintenance) stays visible. Both hang off the
 //! registering agent's session lease.
 
+pub mod check;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -21,9 +23,13 @@ use crate::etcd::{CacheSnapshot, Client, Error, KeyValue, LeaseId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Health {
+    /// Its check passes: listed.
     Passing,
+    /// Its check warns: still listed.
     Warning,
+    /// Its check fails: withdrawn from discovery.
     Critical,
+    /// In maintenance: withdrawn from discovery.
     Maintenance,
 }
 
@@ -33,6 +39,7 @@ impl Health {
         matches!(self, Health::Passing | Health::Warning)
     }
 
+    /// The status as coord writes it (`passing`, …).
     pub fn name(self) -> &'static str {
         match self {
             Health::Passing => "passing",
@@ -47,18 +54,21 @@ impl Health {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Endpoint {
     #[serde(rename = "Addr")]
+    /// `host:port`.
     pub addr: String,
     #[serde(
         rename = "Metadata",
         default,
         skip_serializing_if = "BTreeMap::is_empty"
     )]
+    /// What discovery shows beside the address.
     pub metadata: BTreeMap<String, serde_json::Value>,
 }
 
 /// An instance's health record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthRecord {
+    /// The effective status.
     pub status: Health,
     /// What the last check said (HTTP status, command output, …).
     #[serde(default)]
@@ -68,6 +78,7 @@ pub struct HealthRecord {
     /// The instance's address (also when withdrawn from discovery).
     pub addr: String,
     #[serde(default)]
+    /// The instance's metadata.
     pub metadata: BTreeMap<String, serde_json::Value>,
     /// When the status last changed, RFC 3339.
     pub since: String,
@@ -76,10 +87,13 @@ pub struct HealthRecord {
 /// One instance with everything known about it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Instance {
+    /// The service.
     pub service: String,
+    /// The instance's id.
     pub id: String,
     /// Present while the instance is listed for discovery.
     pub endpoint: Option<Endpoint>,
+    /// Its health record, if any.
     pub health: Option<HealthRecord>,
 }
 
@@ -188,8 +202,10 @@ pub fn bounded_output(mut output: String) -> String {
 /// A TTL check's report, written by whoever watches the instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckReport {
+    /// The status reported.
     pub status: Health,
     #[serde(default)]
+    /// A note (cut to [`OUTPUT_LIMIT`]).
     pub output: String,
 }
 
@@ -225,6 +241,7 @@ pub async fn report_check(
 /// Why an agent or one of its services is in maintenance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Maintenance {
+    /// Why.
     pub reason: String,
     /// When it was set, RFC 3339.
     pub since: String,
@@ -431,6 +448,7 @@ pub enum Picker {
 }
 
 impl Picker {
+    /// Each listed instance in turn.
     pub fn round_robin() -> Self {
         Picker::RoundRobin(AtomicUsize::new(0))
     }
@@ -490,7 +508,9 @@ pub enum ServiceChange {
     Removed(Instance),
     /// Its health record's status changed.
     HealthChanged {
+        /// The instance now.
         instance: Instance,
+        /// Its status before (`None`: it had none).
         old: Option<Health>,
     },
 }
@@ -498,6 +518,7 @@ pub enum ServiceChange {
 /// What a [`ServiceWatch`] yields: the changes, and the whole current set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceUpdate {
+    /// What changed since the last update.
     pub changes: Vec<ServiceChange>,
     /// Every instance (listed or not), sorted by id.
     pub current: Vec<Instance>,
@@ -526,6 +547,7 @@ pub struct ServiceWatch {
 }
 
 impl ServiceWatch {
+    /// Follows `service`'s instances under `namespace` through `cache`.
     pub fn new(cache: &crate::etcd::Cache, namespace: &str, service: &str) -> Self {
         ServiceWatch {
             namespace: namespace.to_owned(),
@@ -543,6 +565,15 @@ impl ServiceWatch {
             self.endpoints.list(),
             self.health.list(),
         )
+    }
+
+    /// The updates as a `Stream`: the first one once the first full read
+    /// is done (every listed instance as added), then one per change.
+    pub fn into_stream(self) -> impl futures_core::Stream<Item = ServiceUpdate> + Send {
+        futures_util::stream::unfold(self, |mut watch| async move {
+            let update = watch.next().await;
+            Some((update, watch))
+        })
     }
 
     /// The next change. The first call waits for the first full read and

@@ -8,21 +8,26 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use super::hooks::HookRunner;
 use super::status::Status;
-use crate::etcd::{Cache, Client, SessionState};
+use crate::etcd::{Backoff, Cache, Client, SessionState};
 
 /// What every controller of one connected agent takes. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Context {
     pub client: Client,
     pub cache: Cache,
-    /// The session's state: the lease everything is held on.
+    /// The session's state: the lease everything is held on — shown only
+    /// while the agent holds its name on it (`presence::gate`), `Pending`
+    /// otherwise.
     pub session: watch::Receiver<SessionState>,
     /// The current hooks (replaced by a reload that changes them).
     pub hooks: watch::Receiver<Arc<HookRunner>>,
@@ -31,6 +36,44 @@ pub struct Context {
     pub cancel: CancellationToken,
     pub namespace: String,
     pub agent: String,
+}
+
+/// When a failed local write (a file, the state directory) is tried again:
+/// with backoff, from 200 ms to 10 s, until it works.
+#[derive(Debug)]
+pub struct RetryAt {
+    backoff: Backoff,
+    at: Option<Instant>,
+}
+
+impl Default for RetryAt {
+    fn default() -> Self {
+        RetryAt {
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            at: None,
+        }
+    }
+}
+
+impl RetryAt {
+    /// Records the outcome of a try: `false` schedules the next one.
+    pub fn tried(&mut self, ok: bool) -> bool {
+        if ok {
+            self.at = None;
+            self.backoff.reset();
+        } else {
+            self.at = Some(Instant::now() + self.backoff.next_delay());
+        }
+        ok
+    }
+
+    /// Completes when the next try is due; never while none is.
+    pub async fn due(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// One loop per key. A loop that replaces another for the same key (a

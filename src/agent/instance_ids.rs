@@ -15,11 +15,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::controller::{Context, Loops};
+use super::controller::{Context, Loops, RetryAt};
 use super::hold::key_gone;
 use super::hooks::{AmbientEnv, Event, HookRunner};
 use super::manifest::InstanceIdSpec;
 use super::sleep_or_stop;
+use super::state_dir::{StateDir, write_atomically};
 use super::status::report::ResourceKind;
 use crate::etcd::{Backoff, LeaseId, SessionState, alive_lease, unreachable_in};
 use crate::ids::{self, ClaimRecord, IdError};
@@ -31,16 +32,16 @@ pub type HeldIds = watch::Receiver<BTreeMap<String, u32>>;
 #[derive(Debug, Clone)]
 pub struct InstanceIdsController {
     ctx: Context,
-    state_dir: PathBuf,
+    state: StateDir,
     held: Arc<watch::Sender<BTreeMap<String, u32>>>,
     ambient: Option<AmbientEnv>,
 }
 
 impl InstanceIdsController {
-    pub fn new(ctx: &Context, state_dir: &Path) -> Self {
+    pub fn new(ctx: &Context, state: StateDir) -> Self {
         InstanceIdsController {
             ctx: ctx.clone(),
-            state_dir: state_dir.to_owned(),
+            state,
             held: Arc::new(watch::Sender::new(BTreeMap::new())),
             ambient: None,
         }
@@ -79,6 +80,18 @@ impl InstanceIdsController {
         }
     }
 
+    /// The id is held but its file could not be written yet.
+    fn publish_unwritten(&self, pool: &str, file: &IdFile) {
+        if let (Some(path), Some(error)) = (&file.path, &file.error) {
+            self.ctx.status.set(
+                ResourceKind::InstanceId,
+                pool,
+                "held, file not written",
+                Some(format!("cannot write {}: {error}", path.display())),
+            );
+        }
+    }
+
     /// The ids held now, by pool.
     pub fn held(&self) -> HeldIds {
         self.held.subscribe()
@@ -112,10 +125,6 @@ impl InstanceIdsController {
         loops.shutdown().await;
     }
 
-    fn remembered(&self, pool: &str) -> PathBuf {
-        self.state_dir.join("ids").join(pool)
-    }
-
     async fn pool_loop(
         self,
         spec: InstanceIdSpec,
@@ -129,7 +138,7 @@ impl InstanceIdsController {
                 _ = stop.cancelled() => return,
                 l = alive_lease(&mut session) => l,
             };
-            let preferred = std::fs::read_to_string(self.remembered(&spec.pool))
+            let preferred = std::fs::read_to_string(self.state.path(&remembered(&spec.pool)))
                 .ok()
                 .and_then(|s| s.trim().parse().ok());
             if let Some(p) = preferred {
@@ -197,29 +206,39 @@ impl InstanceIdsController {
             };
             backoff.reset();
             info!(pool = %spec.pool, id = claim.id, generation = claim.generation, "Instance id claimed.");
-            if let Err(e) = self.remember(&spec.pool, claim.id) {
-                warn!(pool = %spec.pool, error = %e, "Cannot remember the id in the state directory.");
-            }
-            if let Some(file) = &spec.file
-                && let Err(e) = write_atomically(file, &format!("{}\n", claim.id))
-            {
-                warn!(pool = %spec.pool, path = %file.display(), error = %e, "Cannot write the id file.");
-            }
+            let mut memo = RetryAt::default();
+            memo.tried(self.remember(&spec.pool, claim.id));
             self.publish(&spec.pool, Some(claim.id));
-            fire(
-                &hooks,
-                &spec,
-                Event::InstanceIdClaimed {
-                    pool: spec.pool.clone(),
-                    id: claim.id,
-                    generation: claim.generation,
-                },
-            );
+            // The claimed hook waits for the id file, which it may read: a
+            // file that cannot be written yet (its directory not created,
+            // a full disk) is retried with backoff until it can.
+            let mut file = IdFile::new(&spec, claim.id);
+            if file.write() {
+                fire_claimed(&hooks, &spec, &claim);
+            } else {
+                self.publish_unwritten(&spec.pool, &file);
+            }
             // Hold it while the lease lives (and the key is ours).
-            let stopped = tokio::select! {
-                _ = stop.cancelled() => true,
-                _ = lease_gone(&mut session, lease) => false,
-                _ = key_gone(&self.ctx.client, &claim.key, claim.generation) => false,
+            let gone = lease_gone(&mut session, lease);
+            let taken = key_gone(&self.ctx.client, &claim.key, claim.generation);
+            tokio::pin!(gone, taken);
+            let stopped = loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break true,
+                    _ = &mut gone => break false,
+                    _ = &mut taken => break false,
+                    _ = memo.due() => {
+                        memo.tried(self.remember(&spec.pool, claim.id));
+                    }
+                    _ = file.retry.due() => {
+                        if file.write() {
+                            self.publish(&spec.pool, Some(claim.id));
+                            fire_claimed(&hooks, &spec, &claim);
+                        } else {
+                            self.publish_unwritten(&spec.pool, &file);
+                        }
+                    }
+                }
             };
             self.publish(&spec.pool, None);
             if let Some(file) = &spec.file {
@@ -278,12 +297,84 @@ impl InstanceIdsController {
         .await;
     }
 
-    fn remember(&self, pool: &str, id: u32) -> std::io::Result<()> {
-        let path = self.remembered(pool);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+    /// Remembers `pool`'s id for the next start; `false` if the state
+    /// directory cannot take it (said once by [`StateDir`]).
+    fn remember(&self, pool: &str, id: u32) -> bool {
+        self.state.write(
+            &remembered(pool),
+            &id.to_string(),
+            "instance ids are still claimed, but a restarted agent may get different ones.",
+        )
+    }
+}
+
+/// Where a pool's last id is remembered, in the state directory.
+fn remembered(pool: &str) -> PathBuf {
+    Path::new("ids").join(pool)
+}
+
+fn fire_claimed(
+    hooks: &watch::Receiver<Arc<HookRunner>>,
+    spec: &InstanceIdSpec,
+    claim: &ids::Claim,
+) {
+    fire(
+        hooks,
+        spec,
+        Event::InstanceIdClaimed {
+            pool: spec.pool.clone(),
+            id: claim.id,
+            generation: claim.generation,
+        },
+    );
+}
+
+/// The id file of one claim: written once, or retried with backoff until
+/// it can be — the failure said once, the recovery too.
+struct IdFile {
+    path: Option<PathBuf>,
+    text: String,
+    pool: String,
+    retry: RetryAt,
+    /// Why the last try failed.
+    error: Option<String>,
+}
+
+impl IdFile {
+    fn new(spec: &InstanceIdSpec, id: u32) -> IdFile {
+        IdFile {
+            path: spec.file.clone(),
+            text: format!("{id}\n"),
+            pool: spec.pool.clone(),
+            retry: RetryAt::default(),
+            error: None,
         }
-        write_atomically(&path, &id.to_string())
+    }
+
+    /// Writes the file (true when there is none to write); a failure
+    /// schedules the next try.
+    fn write(&mut self) -> bool {
+        let Some(path) = &self.path else { return true };
+        let written = match write_atomically(path, &self.text) {
+            Ok(()) => {
+                if self.error.take().is_some() {
+                    info!(pool = %self.pool, path = %path.display(), "Id file written at last.");
+                }
+                true
+            }
+            Err(e) => {
+                super::fd_limit::note(&e);
+                let error = e.to_string();
+                if self.error.is_none() {
+                    warn!(pool = %self.pool, path = %path.display(), error = %error, "Cannot write the id file; retrying until it can be written.");
+                } else {
+                    debug!(pool = %self.pool, path = %path.display(), error = %error, "Still cannot write the id file.");
+                }
+                self.error = Some(error);
+                false
+            }
+        };
+        self.retry.tried(written)
     }
 }
 
@@ -291,21 +382,6 @@ fn fire(hooks: &watch::Receiver<Arc<HookRunner>>, spec: &InstanceIdSpec, event: 
     if !spec.on_change.is_empty() {
         hooks.borrow().clone().fire(&spec.on_change, &event);
     }
-}
-
-/// Writes `text` to a temporary file beside `path`, syncs it and renames
-/// it over `path`: readers see the old id or the new one, never half.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 /// Returns when the session no longer has `lease` alive.

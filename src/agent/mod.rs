@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod dns;
+pub mod fd_limit;
 pub mod files;
 pub mod hold;
 pub mod hooks;
@@ -13,7 +14,9 @@ pub mod presence;
 pub mod process;
 mod reload;
 mod runtime;
+pub mod schedule_clock;
 pub mod services;
+pub mod state_dir;
 pub mod status;
 pub mod supervise;
 pub mod tasks;

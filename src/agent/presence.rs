@@ -8,6 +8,11 @@
 //! (from the cache) with what is wanted and writes the difference. A failed
 //! reconcile is queued again with backoff.
 //!
+//! The agent holds nothing else — no service, id, lock or task — unless it
+//! holds its name: [`gate`] shows the other controllers the session's lease
+//! only while the presence key is on it, so a second agent with the same
+//! name waits, quietly, until the first one stops.
+//!
 //! Invariant 1: nothing is reconciled before the cache has completed its
 //! first full read of every prefix the resources depend on, so an empty
 //! cache never looks like "everything is missing".
@@ -18,14 +23,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::status::Status;
 use super::status::report::{QueueName, ResourceKind};
 use crate::etcd::{
-    Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription, unreachable_in,
+    Abandoner, Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription,
+    unreachable_in,
 };
-use crate::presence::{self, AgentRecord, Registration};
+use crate::presence::{self, Agent, AgentRecord, Registration};
 
 /// The address the presence record publishes: `configured`, else the
 /// local address of the route to the first etcd endpoint that resolves
@@ -147,6 +153,12 @@ pub struct PresenceController {
     desired: watch::Receiver<Desired>,
     stats: watch::Sender<ReconcileStats>,
     status: Status,
+    /// The lease the agent's name is held on, if any.
+    name: watch::Sender<Option<LeaseId>>,
+    /// Gives up a lease on which the name was taken by another agent.
+    abandoner: Option<Abandoner>,
+    /// The other holder last reported, so a clash is told once.
+    clash: Option<String>,
 }
 
 impl std::fmt::Debug for PresenceController {
@@ -169,7 +181,25 @@ impl PresenceController {
             desired,
             stats: watch::Sender::new(ReconcileStats::default()),
             status: Status::default(),
+            name: watch::Sender::new(None),
+            abandoner: None,
+            clash: None,
         }
+    }
+
+    /// Gives up the lease through `abandoner` if another agent takes the
+    /// name while it is held on it (someone deleted the presence key by
+    /// hand and the other agent wrote it first): what hung off that lease
+    /// is no longer the name holder's to keep.
+    pub fn with_abandoner(mut self, abandoner: Abandoner) -> Self {
+        self.abandoner = Some(abandoner);
+        self
+    }
+
+    /// The lease on which the agent holds its name (`None` while another
+    /// agent has it, or before it is registered), for [`gate`].
+    pub fn name(&self) -> watch::Receiver<Option<LeaseId>> {
+        self.name.subscribe()
     }
 
     /// Reports readiness, the queue and the presence key to `status`.
@@ -253,13 +283,53 @@ impl PresenceController {
         }
     }
 
+    /// The name is held on `lease`: the other controllers may start.
+    fn held(&mut self, key: &str, lease: LeaseId) {
+        if self.name.send_if_modified(|held| {
+            let changed = *held != Some(lease);
+            *held = Some(lease);
+            changed
+        }) && self.clash.take().is_some()
+        {
+            info!(key = %key, lease = %lease, "The agent's name is free again and now held by this agent; starting its services, ids and tasks.");
+        }
+    }
+
+    /// Another agent holds the name: said once per holder, and if the name
+    /// was ours on this very lease, the lease is given up.
+    fn clashed(&mut self, key: &str, lease: LeaseId, other: &Agent, wait: Duration) {
+        if *self.name.borrow() == Some(lease) {
+            warn!(key = %key, lease = %lease, "Another agent took this agent's name (its presence key was deleted and written again); giving up the session lease and everything on it.");
+            self.name.send_replace(None);
+            if let Some(a) = &self.abandoner {
+                a.abandon(lease);
+            }
+        }
+        let (host, pid) = other
+            .record
+            .as_ref()
+            .map_or(("unknown".to_owned(), "unknown".to_owned()), |r| {
+                (r.host.clone(), r.pid.to_string())
+            });
+        let holder = format!("{host}/{pid}/{}", other.lease.map_or(0, |l| l.0));
+        if self.clash.as_deref() == Some(holder.as_str()) {
+            debug!(key = %key, retry_in = ?wait, "The agent's name is still held by another agent.");
+            return;
+        }
+        self.clash = Some(holder);
+        let holder_lease = other
+            .lease
+            .map_or_else(|| "none".to_owned(), |l| l.to_string());
+        warn!(key = %key, holder_host = %host, holder_pid = %pid, holder_lease = %holder_lease, "Another agent already uses this name; this agent holds nothing (no services, instance ids, locks or tasks) until the name is free. Give each host its own [agent] name.");
+    }
+
     fn subscribe(&self, desired: &Desired) -> Subscription {
         self.cache
             .subscribe(&presence::key(&desired.namespace, &desired.agent))
     }
 
     async fn reconcile(
-        &self,
+        &mut self,
         key: &ResourceKey,
         desired: &Desired,
         sub: &Subscription,
@@ -283,6 +353,7 @@ impl PresenceController {
                     Ok(Registration::Unchanged) => {
                         self.status
                             .set(ResourceKind::Presence, &desired.agent, "registered", None);
+                        self.held(&etcd_key, lease);
                         queue.succeeded(key)
                     }
                     Ok(Registration::Written) => {
@@ -290,6 +361,7 @@ impl PresenceController {
                         self.status
                             .set(ResourceKind::Presence, &desired.agent, "registered", None);
                         self.stats.send_modify(|s| s.writes += 1);
+                        self.held(&etcd_key, lease);
                         queue.succeeded(key);
                     }
                     Ok(Registration::HeldByOldSession) => {
@@ -304,7 +376,7 @@ impl PresenceController {
                             .record
                             .as_ref()
                             .map_or("an unknown host", |r| r.host.as_str());
-                        error!(key = %etcd_key, holder_host = %host, retry_in = ?wait, "Another agent already uses this name; give each host its own [agent] name.");
+                        self.clashed(&etcd_key, lease, &other, wait);
                         self.status.set(
                             ResourceKind::Presence,
                             &desired.agent,
@@ -331,6 +403,38 @@ impl PresenceController {
                     }
                 }
             }
+        }
+    }
+}
+
+/// What the services, tasks and instance-id controllers see of the
+/// session: its state, except that a live lease shows as `Pending` until
+/// the agent's name is held on it. The agent that does not hold its name
+/// so claims, registers and runs nothing. Every renewal is passed on, until
+/// the session itself ends (the presence controller may stop first: the
+/// name stays as it was, so guarded commands keep their renewals while
+/// they stop).
+pub async fn gate(
+    mut session: watch::Receiver<SessionState>,
+    mut name: watch::Receiver<Option<LeaseId>>,
+    out: watch::Sender<SessionState>,
+) {
+    let mut naming = true;
+    loop {
+        let state = *session.borrow_and_update();
+        let held = *name.borrow_and_update();
+        let gated = match state {
+            SessionState::Alive { lease, .. } if held != Some(lease) => SessionState::Pending,
+            other => other,
+        };
+        out.send_if_modified(|shown| {
+            let changed = *shown != gated;
+            *shown = gated;
+            changed
+        });
+        tokio::select! {
+            changed = session.changed() => if changed.is_err() { return },
+            changed = name.changed(), if naming => naming = changed.is_ok(),
         }
     }
 }

@@ -314,10 +314,14 @@ pub async fn run(job: Job<'_>) -> Result<Finished, SpawnError> {
         .stderr(Stdio::piped());
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| SpawnError {
-        program: program.clone(),
-        source,
+    let mut child = cmd.spawn().map_err(|source| {
+        super::fd_limit::note(&source);
+        SpawnError {
+            program: program.clone(),
+            source,
+        }
     })?;
+    super::fd_limit::available();
     let group = Group::led_by(child.id().unwrap_or(0));
     // Dropped (the caller gave up on the run): the whole group goes.
     let _kill_on_drop = KillOnDrop(group);

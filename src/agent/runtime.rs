@@ -17,6 +17,7 @@ use super::manifest::{FileSpec, InstanceIdSpec, Manifest, PasswordError, Service
 use super::presence::{Desired, PresenceController};
 use super::reload::{PathWatcher, ReloadRequest};
 use super::services::ServicesController;
+use super::state_dir::StateDir;
 use super::status::{Notifier, ServeError, Status, StatusServer};
 use super::tasks::TasksController;
 use crate::etcd::{Cache, Client, Session, SessionState};
@@ -82,6 +83,7 @@ struct Connected {
     tasks: tokio::task::JoinHandle<()>,
     ids: tokio::task::JoinHandle<()>,
     follower: tokio::task::JoinHandle<()>,
+    gate: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
     /// What the presence record publishes as the agent's address.
     address: Option<String>,
@@ -134,13 +136,22 @@ impl Connected {
             session.subscribe(),
             desired_rx,
         )
-        .with_status(status.clone());
+        .with_status(status.clone())
+        .with_abandoner(session.abandoner());
         let stop = CancellationToken::new();
+        // The services, tasks and instance-id controllers see the lease
+        // only while the agent holds its name on it.
+        let (gated, gated_rx) = watch::channel(SessionState::Pending);
+        let gate = tokio::spawn(super::presence::gate(
+            session.subscribe(),
+            reconciler.name(),
+            gated,
+        ));
         // What the services, tasks and instance-id controllers take.
         let ctx = Context {
             client: client.clone(),
             cache: cache.clone(),
-            session: session.subscribe(),
+            session: gated_rx,
             hooks: shared.hooks.subscribe(),
             status: status.clone(),
             cancel: stop.clone(),
@@ -154,8 +165,9 @@ impl Connected {
         ));
         let reconciler = tokio::spawn(reconciler.run(stop.clone()));
         let services = tokio::spawn(ServicesController::new(&ctx).run(shared.services.subscribe()));
-        let ids_controller = InstanceIdsController::new(&ctx, &manifest.agent.state_dir)
-            .with_ambient(shared.ambient.clone());
+        let ids_controller =
+            InstanceIdsController::new(&ctx, StateDir::new(&manifest.agent.state_dir))
+                .with_ambient(shared.ambient.clone());
         let held_ids = ids_controller.held();
         let coord = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coord"));
         let tasks = tokio::spawn(
@@ -188,6 +200,7 @@ impl Connected {
             tasks,
             ids,
             follower,
+            gate,
             stop,
             address,
         })
@@ -206,6 +219,8 @@ impl Connected {
         let _ = self.ids.await;
         let _ = self.follower.await;
         self.session.close().await;
+        // Returns once the session has ended.
+        let _ = self.gate.await;
     }
 }
 

@@ -92,7 +92,10 @@ impl Supervised {
         cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
-        let child = cmd.spawn()?;
+        let child = cmd.spawn().inspect_err(|e| {
+            super::fd_limit::note(e);
+        })?;
+        super::fd_limit::available();
         let (from, to) = ours.into_split();
         Ok(Supervised {
             child,

@@ -26,6 +26,7 @@ use super::controller::{Context, Loops};
 use super::hold::{Claim, Ended, Guarded, Held, HoldError, Holding};
 use super::hooks::{Event, HookRunner};
 use super::manifest::{Schedule, TaskSpec};
+use super::schedule_clock::ScheduleClock;
 use super::sleep_or_stop;
 use super::status::TaskExit;
 use super::status::report::ResourceKind;
@@ -65,6 +66,8 @@ pub struct TasksController {
     ids: Option<super::instance_ids::HeldIds>,
     /// The agent's local queue per lock name.
     turns: Arc<std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// What `every` and cron schedules read: wall time, steps back held.
+    clock: ScheduleClock,
 }
 
 impl TasksController {
@@ -75,6 +78,7 @@ impl TasksController {
             coord,
             ids: None,
             turns: Arc::default(),
+            clock: ScheduleClock::default(),
         }
     }
 
@@ -146,18 +150,18 @@ impl TasksController {
                 }
                 Schedule::Leader => 0,
                 Schedule::Every(every) => {
-                    let (slot, wait) = next_slot(*every);
-                    if sleep_or_stop(wait, &stop).await {
+                    let (slot, at) = next_slot(*every, self.clock.now());
+                    if self.clock.sleep_until(at, &stop).await {
                         return;
                     }
                     slot
                 }
                 Schedule::Cron(expr) => {
-                    let Some((slot, wait)) = next_cron(expr) else {
+                    let Some((slot, at)) = next_cron(expr, self.clock.now()) else {
                         warn!(task = %spec.name, cron = %expr, "No next time for this cron expression; the task stops.");
                         return;
                     };
-                    if sleep_or_stop(wait, &stop).await {
+                    if self.clock.sleep_until(at, &stop).await {
                         return;
                     }
                     slot
@@ -534,22 +538,20 @@ fn ttl_of(session: &watch::Receiver<SessionState>, lease: LeaseId) -> Duration {
 }
 
 /// The next slot of an interval, aligned to the Unix epoch so that every
-/// agent agrees on it: (slot number, time until it starts).
-fn next_slot(every: Duration) -> (i64, Duration) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+/// agent agrees on it: (slot number, when it starts).
+fn next_slot(every: Duration, now: SystemTime) -> (i64, SystemTime) {
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let every_ms = every.as_millis().max(1);
     let slot = now.as_millis() / every_ms + 1;
     let at = Duration::from_millis((slot * every_ms) as u64);
-    (slot as i64, at.saturating_sub(now))
+    (slot as i64, UNIX_EPOCH + at)
 }
 
-/// The next time of a cron expression: (its Unix second, time until then).
-fn next_cron(expr: &str) -> Option<(i64, Duration)> {
+/// The next time of a cron expression after `now`: (its Unix second, that
+/// time).
+fn next_cron(expr: &str, now: SystemTime) -> Option<(i64, SystemTime)> {
     let cron = croner::Cron::from_str(expr).ok()?;
-    let now = chrono::Utc::now();
+    let now = chrono::DateTime::<chrono::Utc>::from(now);
     let next = cron.find_next_occurrence(&now, false).ok()?;
-    let wait = (next - now).to_std().unwrap_or_default();
-    Some((next.timestamp(), wait))
+    Some((next.timestamp(), SystemTime::from(next)))
 }

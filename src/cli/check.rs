@@ -18,6 +18,10 @@ pub struct CheckArgs {
 pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let manifest = Manifest::load(&args.manifest)?;
     load_hooks(&manifest).await?;
+    // The manifest is good; what the host lacks does not make it bad.
+    for warning in manifest.host_warnings() {
+        eprintln!("{warning}");
+    }
     println!("{}", manifest.summary());
     Ok(ExitCode::SUCCESS)
 }

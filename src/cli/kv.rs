@@ -17,10 +17,13 @@ use coord::etcd::Client;
 pub const EXIT_CONFLICT: u8 = 3;
 /// Exit status when the key (or its value at a revision) does not exist.
 pub const EXIT_NOT_FOUND: u8 = 4;
+/// Exit status when a `--fence`d write was refused because the lock is no
+/// longer held by the caller's holder key (nothing was written).
+pub const EXIT_FENCED: u8 = 5;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Exit status: 0 done, 1 error, 3 refused (version conflict: nothing written), 4 key not found."
+    after_help = "Exit status: 0 done, 1 error, 3 refused (version conflict: nothing written), 4 key not found, 5 refused (--fence: the lock is no longer ours; nothing written)."
 )]
 pub struct KvArgs {
     #[command(subcommand)]
@@ -106,6 +109,12 @@ struct SetArgs {
     /// Check the value against this JSON Schema first.
     #[arg(long, value_name = "FILE")]
     schema: Option<PathBuf>,
+    /// Write only while lock LOCK is held by this command's holder key
+    /// (`COORD_LOCK_KEY` and `COORD_FENCING_TOKEN`, which `coord lock` and
+    /// tasks set): checked in the same transaction as the write, so a
+    /// holder that lost the lock never writes (exit 5).
+    #[arg(long, value_name = "LOCK")]
+    fence: Option<String>,
 }
 
 pub async fn kv(args: KvArgs) -> anyhow::Result<ExitCode> {
@@ -120,6 +129,10 @@ pub async fn kv(args: KvArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("error: {e:#}");
                 Ok(ExitCode::from(EXIT_NOT_FOUND))
             }
+            Some(config::Error::Fenced { .. }) => {
+                eprintln!("error: {e:#}");
+                Ok(ExitCode::from(EXIT_FENCED))
+            }
             _ => Err(e),
         },
     }
@@ -133,7 +146,7 @@ async fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
         KvCommand::Set(set) => Some(prepare(set, json)?),
         _ => None,
     };
-    let (client, _) = args.etcd.connect().await?;
+    let (client, namespace) = args.etcd.connect().await?;
     match args.command {
         KvCommand::Get { key } => get(&client, &key, json).await?,
         KvCommand::Set(set) => {
@@ -143,7 +156,13 @@ async fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
                 (None, false) => Expect::Any,
             };
             let raw = prepared.expect("prepared above for set");
-            let written = config::set_raw(&client, &set.key, &raw, expect).await?;
+            let written = match &set.fence {
+                None => config::set_raw(&client, &set.key, &raw, expect).await?,
+                Some(lock_name) => {
+                    let fence = holder_fence(&namespace, lock_name)?;
+                    config::set_fenced(&client, &set.key, &raw, expect, &fence).await?
+                }
+            };
             print_written("set", &set.key, written, json);
         }
         KvCommand::Del { key, if_version } => {
@@ -188,6 +207,28 @@ async fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The fence of lock `name` from this process's environment: its holder
+/// key and fencing token, as `coord lock` hands them to its command.
+fn holder_fence(namespace: &str, name: &str) -> anyhow::Result<coord::etcd::Condition> {
+    let Ok(key) = std::env::var("COORD_LOCK_KEY") else {
+        bail!(
+            "--fence {name}: COORD_LOCK_KEY is not set; run this under `coord lock {name} -- …` (or a task holding `{name}`); nothing was written"
+        );
+    };
+    if coord::lock::holder_lease(namespace, name, &key).is_none() {
+        bail!(
+            "--fence {name}: COORD_LOCK_KEY `{key}` is not a holder key of lock `{name}` (in namespace `{namespace}`); nothing was written"
+        );
+    }
+    let token: i64 = std::env::var("COORD_FENCING_TOKEN")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .with_context(|| {
+            format!("--fence {name}: COORD_FENCING_TOKEN is missing or not a number; nothing was written")
+        })?;
+    Ok(coord::lock::fence(&key, token))
 }
 
 /// The bytes to write, read from where the arguments say and checked.

@@ -20,6 +20,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays from `base`, doubling up to `max`.
     pub fn new(base: Duration, max: Duration) -> Self {
         Backoff {
             next: base,
@@ -28,12 +29,14 @@ impl Backoff {
         }
     }
 
+    /// The delay before the next attempt (and doubles the one after).
     pub fn next_delay(&mut self) -> Duration {
         let now = self.next;
         self.next = (self.next * 2).min(self.max);
         now
     }
 
+    /// Back to `base`, after a success.
     pub fn reset(&mut self) {
         self.next = self.base;
     }

@@ -18,7 +18,9 @@ pub enum CacheEvent {
     /// These keys changed (after a re-list: the difference to what was
     /// cached before).
     Changed {
+        /// etcd's revision of the changes.
         revision: i64,
+        /// The changed keys, in order.
         changes: Arc<[Change]>,
     },
     /// The subscriber fell behind and missed events: read the whole prefix
@@ -151,6 +153,7 @@ impl CacheSnapshot {
         self.kvs.len()
     }
 
+    /// Whether the snapshot holds no key.
     pub fn is_empty(&self) -> bool {
         self.kvs.is_empty()
     }
@@ -172,6 +175,7 @@ impl Drop for Entry {
 }
 
 impl Cache {
+    /// A cache over `client`, watching nothing until subscribed to.
     pub fn new(client: Client) -> Self {
         Self::counted(client, Arc::default())
     }
@@ -244,6 +248,7 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The prefix subscribed to.
     pub fn prefix(&self) -> &str {
         &self.entry.shared.prefix
     }

@@ -10,6 +10,7 @@ use super::{Backoff, Client, Error, KeyValue};
 /// One change to one key, with the key before and after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValueChange {
+    /// The key.
     pub key: String,
     /// The revision of the change.
     pub revision: i64,

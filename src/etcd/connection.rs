@@ -11,7 +11,8 @@ use etcd_client::{
 };
 
 use tokio::sync::OnceCell;
-use tracing::debug;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
 use super::Error;
 use super::error::{brief, worth_another_endpoint};
@@ -31,11 +32,17 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
+    /// `http://` or `https://` URLs of the cluster's members.
     pub endpoints: Vec<String>,
+    /// Time allowed to open a connection to one endpoint.
     pub dial_timeout: Duration,
+    /// Time allowed for one unary request (failover to other endpoints included).
     pub request_timeout: Duration,
+    /// TLS to etcd, if any.
     pub tls: Option<TlsFiles>,
+    /// etcd's auth user, if any (with `password`).
     pub username: Option<String>,
+    /// The user's password.
     pub password: Option<Password>,
 }
 
@@ -58,8 +65,11 @@ impl ConnectOptions {
 /// needed for `https://` endpoints; `cert` and `key` go together.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// The CA certificate that signed the members' certificates.
     pub ca: Option<PathBuf>,
+    /// The client certificate, for etcd's client-certificate auth.
     pub cert: Option<PathBuf>,
+    /// The client certificate's key.
     pub key: Option<PathBuf>,
 }
 
@@ -68,6 +78,7 @@ pub struct TlsFiles {
 pub struct Password(String);
 
 impl Password {
+    /// Wraps a secret.
     pub fn new(secret: impl Into<String>) -> Self {
         Password(secret.into())
     }
@@ -97,11 +108,17 @@ impl fmt::Display for LeaseId {
 /// One key as etcd stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
+    /// The key.
     pub key: String,
+    /// Its value.
     pub value: Vec<u8>,
+    /// The revision that created it (this incarnation).
     pub create_revision: i64,
+    /// The revision of its last write.
     pub mod_revision: i64,
+    /// 1 when created, +1 on each write.
     pub version: i64,
+    /// The lease it is attached to, if any.
     pub lease: Option<LeaseId>,
 }
 
@@ -130,12 +147,18 @@ pub const BATCH: usize = 64;
 /// One write of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
+    /// Write `value` at `key`, attached to `lease` if given.
     Put {
+        /// The key.
         key: String,
+        /// The value.
         value: Vec<u8>,
+        /// The lease to attach it to.
         lease: Option<LeaseId>,
     },
+    /// Delete `key`.
     Delete {
+        /// The key.
         key: String,
     },
 }
@@ -143,7 +166,9 @@ pub enum Op {
 /// The keys under a prefix at one revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The revision of the read.
     pub revision: i64,
+    /// The keys, in key order.
     pub kvs: Vec<KeyValue>,
 }
 
@@ -173,6 +198,36 @@ struct Endpoint {
     url: String,
     client: OnceCell<etcd_client::Client>,
     seen: Reachability,
+    /// Cancelled when the endpoint is found not answering (and replaced):
+    /// streams opened on it ([`Served`]) move to another endpoint.
+    suspect: std::sync::Mutex<CancellationToken>,
+}
+
+/// The endpoint a stream was opened on, for the stream to learn that the
+/// endpoint stopped answering (a request to it timed out) or to say so
+/// itself (its own messages went unanswered). A stopped member (SIGSTOP,
+/// a hung disk) keeps its TCP connections open and answers nothing; its
+/// streams would otherwise wait until HTTP/2 keepalive gives up on them.
+#[derive(Debug, Clone)]
+pub(crate) struct Served {
+    client: Client,
+    index: usize,
+    token: CancellationToken,
+}
+
+impl Served {
+    /// Completes when the endpoint is suspected of not answering.
+    pub(crate) async fn suspected(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// Says the endpoint did not answer: every stream on it moves, and
+    /// requests go to the next endpoint.
+    pub(crate) fn not_answering(&self, op: &'static str) {
+        if !self.token.is_cancelled() {
+            self.client.suspect(self.index, op);
+        }
+    }
 }
 
 impl fmt::Debug for Client {
@@ -230,6 +285,7 @@ impl Client {
                         url: url.clone(),
                         client: OnceCell::new(),
                         seen: Reachability::default(),
+                        suspect: std::sync::Mutex::default(),
                     })
                     .collect(),
                 preferred: AtomicUsize::new(0),
@@ -293,35 +349,77 @@ impl Client {
         F: Fn(etcd_client::Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.serve(op, timeout, f).await.map(|(v, _)| v)
+    }
+
+    /// Opens a stream like [`Client::unary_within`], and says which
+    /// endpoint it is on.
+    pub(crate) async fn stream_within<T, F, Fut>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        f: F,
+    ) -> Result<(T, Served), Error>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.serve(op, timeout, f).await
+    }
+
+    /// Tries the endpoints in turn from the preferred one. While another
+    /// endpoint is left to try, one gets half the time that is left: a
+    /// member that takes no request (stopped, hung) then costs part of the
+    /// budget, not all of it, and is suspected, so later requests and
+    /// streams go elsewhere. (A request that timed out may still have been
+    /// applied, as one cut off by a transport error may: callers already
+    /// retry such requests whole.)
+    async fn serve<T, F, Fut>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        f: F,
+    ) -> Result<(T, Served), Error>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let deadline = tokio::time::Instant::now() + timeout;
         let n = self.shared.endpoints.len();
         let mut last: Option<etcd_client::Error> = None;
-        for round in 1u64.. {
+        'rounds: for round in 1u64.. {
             let start = self.shared.preferred.load(Ordering::Relaxed);
             for step in 0..n {
                 let i = (start + step) % n;
+                let token = self.suspect_token(i);
                 let attempt = async {
                     let c = self.endpoint(i).await?;
                     f(c).await
                 };
                 let ep = &self.shared.endpoints[i];
-                match tokio::time::timeout_at(deadline, attempt).await {
+                let now = tokio::time::Instant::now();
+                let until = if step + 1 < n {
+                    now + deadline.saturating_duration_since(now) / 2
+                } else {
+                    deadline
+                };
+                match tokio::time::timeout_at(until, attempt).await {
                     Err(_) => {
-                        if last.is_none() {
-                            // Not one answer, not even a refusal, in the
-                            // whole request timeout: this one is not
-                            // answering (a black-holed address, a frozen
-                            // member). A slow answer after a refusal
-                            // elsewhere says nothing new about this one.
-                            let waited = humantime::format_duration(timeout);
-                            ep.seen.failed(&ep.url, format!("no answer within {waited}"));
+                        ep.seen.no_answer(&ep.url, until.saturating_duration_since(now));
+                        self.suspect(i, op);
+                        if until >= deadline {
+                            break 'rounds;
                         }
-                        break;
                     }
                     Ok(Ok(v)) => {
                         ep.seen.answered(&ep.url);
                         self.shared.preferred.store(i, Ordering::Relaxed);
-                        return Ok(v);
+                        let served = Served {
+                            client: self.clone(),
+                            index: i,
+                            token,
+                        };
+                        return Ok((v, served));
                     }
                     Ok(Err(e)) if worth_another_endpoint(&e) => {
                         debug!(endpoint = %ep.url, op, error = %e, "Endpoint cannot serve; trying the next.");
@@ -352,6 +450,34 @@ impl Client {
             Some(source) => Error::Request { op, source },
             None => Error::Timeout { op, timeout },
         })
+    }
+
+    fn suspect_token(&self, i: usize) -> CancellationToken {
+        self.shared.endpoints[i]
+            .suspect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Endpoint `i` did not answer `op` in time: its streams move, and the
+    /// next endpoint is preferred. With one endpoint there is nowhere else
+    /// to go, and its streams are left to resume when it answers.
+    fn suspect(&self, i: usize, op: &'static str) {
+        let n = self.shared.endpoints.len();
+        if n < 2 {
+            return;
+        }
+        let _ = self.shared.preferred.compare_exchange(
+            i,
+            (i + 1) % n,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        let ep = &self.shared.endpoints[i];
+        let old = std::mem::take(&mut *ep.suspect.lock().unwrap_or_else(|p| p.into_inner()));
+        old.cancel();
+        warn!(endpoint = %ep.url, op, "etcd endpoint did not answer in time; moving to the next one.");
     }
 
     /// Reads one key.

@@ -10,14 +10,22 @@ pub enum Error {
     /// A TLS or credential file could not be read.
     #[error("failed to read {what} from `{path}`: {source}")]
     ReadFile {
+        /// What the file is for.
         what: &'static str,
+        /// The file.
         path: PathBuf,
         #[source]
+        /// Why it could not be read.
         source: std::io::Error,
     },
     /// etcd did not answer within the request timeout.
     #[error("etcd did not answer `{op}` within {}", humantime::format_duration(*timeout))]
-    Timeout { op: &'static str, timeout: Duration },
+    Timeout {
+        /// The request.
+        op: &'static str,
+        /// The request timeout.
+        timeout: Duration,
+    },
     /// etcd answered with an error, or could not be reached. The message
     /// says what etcd said (or the innermost transport failure), not
     /// tonic's whole debug form; `source` keeps the rest for code that
@@ -25,21 +33,33 @@ pub enum Error {
     /// failure a second time, at length, after ours.
     #[error("etcd request `{op}` failed: {}", brief(source))]
     Request {
+        /// The request (`get`, `lease grant`, …).
         op: &'static str,
+        /// What etcd (or the transport) said.
         source: etcd_client::Error,
     },
     /// etcd's auth refused a read: the user's role may not read this.
     #[error(
         "etcd refused to let this user read {range}: permission denied (grant the user's role read access to it)"
     )]
-    Denied { range: String },
+    Denied {
+        /// The range refused (a key or a prefix).
+        range: String,
+    },
     /// The requested revision has been compacted away.
     #[error("revision {requested} of `{key}` is compacted (oldest kept: {compacted})")]
     Compacted {
+        /// The key read.
         key: String,
+        /// The revision asked for.
         requested: i64,
+        /// The oldest revision etcd keeps.
         compacted: i64,
     },
+    /// The session was closed (or its handle dropped): nothing more can
+    /// be held on its lease.
+    #[error("the session is closed: nothing more can be held on its lease")]
+    SessionClosed,
 }
 
 impl Error {

@@ -26,25 +26,36 @@ pub enum LocalEtcdError {
         "etcd was not found (looked for `{0}`). Install it with `sudo apt-get install etcd-server` \
          on Debian/Ubuntu, or point ETCD_BIN at an etcd binary"
     )]
+    /// No `etcd` binary (the message says how to install one).
     NotInstalled(String),
     #[error("failed to prepare the etcd data directory `{path}`: {source}")]
+    /// The data directory could not be made.
     DataDir {
+        /// The directory.
         path: PathBuf,
         #[source]
+        /// Why not.
         source: std::io::Error,
     },
     #[error("failed to start etcd `{bin}`: {source}")]
+    /// `etcd` could not be started.
     Spawn {
+        /// The binary.
         bin: String,
         #[source]
+        /// Why not.
         source: std::io::Error,
     },
     #[error(
         "etcd member `{name}` did not become healthy within {timeout:?}; its log is at `{log}`"
     )]
+    /// The member did not become healthy in time.
     Unhealthy {
+        /// The member.
         name: String,
+        /// How long it was given.
         timeout: Duration,
+        /// Its log, to read why.
         log: PathBuf,
     },
 }
@@ -87,14 +98,17 @@ impl Member {
         self.connect.endpoints[0].clone()
     }
 
+    /// The member's name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Where the member logs.
     pub fn log_path(&self) -> &Path {
         &self.log
     }
 
+    /// Whether the process still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
@@ -235,10 +249,12 @@ impl LocalEtcd {
         })
     }
 
+    /// The client URL of the member.
     pub fn endpoint(&self) -> String {
         self.cluster.members[0].endpoint()
     }
 
+    /// The one member.
     pub fn member(&mut self) -> &mut Member {
         &mut self.cluster.members[0]
     }
@@ -311,18 +327,22 @@ impl LocalCluster {
         Err(last_err.unwrap_or(LocalEtcdError::NotInstalled("etcd".into())))
     }
 
+    /// The client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(Member::endpoint).collect()
     }
 
+    /// Member `i`.
     pub fn member(&mut self, i: usize) -> &mut Member {
         &mut self.members[i]
     }
 
+    /// How many members.
     pub fn len(&self) -> usize {
         self.members.len()
     }
 
+    /// Whether there are no members.
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }
@@ -352,9 +372,13 @@ impl LocalCluster {
 pub struct LocalTls {
     /// The CA that signed both the server and client certificates.
     pub ca: PathBuf,
+    /// The members' certificate.
     pub server_cert: PathBuf,
+    /// Its key.
     pub server_key: PathBuf,
+    /// A client certificate etcd accepts.
     pub client_cert: PathBuf,
+    /// Its key.
     pub client_key: PathBuf,
 }
 

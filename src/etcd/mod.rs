@@ -28,9 +28,9 @@ pub use connection::{
     LeaseId, Op, Password, Snapshot, TlsFiles,
 };
 pub use error::{Error, unreachable_in};
-pub use mvcc::Guarded;
+pub use mvcc::{Committed, Condition, Conditional, Guarded};
 pub use reachability::{EndpointState, REMINDER};
 pub use reads::{Range, ReadSet};
-pub use session::{Session, SessionState, SessionStats, alive_lease};
+pub use session::{Abandoner, Session, SessionState, SessionStats, alive_lease};
 pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};
 pub use watchset::{WatchSet, WatchSetEvent};

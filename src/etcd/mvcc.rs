@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, TxnOp, TxnOpResponse, WatchOptions};
 
-use super::{Client, Error, KeyValue};
+use super::{Client, Error, KeyValue, Op};
 
 /// gRPC's OUT_OF_RANGE, which etcd answers for a read at a compacted (or
 /// future) revision.
@@ -17,10 +17,98 @@ const GRPC_OUT_OF_RANGE: i32 = 11;
 pub enum Guarded {
     /// The write happened at `revision`. `kv` is the key as written (for a
     /// put) or as it was before (for a delete; `None` if it did not exist).
-    Applied { revision: i64, kv: Option<KeyValue> },
+    Applied {
+        /// The revision of the write.
+        revision: i64,
+        /// The key as written (put) or as it was (delete).
+        kv: Option<KeyValue>,
+    },
     /// The key was not at the expected version; nothing was written.
     /// `current` is the key as it is (`None` if it does not exist).
-    Refused { current: Option<KeyValue> },
+    Refused {
+        /// The key as it is (`None`: absent).
+        current: Option<KeyValue>,
+    },
+}
+
+/// A condition a transaction holds to: what makes a write conditional
+/// (on a lock still being held, on a key's version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// `key` exists as the incarnation created at `revision`. With a lock's
+    /// holder key and fencing token this is Go's `Mutex.IsOwner()`: the
+    /// lock is still held by that holding.
+    CreatedAt {
+        /// The key.
+        key: String,
+        /// Its create revision.
+        revision: i64,
+    },
+    /// `key` is at `version` (0: it does not exist).
+    Version {
+        /// The key.
+        key: String,
+        /// Its version.
+        version: i64,
+    },
+}
+
+impl Condition {
+    /// The key the condition looks at.
+    pub fn key(&self) -> &str {
+        match self {
+            Condition::CreatedAt { key, .. } | Condition::Version { key, .. } => key,
+        }
+    }
+
+    fn compare(&self) -> Compare {
+        match self {
+            Condition::CreatedAt { key, revision } => {
+                Compare::create_revision(key.as_str(), CompareOp::Equal, *revision)
+            }
+            Condition::Version { key, version } => {
+                Compare::version(key.as_str(), CompareOp::Equal, *version)
+            }
+        }
+    }
+
+    /// Whether it holds for `kv` as read (`None`: absent).
+    pub fn holds_for(&self, kv: Option<&KeyValue>) -> bool {
+        match self {
+            Condition::CreatedAt { revision, .. } => {
+                kv.is_some_and(|kv| kv.create_revision == *revision)
+            }
+            Condition::Version { version, .. } => kv.map_or(0, |kv| kv.version) == *version,
+        }
+    }
+}
+
+/// What [`Client::commit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Whether every condition held, so the writes were applied.
+    pub succeeded: bool,
+    /// etcd's revision after the transaction.
+    pub revision: i64,
+}
+
+/// What [`Client::put_if`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conditional {
+    /// Written at `revision`; `kv` is the key as written.
+    Applied {
+        /// The revision of the write.
+        revision: i64,
+        /// The key as written.
+        kv: Option<KeyValue>,
+    },
+    /// A condition did not hold; nothing was written.
+    Refused {
+        /// The key as it is (`None`: absent).
+        current: Option<KeyValue>,
+        /// The conditions that did not hold, as given.
+        failed: Vec<Condition>,
+    },
 }
 
 impl Client {
@@ -91,6 +179,65 @@ impl Client {
         })
     }
 
+    /// Applies `then` in one transaction only if every condition in
+    /// `when` holds (a lock guard's [`Condition::CreatedAt`] fences it).
+    pub async fn commit(&self, when: &[Condition], then: &[Op]) -> Result<Committed, Error> {
+        let resp = self
+            .unary("conditional transaction", |mut c| {
+                let txn = etcd_client::Txn::new()
+                    .when(when.iter().map(Condition::compare).collect::<Vec<_>>())
+                    .and_then(then.iter().map(op).collect::<Vec<_>>());
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(Committed {
+            succeeded: resp.succeeded(),
+            revision: resp.header().map_or(0, |h| h.revision()),
+        })
+    }
+
+    /// Writes `value` at `key` only if every condition holds; when one
+    /// does not, says which (read in the same transaction).
+    pub async fn put_if(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        when: &[Condition],
+    ) -> Result<Conditional, Error> {
+        let value = value.into();
+        let resp = self
+            .unary("conditional put", |mut c| {
+                let mut otherwise = vec![TxnOp::get(key, None)];
+                otherwise.extend(when.iter().map(|w| TxnOp::get(w.key(), None)));
+                let txn = etcd_client::Txn::new()
+                    .when(when.iter().map(Condition::compare).collect::<Vec<_>>())
+                    .and_then([TxnOp::put(key, value.clone(), None), TxnOp::get(key, None)])
+                    .or_else(otherwise);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let succeeded = resp.succeeded();
+        let mut reads = resp.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(get.kvs().first().map(KeyValue::from_raw)),
+            _ => None,
+        });
+        if succeeded {
+            return Ok(Conditional::Applied {
+                revision,
+                kv: reads.next().flatten(),
+            });
+        }
+        let current = reads.next().flatten();
+        let failed = when
+            .iter()
+            .zip(reads)
+            .filter(|(w, kv)| !w.holds_for(kv.as_ref()))
+            .map(|(w, _)| w.clone())
+            .collect();
+        Ok(Conditional::Refused { current, failed })
+    }
+
     /// Deletes `key` if its version is `expected` (0: succeeds, deleting
     /// nothing, if the key does not exist), or unconditionally when
     /// `expected` is `None`.
@@ -157,6 +304,17 @@ impl Client {
             },
         )
         .await
+    }
+}
+
+fn op(op: &Op) -> TxnOp {
+    match op {
+        Op::Put { key, value, lease } => TxnOp::put(
+            key.as_str(),
+            value.clone(),
+            lease.map(|l| etcd_client::PutOptions::new().with_lease(l.0)),
+        ),
+        Op::Delete { key } => TxnOp::delete(key.as_str(), None),
     }
 }
 

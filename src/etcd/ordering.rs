@@ -49,6 +49,21 @@ impl Client {
         Ok((kv, created))
     }
 
+    /// Deletes `key` only while it is the incarnation created at
+    /// `created` (a key deleted and created again is someone else's);
+    /// returns whether it deleted it.
+    pub async fn delete_if_created(&self, key: &str, created: i64) -> Result<bool, Error> {
+        let resp = self
+            .unary("delete if created", |mut c| {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key, CompareOp::Equal, created)])
+                    .and_then([TxnOp::delete(key, None)]);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(resp.succeeded())
+    }
+
     /// The keys under `prefix`, without values (one cheap read).
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, Error> {
         let opts = GetOptions::new().with_prefix().with_keys_only();
@@ -209,6 +224,74 @@ impl Client {
         }
     }
 
+    /// Waits for any key under `prefix` to be written after `revision`.
+    /// Also returns when the watch is compacted, cancelled or broken: the
+    /// caller reads again anyway.
+    pub async fn wait_put(&self, prefix: &str, revision: i64) -> Result<(), Error> {
+        let mut stream = self
+            .unary("watch", |mut c| async move {
+                c.watch(
+                    prefix,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                )
+                .await
+            })
+            .await?;
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.compact_revision() > 0
+                        || resp.canceled()
+                        || resp
+                            .events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Put)
+                    {
+                        return Ok(());
+                    }
+                }
+                Ok(None) | Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// The next change to `key` after revision `after`: `Some` with the
+    /// key as written, `None` once it is deleted. When changes in between
+    /// were compacted away (or the watch broke), the key as it is now
+    /// stands in for them.
+    pub async fn next_change(&self, key: &str, after: i64) -> Result<Option<KeyValue>, Error> {
+        let mut from = after + 1;
+        loop {
+            let mut stream = self
+                .unary("watch", |mut c| async move {
+                    c.watch(key, Some(WatchOptions::new().with_start_revision(from)))
+                        .await
+                })
+                .await?;
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.compact_revision() > 0 || resp.canceled() {
+                    break;
+                }
+                if let Some(event) = resp.events().first() {
+                    return Ok(match event.event_type() {
+                        EventType::Put => event.kv().map(KeyValue::from_raw),
+                        EventType::Delete => None,
+                    });
+                }
+            }
+            let (kvs, read_at) = self.get_sorted("get", key, GetOptions::new()).await?;
+            match kvs.into_iter().next() {
+                None => return Ok(None),
+                Some(kv) if kv.mod_revision > after => return Ok(Some(kv)),
+                Some(_) => from = read_at + 1,
+            }
+        }
+    }
+
     /// Waits until `key`, created at `created` and still there at `seen_at`,
     /// is deleted, resuming the watch after errors. Returns at once if it
     /// is already gone.
@@ -256,5 +339,16 @@ impl Client {
             })
             .await?;
         Ok((resp.ttl() > 0).then_some(resp.ttl()))
+    }
+
+    /// Revokes `lease`: every key on it is deleted at once. (What an
+    /// operator's `etcdctl lease revoke` does; a session's own lease is
+    /// revoked by [`super::Session::close`].)
+    pub async fn lease_revoke(&self, lease: LeaseId) -> Result<(), Error> {
+        self.unary("lease revoke", |mut c| async move {
+            c.lease_revoke(lease.0).await
+        })
+        .await
+        .map(|_| ())
     }
 }

@@ -38,6 +38,7 @@ enum Seen {
 /// One endpoint as last seen, for whoever must tell a person about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointState {
+    /// The endpoint's URL.
     pub url: String,
     /// `None` until the endpoint has been asked something.
     pub answering: Option<bool>,
@@ -99,6 +100,24 @@ impl Reachability {
         }
     }
 
+    /// The endpoint gave no answer, not even a refusal, within `waited`.
+    /// An endpoint already known unreachable keeps its more telling cause
+    /// (`Connection refused`): a dial that was still retrying when the
+    /// request's time ran out says nothing new about it.
+    pub(super) fn no_answer(&self, url: &str, waited: Duration) {
+        let cause = {
+            let seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            match &*seen {
+                Seen::Unreachable { cause, .. } => cause.clone(),
+                _ => format!(
+                    "no answer within {}",
+                    humantime::format_duration(round_ms(waited))
+                ),
+            }
+        };
+        self.failed(url, cause);
+    }
+
     pub(super) fn state(&self, url: &str) -> EndpointState {
         let seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let (answering, cause) = match &*seen {
@@ -117,4 +136,9 @@ impl Reachability {
 /// Whole seconds: a log line does not need the nanoseconds.
 fn round(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
+}
+
+/// Whole milliseconds, for a wait that may be a fraction of a second.
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
 }

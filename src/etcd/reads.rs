@@ -25,7 +25,9 @@ const GRPC_PERMISSION_DENIED: i32 = 7;
 /// One key, or every key under a prefix.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Range {
+    /// One key.
     Key(String),
+    /// Every key under a prefix.
     Prefix(String),
 }
 
@@ -82,14 +84,17 @@ impl ReadSet {
         self.prefixes.extend(other.prefixes.iter().cloned());
     }
 
+    /// The single keys of the set.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(String::as_str)
     }
 
+    /// The prefixes of the set.
     pub fn prefixes(&self) -> impl Iterator<Item = &str> {
         self.prefixes.iter().map(String::as_str)
     }
 
+    /// Whether the set reads nothing.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.prefixes.is_empty()
     }

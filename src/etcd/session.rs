@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -20,6 +20,7 @@ use super::clock::{BootInstant, Clock};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::connection::Served;
 use super::{Backoff, Client, Error, LeaseId};
 
 /// What the session knows about its lease.
@@ -30,11 +31,16 @@ pub enum SessionState {
     /// The lease is ours at least until `deadline` (on `CLOCK_BOOTTIME`,
     /// which counts suspend as the server does).
     Alive {
+        /// The lease.
         lease: LeaseId,
+        /// Until when it is ours for sure, on `CLOCK_BOOTTIME`.
         deadline: BootInstant,
     },
     /// The lease may be gone; a new one is being requested.
-    Lost { lease: LeaseId },
+    Lost {
+        /// The lease that may be gone.
+        lease: LeaseId,
+    },
     /// The session was closed and its lease revoked (or left to expire).
     Closed,
 }
@@ -91,6 +97,9 @@ impl SessionStats {
 pub struct Session {
     state: watch::Receiver<SessionState>,
     cancel: CancellationToken,
+    abandon: watch::Sender<Option<LeaseId>>,
+    /// Set when dropped: stop without revoking.
+    dropped: Arc<AtomicBool>,
     task: JoinHandle<()>,
     stats: Arc<SessionStats>,
 }
@@ -118,8 +127,12 @@ impl Session {
     ) -> Session {
         let (tx, rx) = watch::channel(SessionState::Pending);
         let cancel = CancellationToken::new();
+        let abandon = watch::Sender::new(None);
+        let dropped = Arc::new(AtomicBool::new(false));
         let keeper = Keeper {
+            dropped: dropped.clone(),
             client,
+            abandon: abandon.subscribe(),
             ttl_secs: ttl.as_secs().max(2) as i64,
             state: tx,
             cancel: cancel.clone(),
@@ -130,6 +143,8 @@ impl Session {
         Session {
             state: rx,
             cancel,
+            abandon,
+            dropped,
             task,
             stats,
         }
@@ -155,11 +170,56 @@ impl Session {
         alive_lease(&mut self.state.clone()).await
     }
 
+    /// A handle that gives up a lease of this session without closing it.
+    pub fn abandoner(&self) -> Abandoner {
+        Abandoner(self.abandon.clone())
+    }
+
     /// Stops renewing and revokes the lease at once, so that everything
     /// attached to it disappears now rather than after the TTL.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+
+    /// Like [`Session::close`], through a shared reference (the session
+    /// of a handle others share): returns once the lease is revoked (or
+    /// given up on) and the state is [`SessionState::Closed`].
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let mut state = self.state.clone();
+        while *state.borrow_and_update() != SessionState::Closed {
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::close`] stops renewing, so
+    /// nothing stays held for a session nobody has any more: the lease
+    /// ends after its TTL. It is not revoked: a drop may come on a path
+    /// where something the lease guards (a lock-guarded command) still
+    /// runs, and only the TTL gives that time to be stopped.
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::Relaxed);
+        self.cancel.cancel();
+    }
+}
+
+/// Gives up one lease of a session: renewals stop, the state turns
+/// `Lost`, and a new lease is granted. The old lease is left to expire
+/// rather than revoked, so whoever stops work on `Lost` (a guarded command,
+/// which gets no more renewals) is done before anything on it goes.
+#[derive(Debug, Clone)]
+pub struct Abandoner(watch::Sender<Option<LeaseId>>);
+
+impl Abandoner {
+    /// Gives up `lease` if it is the session's current one (or, if it is
+    /// not granted yet, never keeps it).
+    pub fn abandon(&self, lease: LeaseId) {
+        self.0.send_replace(Some(lease));
     }
 }
 
@@ -177,7 +237,9 @@ pub async fn alive_lease(state: &mut watch::Receiver<SessionState>) -> LeaseId {
 }
 
 struct Keeper {
+    dropped: Arc<AtomicBool>,
     client: Client,
+    abandon: watch::Receiver<Option<LeaseId>>,
     ttl_secs: i64,
     state: watch::Sender<SessionState>,
     cancel: CancellationToken,
@@ -188,6 +250,8 @@ struct Keeper {
 enum Ended {
     Shutdown,
     Lost(&'static str),
+    /// Given up by its holder ([`Abandoner`]): left to expire.
+    Abandoned,
 }
 
 impl Keeper {
@@ -221,6 +285,11 @@ impl Keeper {
             self.state
                 .send_replace(SessionState::Alive { lease, deadline });
             match self.keep_alive(lease, deadline).await {
+                Ended::Shutdown if self.dropped.load(Ordering::Relaxed) => {
+                    info!(lease = %lease, "Session dropped; its lease is no longer renewed and ends after its TTL.");
+                    self.state.send_replace(SessionState::Closed);
+                    return;
+                }
                 Ended::Shutdown => {
                     match revoke(&self.client, lease).await {
                         Ok(()) => info!(lease = %lease, "Session lease revoked."),
@@ -236,6 +305,11 @@ impl Keeper {
                     self.stats.lost.fetch_add(1, Ordering::Relaxed);
                     self.state.send_replace(SessionState::Lost { lease });
                     previous = Some(lease);
+                }
+                Ended::Abandoned => {
+                    warn!(lease = %lease, "Session lease given up; it expires after its TTL.");
+                    self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                    self.state.send_replace(SessionState::Lost { lease });
                 }
             }
         }
@@ -283,8 +357,15 @@ impl Keeper {
         // After a broken stream, try again soon (another endpoint may answer)
         // but not in a hot loop.
         let retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
-        let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
-            None;
+        let mut stream: Option<(
+            etcd_client::LeaseKeeper,
+            etcd_client::LeaseKeepAliveStream,
+            Served,
+        )> = None;
+        // A keepalive unanswered this long: the member is taken to be
+        // stopped or hung (it keeps the connection open and answers
+        // nothing), and the stream moves to another endpoint.
+        let stuck_after = interval.min(self.client.request_timeout());
         // Send times of unanswered keepalives, on both clocks: the boot
         // clock for the deadline, the monotonic one for the next ping.
         let mut in_flight: VecDeque<(BootInstant, Instant)> = VecDeque::new();
@@ -295,14 +376,43 @@ impl Keeper {
         let left = deadline.saturating_duration_since(self.clock.now());
         let mut next_ping = Instant::now() + left.saturating_sub(ttl - interval);
         loop {
+            let served = stream.as_ref().map(|(_, _, served)| served.clone());
+            let suspected = async {
+                match &served {
+                    Some(served) => served.suspected().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stuck_at = in_flight.front().map(|(_, sent)| *sent + stuck_after);
+            let stuck = async {
+                match stuck_at {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let message = async {
                 match stream.as_mut() {
-                    Some((_, s)) => s.message().await,
+                    Some((_, s, _)) => s.message().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ended::Shutdown,
+                _ = abandoned(self.abandon.clone(), lease) => return Ended::Abandoned,
+                _ = suspected => {
+                    debug!(lease = %lease, "The keepalive stream's endpoint is not answering; reopening elsewhere.");
+                    stream = None;
+                    in_flight.clear();
+                    next_ping = Instant::now();
+                }
+                _ = stuck => {
+                    if let Some(served) = &served {
+                        served.not_answering("lease keepalive");
+                    }
+                    stream = None;
+                    in_flight.clear();
+                    next_ping = Instant::now();
+                }
                 _ = self.clock.sleep_until(deadline) => {
                     return Ended::Lost("no keepalive answer before the local deadline");
                 }
@@ -333,7 +443,7 @@ impl Keeper {
                     }
                     let sent = Instant::now();
                     let sent_boot = self.clock.now();
-                    let Some((keeper, _)) = stream.as_mut() else { continue };
+                    let Some((keeper, _, _)) = stream.as_mut() else { continue };
                     if let Err(e) = keeper.keep_alive().await {
                         debug!(lease = %lease, error = %e, "Keepalive send failed.");
                         stream = None;
@@ -373,15 +483,31 @@ impl Keeper {
         &self,
         lease: LeaseId,
         deadline: BootInstant,
-    ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), Error> {
+    ) -> Result<
+        (
+            etcd_client::LeaseKeeper,
+            etcd_client::LeaseKeepAliveStream,
+            Served,
+        ),
+        Error,
+    > {
         let budget = deadline
             .saturating_duration_since(self.clock.now())
             .min(self.client.request_timeout());
-        self.client
-            .unary_within("lease keepalive", budget, |mut c| async move {
+        let ((keeper, stream), served) = self
+            .client
+            .stream_within("lease keepalive", budget, |mut c| async move {
                 c.lease_keep_alive(lease.0).await
             })
-            .await
+            .await?;
+        Ok((keeper, stream, served))
+    }
+}
+
+/// Returns once `lease` is given up; never if the session is gone.
+async fn abandoned(mut abandon: watch::Receiver<Option<LeaseId>>, lease: LeaseId) {
+    if abandon.wait_for(|a| *a == Some(lease)).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

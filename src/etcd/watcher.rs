@@ -8,16 +8,25 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions, WatchStream};
 use tracing::{debug, info, warn};
 
+use super::connection::Served;
 use super::{Backoff, Client, KeyValue, Snapshot};
 
 /// One change to one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
+    /// The key as written.
     Put(KeyValue),
-    Delete { key: String, revision: i64 },
+    /// The key was deleted at `revision`.
+    Delete {
+        /// The key.
+        key: String,
+        /// The revision of the delete.
+        revision: i64,
+    },
 }
 
 impl Change {
+    /// The key changed.
     pub fn key(&self) -> &str {
         match self {
             Change::Put(kv) => &kv.key,
@@ -33,7 +42,12 @@ pub enum WatchEvent {
     /// the watch fell behind a compaction. Replaces everything known before.
     Reset(Snapshot),
     /// Changes at `revision`, in order.
-    Changes { revision: i64, changes: Vec<Change> },
+    Changes {
+        /// etcd's revision of the changes.
+        revision: i64,
+        /// The changes, in order.
+        changes: Vec<Change>,
+    },
 }
 
 /// Counters a watcher keeps about its own health (the library exports no
@@ -70,7 +84,8 @@ pub struct PrefixWatcher {
     prefix: String,
     /// Last revision fully seen; `None` until the first listing.
     revision: Option<i64>,
-    stream: Option<WatchStream>,
+    /// The stream and the endpoint it is on.
+    stream: Option<(WatchStream, Served)>,
     /// Whether a watch stream was ever opened (later opens are reconnects).
     opened: bool,
     backoff: Backoff,
@@ -80,6 +95,7 @@ pub struct PrefixWatcher {
 }
 
 impl PrefixWatcher {
+    /// A watcher of `prefix`, reading nothing until first polled.
     pub fn new(client: Client, prefix: impl Into<String>) -> Self {
         PrefixWatcher {
             client,
@@ -106,10 +122,12 @@ impl PrefixWatcher {
         }
     }
 
+    /// The prefix watched.
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
+    /// Its reconnect and re-list counters.
     pub fn stats(&self) -> Arc<WatchStats> {
         self.stats.clone()
     }
@@ -158,7 +176,18 @@ impl PrefixWatcher {
                     }
                 },
             };
-            match stream.message().await {
+            let (stream, served) = (&mut stream.0, stream.1.clone());
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = served.suspected() => {
+                    // A member stopped or hung keeps the connection open
+                    // and sends nothing: resume from another endpoint.
+                    debug!(prefix = %self.prefix, "The watch's endpoint is not answering; resuming elsewhere.");
+                    self.stream = None;
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(resp)) => {
                     if resp.compact_revision() > 0 {
                         info!(prefix = %self.prefix, from = revision + 1, compacted = resp.compact_revision(), "Watch fell behind a compaction; listing again.");
@@ -230,10 +259,10 @@ impl PrefixWatcher {
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
 
-    async fn open(&self, start: i64) -> Result<WatchStream, super::Error> {
+    async fn open(&self, start: i64) -> Result<(WatchStream, Served), super::Error> {
         let prefix = self.prefix.as_str();
         self.client
-            .unary("watch", |c| async move {
+            .stream_within("watch", self.client.request_timeout(), |c| async move {
                 c.watch_client()
                     .max_decoding_message_size(super::reads::MAX_MESSAGE)
                     .watch(

@@ -7,6 +7,7 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions, WatchStream};
 use tracing::{debug, warn};
 
+use super::connection::Served;
 use super::reads::MAX_MESSAGE;
 use super::{Backoff, Change, Client, KeyValue, Range};
 
@@ -19,8 +20,11 @@ pub enum WatchSetEvent {
     /// part), so a copy of the range kept up to date with these is the
     /// range as it was at `revision`.
     Changed {
+        /// The watched range.
         range: Range,
+        /// etcd's revision of the changes.
         revision: i64,
+        /// The changes, in order.
         changes: Vec<Change>,
     },
     /// Some changes may have been missed (a watch started below etcd's
@@ -65,7 +69,9 @@ enum Request {
 #[derive(Debug)]
 pub struct WatchSet {
     client: Client,
-    stream: Option<WatchStream>,
+    /// The stream, and the endpoint serving it (to move off one that
+    /// stops answering).
+    stream: Option<(WatchStream, Served)>,
     wanted: BTreeMap<Range, Watched>,
     /// Live watch ids of the current stream.
     ids: HashMap<i64, Range>,
@@ -75,6 +81,7 @@ pub struct WatchSet {
 }
 
 impl WatchSet {
+    /// A set watching nothing yet.
     pub fn new(client: Client) -> Self {
         WatchSet {
             client,
@@ -133,6 +140,7 @@ impl WatchSet {
         self.wanted.len()
     }
 
+    /// Whether nothing is watched.
     pub fn is_empty(&self) -> bool {
         self.wanted.is_empty()
     }
@@ -174,10 +182,21 @@ impl WatchSet {
                 self.broken().await;
                 continue;
             }
-            let Some(stream) = self.stream.as_mut() else {
+            let Some((stream, served)) = self.stream.as_mut() else {
                 continue;
             };
-            let resp = match stream.message().await {
+            let served = served.clone();
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = served.suspected() => {
+                    // A member stopped or hung keeps the connection open
+                    // and sends nothing: resume from another endpoint.
+                    debug!("The watch stream's endpoint is not answering; resuming elsewhere.");
+                    self.stream = None;
+                    continue;
+                }
+            };
+            let resp = match message {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
                     debug!("Watch stream ended; resuming.");
@@ -251,11 +270,11 @@ impl WatchSet {
 
     /// Opens a stream with no watch on it yet: watching a key nobody
     /// writes (etcd needs a first request) and cancelling that at once.
-    async fn open(&mut self) -> Result<WatchStream, super::Error> {
+    async fn open(&mut self) -> Result<(WatchStream, Served), super::Error> {
         let id = self.take_id();
-        let mut stream = self
+        let (mut stream, served) = self
             .client
-            .unary("watch", |c| async move {
+            .stream_within("watch", self.client.request_timeout(), |c| async move {
                 c.watch_client()
                     .max_decoding_message_size(MAX_MESSAGE)
                     .watch(
@@ -272,7 +291,7 @@ impl WatchSet {
                 op: "watch",
                 source,
             })?;
-        Ok(stream)
+        Ok((stream, served))
     }
 
     fn take_id(&mut self) -> i64 {
@@ -283,7 +302,7 @@ impl WatchSet {
 
     async fn flush(&mut self) -> Result<(), etcd_client::Error> {
         while let Some(request) = self.pending.front() {
-            let Some(stream) = self.stream.as_mut() else {
+            let Some((stream, _)) = self.stream.as_mut() else {
                 return Ok(());
             };
             match request {

@@ -672,3 +672,134 @@ async fn kv_watch_prints_each_change_with_its_old_and_new_value() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+fn kv_fenced(
+    endpoint: &str,
+    args: &[&str],
+    lock_env: Option<(&str, i64)>,
+) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_coord"));
+    cmd.args(["kv", "--endpoints", endpoint])
+        .args(args)
+        .env_remove("COORD_LOCK_KEY")
+        .env_remove("COORD_FENCING_TOKEN")
+        .env_remove("COORD_LOCK_NAME");
+    if let Some((key, token)) = lock_env {
+        cmd.env("COORD_LOCK_KEY", key)
+            .env("COORD_FENCING_TOKEN", token.to_string());
+    }
+    let out = cmd.output().expect("run coord kv");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_fenced_write_by_a_holder_whose_key_was_deleted_is_refused() {
+    use coord::lock::{self, Holder, Mode};
+    let etcd = etcd().await;
+    let ep = etcd.endpoint();
+    let client = etcd.client().await;
+
+    // Under `coord lock`, the command's own holder key fences the write.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .args(["lock", "--endpoints", &ep, "jobs", "--"])
+        .arg(env!("CARGO_BIN_EXE_coord"))
+        .args(["kv", "set", "/app/out", "first", "--fence", "jobs"])
+        .env("COORD_ENDPOINTS", &ep)
+        .output()
+        .expect("run coord lock");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        client
+            .get("/app/out")
+            .await
+            .expect("get")
+            .expect("written")
+            .value,
+        b"first"
+    );
+
+    let session = coord::etcd::Session::start(client.clone(), std::time::Duration::from_secs(30));
+    let lease = session.wait_alive().await;
+    let me = Holder {
+        agent: "test".into(),
+        host: "test".into(),
+        pid: std::process::id(),
+    };
+    let guard = lock::acquire(&client, lease, "/coord", "jobs", Mode::Mutex, &me)
+        .await
+        .expect("lock");
+    let (code, err) = kv_fenced(
+        &ep,
+        &["set", "/app/out", "second", "--fence", "jobs"],
+        Some((&guard.key, guard.token)),
+    );
+    assert_eq!(code, Some(0), "{err}");
+
+    // The holder key is deleted (the lock broken by hand): refused.
+    client
+        .delete(&guard.key)
+        .await
+        .expect("delete the holder key");
+    let (code, err) = kv_fenced(
+        &ep,
+        &["set", "/app/out", "third", "--fence", "jobs"],
+        Some((&guard.key, guard.token)),
+    );
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("refused to set `/app/out`: the lock is no longer held by"),
+        "{err}"
+    );
+    // Taken again on the same lease: same key, new token; the old one is
+    // still refused.
+    let again = lock::acquire(&client, lease, "/coord", "jobs", Mode::Mutex, &me)
+        .await
+        .expect("lock again");
+    assert_eq!(again.key, guard.key);
+    let (code, err) = kv_fenced(
+        &ep,
+        &["set", "/app/out", "stale", "--fence", "jobs"],
+        Some((&guard.key, guard.token)),
+    );
+    assert_eq!(code, Some(5), "a stale token is refused: {err}");
+    assert_eq!(
+        client
+            .get("/app/out")
+            .await
+            .expect("get")
+            .expect("kept")
+            .value,
+        b"second",
+        "nothing written by a holder that lost the lock"
+    );
+    // The library's own fence: a transaction with the guard's ownership
+    // check applies nothing once the guard no longer holds.
+    let ops = [coord::etcd::Op::Put {
+        key: "/app/out".into(),
+        value: b"lib".to_vec(),
+        lease: None,
+    }];
+    let stale = client
+        .commit(&[guard.is_owner()], &ops)
+        .await
+        .expect("commit");
+    assert!(!stale.succeeded);
+    let fresh = client
+        .commit(&[again.is_owner()], &ops)
+        .await
+        .expect("commit");
+    assert!(fresh.succeeded);
+
+    // Outside any lock: a clear refusal, nothing written.
+    let (code, err) = kv_fenced(&ep, &["set", "/app/out", "x", "--fence", "jobs"], None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("COORD_LOCK_KEY is not set"), "{err}");
+    session.close().await;
+}

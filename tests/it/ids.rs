@@ -268,3 +268,65 @@ async fn a_lost_claim_removes_the_file_fires_the_hook_and_is_made_again_when_etc
         "{hooks}"
     );
 }
+
+#[tokio::test]
+async fn an_id_file_whose_directory_is_missing_is_written_once_the_directory_appears() {
+    let etcd = etcd().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let later = dir.path().join("later");
+    let file = later.join("worker-id");
+    let manifest = format!(
+        "[agent]\nname = \"web-01\"\nttl = \"3s\"\nstate_dir = \"{}\"\n[etcd]\nendpoints = [\"{}\"]\n\
+         [[hook]]\nname = \"note\"\nexec = [\"sh\", \"-c\", \"echo $COORD_EVENT $COORD_ID >> {}\"]\n\
+         [[instance_id]]\npool = \"worker\"\nsize = 1024\nfile = \"{}\"\non_change = [\"note\"]\n",
+        dir.path().join("state").display(),
+        etcd.endpoint(),
+        dir.path().join("hooks.log").display(),
+        file.display()
+    );
+    let agent = crate::support::CoordProcess::run(&manifest);
+    let (status, _, err) = coord(
+        &["check", agent.manifest_path().to_str().expect("utf-8")],
+        None,
+    );
+    assert!(status.success(), "a missing directory is no error: {err}");
+    assert!(
+        err.contains("warning")
+            && err.contains(&format!("{} (of `file`) does not exist", later.display())),
+        "`coord check` warns of the missing directory: {err}"
+    );
+    eventually("the agent to say it cannot write the id file", || {
+        let said = agent.log().contains("Cannot write the id file");
+        async move { said.then_some(()) }
+    })
+    .await;
+    std::fs::create_dir(&later).expect("create the directory");
+    let id = eventually("the id file", || async {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await;
+    let key = format!("/coord/ids/worker/{}", id.trim());
+    let client = etcd.client().await;
+    assert!(client.get(&key).await.expect("etcd").is_some());
+    // The claimed hook, which may read the file, ran once it was there.
+    let hooks = eventually("the claimed hook", || async {
+        std::fs::read_to_string(dir.path().join("hooks.log"))
+            .ok()
+            .filter(|h| h.contains("instance-id-claimed"))
+    })
+    .await;
+    assert_eq!(hooks, format!("instance-id-claimed {}", id), "{hooks}");
+    let log = agent.log();
+    assert_eq!(
+        log.matches("Cannot write the id file").count(),
+        1,
+        "the failure is said once:\n{log}"
+    );
+    let (_, _, err) = coord(
+        &["check", agent.manifest_path().to_str().expect("utf-8")],
+        None,
+    );
+    assert!(!err.contains("warning"), "{err}");
+}

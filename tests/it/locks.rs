@@ -524,3 +524,121 @@ async fn a_waiter_takes_the_lock_when_the_holder_goes_right_after_it_queued() {
         next.release(&client).await.expect("release");
     }
 }
+
+#[tokio::test]
+async fn an_acquire_dropped_by_a_timeout_leaves_no_key_in_the_queue() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let (_s1, l1) = session(&client).await;
+    let (_s2, l2) = session(&client).await;
+    let held = lock::acquire(&client, l1, "/coord", "busy", Mode::Mutex, &me())
+        .await
+        .expect("take the free lock");
+    let waited = tokio::time::timeout(
+        Duration::from_millis(300),
+        lock::acquire(&client, l2, "/coord", "busy", Mode::Mutex, &me()),
+    )
+    .await;
+    assert!(waited.is_err(), "the lock is held: the wait times out");
+    // The dropped acquire deletes its key in the background.
+    eventually("the given-up waiter's key to be gone", || async {
+        let queue = lock::queue(&client, "/coord", "busy").await.expect("queue");
+        (queue.len() == 1 && queue[0].key == held.key).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn acquire_timeout_gives_up_with_no_key_left_and_a_free_lock_is_still_taken() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let (_s1, l1) = session(&client).await;
+    let (_s2, l2) = session(&client).await;
+    let held = lock::acquire(&client, l1, "/coord", "busy", Mode::Write, &me())
+        .await
+        .expect("take the free lock");
+    let err = lock::acquire_timeout(
+        &client,
+        l2,
+        "/coord",
+        "busy",
+        Mode::Read,
+        &me(),
+        Duration::from_millis(300),
+    )
+    .await
+    .expect_err("held by a writer: the reader times out");
+    assert!(
+        matches!(err, lock::LockError::Timeout { .. }),
+        "a timeout, not {err:?}"
+    );
+    assert!(
+        err.to_string().contains("`busy` was not ours within 300ms"),
+        "{err}"
+    );
+    // Awaited before returning: no key of ours, right now.
+    let queue = lock::queue(&client, "/coord", "busy").await.expect("queue");
+    assert_eq!(
+        queue.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
+        [held.key.as_str()],
+        "only the holder is left in the queue"
+    );
+    held.release(&client).await.expect("release");
+    let taken = lock::acquire_timeout(
+        &client,
+        l2,
+        "/coord",
+        "busy",
+        Mode::Read,
+        &me(),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("a free lock is taken within the time");
+    assert!(taken.is_held(&client).await.expect("held"));
+}
+
+/// The owner holds `a` and waits for `b`; the other side holds `b` and
+/// waits for `a`. Unlocking `a` must not wait for `b`: that would be a
+/// deadlock only the locker made.
+#[tokio::test]
+async fn a_locker_waiting_for_one_lock_still_unlocks_another() {
+    use coord::lock::Locker;
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let (_s1, l1) = session(&client).await;
+    let (_s2, l2) = session(&client).await;
+    let locker = Arc::new(Locker::new(client.clone(), l1, "/coord", me()));
+    locker.lock("a", Mode::Mutex).await.expect("a");
+    let b = lock::acquire(&client, l2, "/coord", "b", Mode::Mutex, &me())
+        .await
+        .expect("b, by the other side");
+    let waiting = {
+        let locker = locker.clone();
+        tokio::spawn(async move { locker.lock("b", Mode::Mutex).await })
+    };
+    eventually("the locker to queue for `b`", || async {
+        let queue = lock::queue(&client, "/coord", "b").await.expect("queue");
+        (queue.len() == 2).then_some(())
+    })
+    .await;
+    let other = {
+        let client = client.clone();
+        tokio::spawn(
+            async move { lock::acquire(&client, l2, "/coord", "a", Mode::Mutex, &me()).await },
+        )
+    };
+    tokio::time::timeout(crate::support::PATIENCE, locker.unlock("a"))
+        .await
+        .expect("unlocking `a` does not wait for `b`")
+        .expect("unlock a");
+    let a = other
+        .await
+        .expect("join")
+        .expect("the other side takes `a`");
+    a.release(&client).await.expect("release a");
+    b.release(&client).await.expect("release b");
+    let got = waiting.await.expect("join").expect("the locker takes `b`");
+    assert_eq!(locker.count("b").await, 1);
+    assert!(got.is_held(&client).await.expect("held"));
+}

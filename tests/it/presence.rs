@@ -240,3 +240,175 @@ async fn a_second_agent_with_the_same_name_never_takes_the_key_from_the_first() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_second_agent_with_the_same_name_holds_nothing_until_the_first_stops() {
+    const LISTED: &str = "/coord/services/api/web-01-api";
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let with_service = |address: &str| {
+        format!(
+            "{}\n[[service]]\nname = \"api\"\naddress = \"{address}\"\n",
+            manifest("web-01", &[etcd.endpoint()], 30)
+        )
+    };
+    let listed_at = |address: &'static str| {
+        let c = client.clone();
+        eventually("the service listed at the agent's address", move || {
+            let c = c.clone();
+            async move {
+                c.get(LISTED)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|kv| kv.value_str().contains(address))
+            }
+        })
+    };
+    let mut first = CoordProcess::run(&with_service("10.0.0.1:80"));
+    listed_at("10.0.0.1:80").await;
+    let second = CoordProcess::run(&with_service("10.0.0.2:80"));
+    eventually("the second agent to report the name clash", || {
+        let clashed = second
+            .log()
+            .contains("Another agent already uses this name");
+        async move { clashed.then_some(()) }
+    })
+    .await;
+    let before = client.get_prefix("/coord/").await.expect("etcd");
+    // Long enough for two agents that fight over the key to rewrite it
+    // thousands of times; what is compared is revisions, not time.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = client.get_prefix("/coord/").await.expect("etcd");
+    let listed = after
+        .kvs
+        .iter()
+        .find(|kv| kv.key == LISTED)
+        .expect("the service stays listed");
+    assert!(
+        listed.value_str().contains("10.0.0.1:80"),
+        "the first agent's address must stay the one listed: {}",
+        listed.value_str()
+    );
+    assert_eq!(
+        after.revision, before.revision,
+        "nothing may be written while the second agent lacks its name; keys now: {:#?}",
+        after.kvs
+    );
+    let second_log = second.log();
+    assert_eq!(
+        second_log
+            .matches("Another agent already uses this name")
+            .count(),
+        1,
+        "the clash is told once:\n{second_log}"
+    );
+    assert!(
+        second_log.contains("holder_pid"),
+        "the other holder is named:\n{second_log}"
+    );
+
+    // When the first goes, the second takes the name and registers.
+    first.signal(Signal::SIGTERM);
+    first.wait().await;
+    listed_at("10.0.0.2:80").await;
+}
+
+#[tokio::test]
+async fn an_agent_whose_name_is_taken_while_it_held_it_gives_up_its_lease_and_holds_nothing() {
+    const LISTED: &str = "/coord/services/api/web-01-api";
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let with_service = |address: &str| {
+        format!(
+            "{}\n[[service]]\nname = \"api\"\naddress = \"{address}\"\n\n\
+             [[instance_id]]\npool = \"worker\"\nsize = 1\n",
+            manifest("web-01", &[etcd.endpoint()], 10)
+        )
+    };
+    let first = CoordProcess::run(&with_service("10.0.0.1:80"));
+    let held = present(&client).await;
+    let second = CoordProcess::run(&with_service("10.0.0.2:80"));
+    eventually("the second agent to report the name clash", || {
+        let clashed = second
+            .log()
+            .contains("Another agent already uses this name");
+        async move { clashed.then_some(()) }
+    })
+    .await;
+    // The first agent cannot answer while an operator deletes its presence
+    // key by hand: the second one writes it first.
+    first.signal(Signal::SIGSTOP);
+    client.delete(KEY).await.expect("etcd");
+    let c = client.clone();
+    let taken = eventually("the second agent to take the name", move || {
+        let c = c.clone();
+        async move {
+            c.get(KEY)
+                .await
+                .ok()
+                .flatten()
+                .filter(|kv| kv.lease.is_some() && kv.lease != held.lease)
+        }
+    })
+    .await;
+    first.signal(Signal::SIGCONT);
+    eventually("the first agent to give up its lease", || {
+        let gave_up = first.log().contains("giving up the session lease");
+        async move { gave_up.then_some(()) }
+    })
+    .await;
+    let c = client.clone();
+    eventually("the second agent's address listed", move || {
+        let c = c.clone();
+        async move {
+            c.get(LISTED)
+                .await
+                .ok()
+                .flatten()
+                .filter(|kv| kv.value_str().contains("10.0.0.2:80"))
+        }
+    })
+    .await;
+    // The only id of the pool was the first agent's; the lease it was on
+    // is given up, so it expires (10 s TTL) and the id moves.
+    let c = client.clone();
+    eventually(
+        "the pool's one id claimed by the name's holder",
+        move || {
+            let c = c.clone();
+            async move {
+                c.get("/coord/ids/worker/0")
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|kv| kv.lease == taken.lease)
+            }
+        },
+    )
+    .await;
+    // After that, nothing is rewritten: the two no longer fight.
+    let c = client.clone();
+    eventually("the first agent's old lease to expire", move || {
+        let c = c.clone();
+        async move {
+            let kvs = c.get_prefix("/coord/").await.ok()?.kvs;
+            kvs.iter().all(|kv| kv.lease != held.lease).then_some(())
+        }
+    })
+    .await;
+    let before = client.get_prefix("/coord/").await.expect("etcd");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = client.get_prefix("/coord/").await.expect("etcd");
+    assert_eq!(
+        after.revision, before.revision,
+        "nothing may be written once the name moved; keys now: {:#?}",
+        after.kvs
+    );
+    let listed = after
+        .kvs
+        .iter()
+        .find(|kv| kv.key == LISTED)
+        .expect("listed");
+    assert!(listed.value_str().contains("10.0.0.2:80"));
+}

@@ -89,10 +89,15 @@ pub struct CoordProcess {
 impl CoordProcess {
     /// `coord run <dir>/agent.toml` with `manifest` as the file.
     pub fn run(manifest: &str) -> CoordProcess {
+        Self::run_with_env(manifest, &[])
+    }
+
+    /// Like [`CoordProcess::run`], with `env` added to its environment.
+    pub fn run_with_env(manifest: &str, env: &[(&str, &std::ffi::OsStr)]) -> CoordProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("agent.toml"), manifest).expect("write manifest");
         let path = dir.path().join("agent.toml");
-        Self::spawn(dir, &["run".as_ref(), path.as_os_str()])
+        Self::spawn(dir, &["run".as_ref(), path.as_os_str()], env)
     }
 
     /// `coord run <dir>/agent.toml` in a mount namespace of its own, after
@@ -119,6 +124,7 @@ impl CoordProcess {
                 "-c".as_ref(),
                 script.as_ref(),
             ],
+            &[],
         )
     }
 
@@ -160,20 +166,26 @@ impl CoordProcess {
         }
     }
 
-    fn spawn(dir: tempfile::TempDir, args: &[&std::ffi::OsStr]) -> CoordProcess {
-        Self::spawn_program(dir, env!("CARGO_BIN_EXE_coord"), args)
+    fn spawn(
+        dir: tempfile::TempDir,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> CoordProcess {
+        Self::spawn_program(dir, env!("CARGO_BIN_EXE_coord"), args, env)
     }
 
     fn spawn_program(
         dir: tempfile::TempDir,
         program: &str,
         args: &[&std::ffi::OsStr],
+        env: &[(&str, &std::ffi::OsStr)],
     ) -> CoordProcess {
         let log = dir.path().join("coord.log");
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env("COORD_LOG", "debug,h2=info,tower=info,hyper=info")
             .stdin(Stdio::null())
             .stdout(out)

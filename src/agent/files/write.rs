@@ -72,10 +72,13 @@ pub enum WriteError {
 /// Maps an I/O error on `file` while doing `action` to a [`WriteError`].
 fn io_error(file: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> WriteError {
     let file = file.to_owned();
-    move |source| WriteError::Io {
-        file,
-        action,
-        source,
+    move |source| {
+        crate::agent::fd_limit::note(&source);
+        WriteError::Io {
+            file,
+            action,
+            source,
+        }
     }
 }
 
@@ -156,6 +159,7 @@ pub async fn write(
             .await
             .map_err(|e| io("replace the file")(std::io::Error::other(e)))??
     };
+    crate::agent::fd_limit::available();
     Ok(WriteOutcome::Replaced {
         old_hash,
         new_hash,

@@ -8,6 +8,7 @@ mod diagnostics;
 mod dns;
 mod file;
 mod hook;
+mod host;
 mod instance_id;
 mod reader;
 mod service;

@@ -2,31 +2,13 @@
 
 use std::time::Duration;
 
-use http_body_util::Empty;
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-
 use crate::agent::manifest::CheckKind;
 use crate::agent::process::{self, Job};
-use crate::registry::{Health, bounded_output};
-
-/// What one check run found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckResult {
-    /// Passing, Warning or Critical.
-    pub status: Health,
-    pub output: String,
-}
-
-impl CheckResult {
-    fn new(status: Health, output: impl Into<String>) -> Self {
-        CheckResult {
-            status,
-            output: bounded_output(output.into()),
-        }
-    }
-}
+use crate::registry::Health;
+// The probes a service's own registration runs live in the library; the
+// agent adds exec checks, which need its process handling.
+pub use crate::registry::check::CheckResult;
+use crate::registry::check::{http, tcp};
 
 /// Runs an active check once, bounded by `timeout`. TTL checks are not
 /// run: something outside reports them.
@@ -34,12 +16,7 @@ pub async fn run(kind: &CheckKind, timeout: Duration) -> CheckResult {
     let attempt = async {
         match kind {
             CheckKind::Http(url) => http(url).await,
-            CheckKind::Tcp(addr) => match tokio::net::TcpStream::connect(addr).await {
-                Ok(_) => CheckResult::new(Health::Passing, format!("connected to {addr}")),
-                Err(e) => {
-                    CheckResult::new(Health::Critical, format!("cannot connect to {addr}: {e}"))
-                }
-            },
+            CheckKind::Tcp(addr) => tcp(addr).await,
             CheckKind::Exec(argv) => exec(argv, timeout).await,
             CheckKind::Ttl(_) => CheckResult::new(Health::Passing, ""),
         }
@@ -50,21 +27,6 @@ pub async fn run(kind: &CheckKind, timeout: Duration) -> CheckResult {
             Health::Critical,
             format!("no answer within {}", humantime::format_duration(timeout)),
         ),
-    }
-}
-
-async fn http(url: &str) -> CheckResult {
-    let uri: hyper::Uri = match url.parse() {
-        Ok(u) => u,
-        Err(e) => return CheckResult::new(Health::Critical, format!("invalid URL {url}: {e}")),
-    };
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    match client.get(uri).await {
-        Ok(resp) if resp.status().is_success() => {
-            CheckResult::new(Health::Passing, format!("HTTP {}", resp.status()))
-        }
-        Ok(resp) => CheckResult::new(Health::Critical, format!("HTTP {}", resp.status())),
-        Err(e) => CheckResult::new(Health::Critical, format!("GET {url} failed: {e}")),
     }
 }
 

@@ -68,6 +68,7 @@ async fn accept(listener: TcpListener, status: Status, stop: CancellationToken) 
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: do not spin.
+                    super::super::fd_limit::note(&e);
                     debug!(error = %e, "Status endpoint could not accept a connection.");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
