@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use coord::agent::manifest::{DEFAULT_NAMESPACE, Manifest, PasswordSource};
 use super::errors::{Origin, Place};
+use coord::agent::manifest::{DEFAULT_NAMESPACE, Manifest, PasswordSource};
 use coord::etcd::{Client, ConnectOptions, TlsFiles};
 
 /// Where etcd is and how to talk to it. Flags win over environment
@@ -132,11 +132,9 @@ impl EtcdArgs {
     /// fills the one field from either). The variable's own value means
     /// the variable; a flag given beside it wins and differs from it.
     fn endpoints_origin(&self) -> Origin {
-        let from_env = std::env::var("COORD_ENDPOINTS").ok().map(|v| {
-            v.split(',')
-                .map(str::to_owned)
-                .collect::<Vec<String>>()
-        });
+        let from_env = std::env::var("COORD_ENDPOINTS")
+            .ok()
+            .map(|v| v.split(',').map(str::to_owned).collect::<Vec<String>>());
         if from_env.as_ref() == Some(&self.endpoints) {
             Origin::Env
         } else {

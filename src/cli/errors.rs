@@ -25,7 +25,9 @@ pub enum Origin {
 /// The endpoints a command talks to and where they came from.
 #[derive(Debug, Clone)]
 pub struct Place {
+    /// The endpoints, as given.
     pub endpoints: Vec<String>,
+    /// Who gave them.
     pub origin: Origin,
 }
 
@@ -45,11 +47,19 @@ pub fn remember(place: Place) {
 pub enum NoAnswer {
     /// No endpoint could be reached.
     #[error("cannot reach etcd: {cause}")]
-    Unreachable { cause: String },
+    Unreachable {
+        /// What the endpoints said (or that they said nothing).
+        cause: String,
+    },
     /// An endpoint answers, yet `what` did not happen in time; the
     /// library's warnings above say why (auth, quota, …).
-    #[error("etcd answers, but {what} did not happen within {}", humantime::format_duration(*wait))]
-    Stalled { what: &'static str, wait: Duration },
+    #[error("etcd answers, but {what} within {}", humantime::format_duration(*wait))]
+    Stalled {
+        /// What did not happen ("no session lease was granted").
+        what: &'static str,
+        /// How long the command waited.
+        wait: Duration,
+    },
 }
 
 impl NoAnswer {
@@ -68,6 +78,19 @@ impl NoAnswer {
         };
         NoAnswer::Unreachable { cause }
     }
+
+    /// Whether no endpoint could be reached (rather than etcd answering).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, NoAnswer::Unreachable { .. })
+    }
+}
+
+/// How long a one-shot command waits for etcd to answer at all (its first
+/// session lease) before giving up with [`NoAnswer`]: two request
+/// timeouts, so a leader election or one slow member fits in it, and
+/// `--request-timeout` moves it.
+pub fn reach_wait(client: &Client) -> Duration {
+    client.request_timeout() * 2
 }
 
 /// `fut`, or [`NoAnswer`] once `wait` has passed: what keeps a one-shot
@@ -128,9 +151,8 @@ fn unreachable_text(place: Option<&Place>, cause: &str) -> String {
     let (from, hint) = match &place.origin {
         Origin::Default => (
             "the default".to_owned(),
-            "nothing said where etcd is, so this is the default: start etcd there, or \
-             name its endpoints with --endpoints or COORD_ENDPOINTS, or --manifest FILE \
-             to use a manifest's [etcd] section"
+            "nothing said where etcd is, so coord tried the default: start etcd there, \
+             or say where it is with --endpoints, COORD_ENDPOINTS or --manifest FILE"
                 .to_owned(),
         ),
         Origin::Env => (

@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use tracing::warn;
 
 use super::connection::EtcdArgs;
+use super::errors::{NoAnswer, reach_wait, within};
 use coord::agent::hold::{Ended, Held, HoldError};
 use coord::agent::manifest::host_name;
 use coord::agent::supervise::{max_grace, supervise};
@@ -46,6 +47,9 @@ pub struct LockArgs {
     etcd: EtcdArgs,
 }
 
+/// What a one-shot command waits for before anything else.
+const LEASE: &str = "no session lease was granted";
+
 /// Exit status when `--timeout` ran out or the lock was lost (EX_TEMPFAIL).
 const EXIT_TIMEOUT: u8 = 75;
 
@@ -56,6 +60,10 @@ enum TakeError {
     Lock(#[from] lock::LockError),
     #[error("`{name}` was not ours within {}", humantime::format_duration(*timeout))]
     Timeout { name: String, timeout: Duration },
+    /// etcd gave no lease in time, or stopped answering while we waited:
+    /// not the same as someone else holding the lock.
+    #[error(transparent)]
+    NoAnswer(NoAnswer),
 }
 
 pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
@@ -85,19 +93,35 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
         pid: std::process::id(),
     };
     let take = async {
-        let lease = session.wait_alive().await;
-        lock::acquire(&client, lease, &namespace, &args.name, mode, &me).await
-    };
-    let take = async {
+        let started = tokio::time::Instant::now();
+        // Without a lease nothing can even queue: an etcd that does not
+        // answer ends the command after a bounded wait, whether or not
+        // --timeout was given, and says so rather than blaming a holder.
+        let reach = reach_wait(&client);
+        let lease_wait = args.timeout.map_or(reach, |t| t.min(reach));
+        let lease = within(&client, LEASE, lease_wait, session.wait_alive())
+            .await
+            .map_err(TakeError::NoAnswer)?;
+        let acquire = lock::acquire(&client, lease, &namespace, &args.name, mode, &me);
         match args.timeout {
-            None => Ok(take.await?),
-            Some(t) => match tokio::time::timeout(t, take).await {
-                Ok(g) => Ok(g?),
-                Err(_) => Err(TakeError::Timeout {
-                    name: args.name.clone(),
-                    timeout: t,
-                }),
-            },
+            None => Ok(acquire.await?),
+            Some(t) => {
+                let left = t.saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, acquire).await {
+                    Ok(g) => Ok(g?),
+                    Err(_) => {
+                        let seen = NoAnswer::seen_by(&client, LEASE, t);
+                        Err(if seen.is_unreachable() {
+                            TakeError::NoAnswer(seen)
+                        } else {
+                            TakeError::Timeout {
+                                name: args.name.clone(),
+                                timeout: t,
+                            }
+                        })
+                    }
+                }
+            }
         }
     };
     let held = super::hold_for_command(&client, &session, &args.command, grace, take).await?;
@@ -113,6 +137,7 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
         Err(HoldError::Claim(None)) => Ok(ExitCode::from(143)),
+        Err(HoldError::Claim(Some(TakeError::NoAnswer(e)))) => Err(e.into()),
         Err(HoldError::Claim(Some(e))) => Err(e.into()),
         Err(HoldError::Supervisor(e)) => Err(anyhow::Error::new(e).context(format!(
             "cannot start `{}` under a supervisor",

@@ -124,6 +124,10 @@ pub struct Cli {
     /// object per line) for log shippers.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log what a one-shot command does (its session lease, retries), not
+    /// only warnings; `-vv` adds debug lines. `COORD_LOG` overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -175,6 +179,21 @@ enum Command {
 }
 
 impl Cli {
+    /// The log filter when `COORD_LOG` does not say: `info` for the agent
+    /// (`run`, `dev`), whose log is its record; for a one-shot command only
+    /// warnings, since its output and its error message say what happened,
+    /// and no lines about an etcd endpoint being unreachable (the error
+    /// says it, with where the endpoint came from). `-v` and `-vv` ask for
+    /// more.
+    pub fn log_default(&self) -> &'static str {
+        let agent = matches!(self.command, Command::Run(_) | Command::Dev(_));
+        match (agent, self.verbose) {
+            (_, 2..) => "debug,h2=info,tower=info,hyper=info",
+            (true, _) | (false, 1) => "info",
+            (false, 0) => "warn,coord::etcd::reachability=error",
+        }
+    }
+
     /// Runs the command on the runtime it needs.
     ///
     /// The agent gets worker threads (renders, WASM calls and reconciles

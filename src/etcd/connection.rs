@@ -405,7 +405,8 @@ impl Client {
                 };
                 match tokio::time::timeout_at(until, attempt).await {
                     Err(_) => {
-                        ep.seen.no_answer(&ep.url, until.saturating_duration_since(now));
+                        ep.seen
+                            .no_answer(&ep.url, until.saturating_duration_since(now));
                         self.suspect(i, op);
                         if until >= deadline {
                             break 'rounds;
