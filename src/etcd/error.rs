@@ -56,6 +56,16 @@ pub enum Error {
         /// The oldest revision etcd keeps.
         compacted: i64,
     },
+    /// The requested revision is newer than etcd's current one.
+    #[error("revision {requested} of `{key}` is in the future (etcd is at revision {current})")]
+    FutureRevision {
+        /// The key read.
+        key: String,
+        /// The revision asked for.
+        requested: i64,
+        /// etcd's current revision.
+        current: i64,
+    },
     /// The session was closed (or its handle dropped): nothing more can
     /// be held on its lease.
     #[error("the session is closed: nothing more can be held on its lease")]
