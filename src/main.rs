@@ -6,7 +6,6 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
@@ -18,7 +17,7 @@ const LOG_BUFFER_LINES: usize = 8192;
 const LOG_FLUSH_WAIT: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_or_exit();
     let (stderr, guard) = log_writer();
     let filter = log_filter(std::env::var("COORD_LOG").ok(), cli.log_default());
     let logs = tracing_subscriber::fmt()

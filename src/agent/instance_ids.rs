@@ -190,6 +190,11 @@ impl InstanceIdsController {
                         IdError::Exhausted { .. } => {
                             error!(pool = %spec.pool, error = %e, "No free id; waiting for one.")
                         }
+                        IdError::SizeMismatch { .. } => {
+                            // The operator must act: the manifest or the
+                            // stored size is wrong.
+                            error!(pool = %spec.pool, error = %e, "Pool size differs from the stored one; no id claimed.")
+                        }
                         _ if unreachable_in(&e).is_some() => {
                             // Said once per endpoint by the client.
                             debug!(pool = %spec.pool, error = %e, retry_in = ?wait, "Could not claim an id.")

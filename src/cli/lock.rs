@@ -16,9 +16,13 @@ use coord::lock::{self, Holder, Mode};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ModeArg {
+    /// One holder at a time.
     Mutex,
+    /// Up to --limit holders at a time.
     Semaphore,
+    /// Shared with other readers; waits for a writer.
     Read,
+    /// Alone: no reader, no other writer.
     Write,
 }
 
@@ -26,9 +30,11 @@ enum ModeArg {
 pub struct LockArgs {
     /// The lock's name (`<namespace>/locks/<name>` in etcd, as `etcdctl lock` uses).
     name: String,
+    /// `mutex`: one holder; `semaphore`: up to --limit holders; `read`:
+    /// shared with other readers; `write`: alone, readers excluded.
     #[arg(long, value_enum, default_value = "mutex")]
     mode: ModeArg,
-    /// Holders a semaphore admits.
+    /// Holders a semaphore admits (only with `--mode semaphore`).
     #[arg(long, required_if_eq("mode", "semaphore"))]
     limit: Option<u32>,
     /// Session lease TTL: how long the lock outlives this process if it dies.
@@ -40,7 +46,7 @@ pub struct LockArgs {
     /// Time between TERM and KILL when the command must stop.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     grace: Duration,
-    /// The command to run while holding the lock.
+    /// The command to run while holding the lock, after `--`.
     #[arg(last = true, required = true)]
     command: Vec<String>,
     #[command(flatten)]
@@ -67,6 +73,15 @@ enum TakeError {
 }
 
 pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
+    if args.limit.is_some() && !matches!(args.mode, ModeArg::Semaphore) {
+        // Refused rather than taken to mean a semaphore: every holder of a
+        // semaphore must agree on its limit, so it is said in full, and a
+        // `--limit` beside another mode is a mistake to point out.
+        bail!(
+            "--limit is for a semaphore: add `--mode semaphore` to admit {} holders; nothing was locked",
+            args.limit.unwrap_or_default()
+        );
+    }
     let (client, namespace) = args.etcd.connect().await?;
     let mode = match args.mode {
         ModeArg::Mutex => Mode::Mutex,

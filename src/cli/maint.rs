@@ -17,9 +17,12 @@ pub struct MaintArgs {
     /// `on` withdraws the instances from discovery, `off` restores them.
     #[arg(value_enum)]
     switch: Switch,
-    /// `agent` (all its services) or `agent/service`.
+    /// `AGENT` (all its services) or `AGENT/SERVICE`; the agent must be
+    /// present, and run the service.
+    #[arg(value_name = "AGENT[/SERVICE]")]
     target: String,
-    /// Why, shown to whoever looks.
+    /// Why, shown in the instances' health (`coord services --all`,
+    /// `coord status`).
     #[arg(long, default_value = "")]
     reason: String,
     #[command(flatten)]
@@ -34,15 +37,22 @@ pub async fn maint(args: MaintArgs) -> anyhow::Result<ExitCode> {
     };
     match args.switch {
         Switch::On => {
-            registry::start_maintenance(&client, &namespace, agent, service, &args.reason)
+            match registry::start_maintenance(&client, &namespace, agent, service, &args.reason)
                 .await
-                .with_context(|| format!("failed to put `{}` in maintenance", args.target))?;
+            {
+                Ok(()) => {}
+                Err(e @ registry::TargetError::Etcd(_)) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("cannot put `{}` in maintenance", args.target)));
+                }
+                Err(e) => return Err(e.into()),
+            }
             println!("{}: maintenance on", args.target);
         }
         Switch::Off => {
             let was = registry::end_maintenance(&client, &namespace, agent, service)
                 .await
-                .with_context(|| format!("failed to end maintenance of `{}`", args.target))?;
+                .with_context(|| format!("cannot end maintenance of `{}`", args.target))?;
             println!(
                 "{}: maintenance off{}",
                 args.target,

@@ -179,6 +179,34 @@ enum Command {
 }
 
 impl Cli {
+    /// The parsed command line, or clap's error and exit — with a hint
+    /// when a command to run under `coord lock` / `coord ids claim` was
+    /// given without the `--` before it (clap only says it found an
+    /// unexpected argument).
+    pub fn parse_or_exit() -> Cli {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        match Cli::try_parse_from(&args) {
+            Ok(cli) => cli,
+            Err(e) => {
+                let holds = args.iter().any(|a| a == "lock" || a == "claim");
+                let dashes = args.iter().any(|a| a == "--");
+                if e.kind() == clap::error::ErrorKind::UnknownArgument && holds && !dashes {
+                    let _ = e.print();
+                    let which = if args.iter().any(|a| a == "claim") {
+                        "coord ids claim POOL --size N -- COMMAND"
+                    } else {
+                        "coord lock NAME -- COMMAND"
+                    };
+                    eprintln!(
+                        "hint: the command to run goes after `--`, which ends coord's own options: `{which}`"
+                    );
+                    std::process::exit(e.exit_code());
+                }
+                e.exit()
+            }
+        }
+    }
+
     /// The log filter when `COORD_LOG` does not say: `info` for the agent
     /// (`run`, `dev`), whose log is its record; for a one-shot command only
     /// warnings, since its output and its error message say what happened,
