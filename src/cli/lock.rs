@@ -99,7 +99,7 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
     }
     let grace = args.grace.min(max_grace(args.ttl));
     if grace < args.grace {
-        warn!(grace = ?grace, ttl = ?args.ttl, "Grace period shortened to fit the TTL.");
+        warn!(grace = %humantime::format_duration(grace), ttl = %humantime::format_duration(args.ttl), "Grace period shortened to fit the TTL.");
     }
     let session = Session::start(client.clone(), args.ttl);
     let me = Holder {

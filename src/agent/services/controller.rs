@@ -394,7 +394,7 @@ impl ServicesController {
                 let old = inst.effective;
                 inst.effective = Some(effective);
                 inst.since = now();
-                info!(service = %service, instance = %id, old = ?old, new = effective.name(), output = %Untrusted(&inst.output), "Service health changed.");
+                info!(service = %service, instance = %id, old = old.map_or("pending", Health::name), new = effective.name(), output = %Untrusted(&inst.output), "Service health changed.");
                 if !inst.spec.on_change.is_empty() {
                     hooks.fire(
                         &inst.spec.on_change,
