@@ -373,18 +373,16 @@ impl ServicesController {
         hooks: &Arc<HookRunner>,
     ) -> Result<(), crate::etcd::Error> {
         let ns = &self.ctx.namespace;
-        let agent_maint = views.maint.get(&self.maint_prefix()).is_some();
+        let agent_maint = views.maint.get(&self.maint_prefix());
         let mut ops = Vec::new();
         for ((service, id), inst) in instances.iter_mut() {
-            let maint = agent_maint
-                || views
-                    .maint
-                    .get(&registry::maintenance_key(
-                        ns,
-                        &self.ctx.agent,
-                        Some(service),
-                    ))
-                    .is_some();
+            let service_maint = views.maint.get(&registry::maintenance_key(
+                ns,
+                &self.ctx.agent,
+                Some(service),
+            ));
+            let maint_record = service_maint.or_else(|| agent_maint.clone());
+            let maint = maint_record.is_some();
             let effective = if maint {
                 Health::Maintenance
             } else {
@@ -416,6 +414,28 @@ impl ServicesController {
                     None,
                 );
             }
+            // Why, for `coord status`: what the failing check said, or
+            // the reason given to `coord maint on`.
+            let detail = match effective {
+                Health::Critical => Some(Untrusted(&inst.output).to_string()),
+                Health::Maintenance => Some(
+                    maint_record
+                        .as_ref()
+                        .and_then(|kv| {
+                            serde_json::from_slice::<registry::Maintenance>(&kv.value).ok()
+                        })
+                        .map(|m| m.reason)
+                        .filter(|r| !r.is_empty())
+                        .map_or_else(
+                            || "maintenance, no reason given".to_owned(),
+                            |r| format!("maintenance: {r}"),
+                        ),
+                ),
+                Health::Passing | Health::Warning => None,
+            };
+            self.ctx
+                .status
+                .set_detail(ResourceKind::Service, &format!("{service}/{id}"), detail);
             let record = HealthRecord {
                 status: effective,
                 output: inst.output.clone(),
