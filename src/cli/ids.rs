@@ -36,8 +36,10 @@ enum ClaimCommand {
 
 #[derive(Debug, Args)]
 struct ClaimArgs {
+    /// The pool to claim from (`<namespace>/ids/<pool>/` in etcd).
     pool: String,
-    /// Ids are 0..size.
+    /// Ids are 0..size. Must match the pool's size, stored by its first
+    /// claimer (agents' `[[instance_id]]` included).
     #[arg(long)]
     size: u32,
     /// Session lease TTL: how long the id outlives this process if it dies.
@@ -46,6 +48,7 @@ struct ClaimArgs {
     /// Wait for a free id if the pool is full, instead of failing (exit 75).
     #[arg(long)]
     wait: bool,
+    /// The command to run with the id, after `--`.
     #[arg(last = true, required = true)]
     command: Vec<String>,
     #[command(flatten)]

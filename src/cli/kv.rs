@@ -40,6 +40,7 @@ pub struct KvArgs {
 enum KvCommand {
     /// Print a key's value (with --json: also its version and revisions).
     Get {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
     },
@@ -48,6 +49,7 @@ enum KvCommand {
     Set(SetArgs),
     /// Delete a key.
     Del {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
         /// Only if the key is at this version.
@@ -56,12 +58,14 @@ enum KvCommand {
     },
     /// List the keys under a prefix with their versions and values.
     Ls {
+        /// The key prefix, as given; empty lists every key.
         #[arg(default_value = "")]
         prefix: String,
     },
     /// Print each change to a key (or every key under it, with --prefix)
     /// with its old and new value, until interrupted.
     Watch {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
         /// Watch every key under KEY.
@@ -70,6 +74,7 @@ enum KvCommand {
     },
     /// A key's values since it was created, newest first.
     History {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
         /// At most this many values.
@@ -79,6 +84,7 @@ enum KvCommand {
     /// Write back the value a key had at a revision (see `history`), as a
     /// compare-and-set: refused if the key moves meanwhile.
     Rollback {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
         /// The revision whose value to restore.
@@ -93,6 +99,7 @@ enum KvCommand {
 
 #[derive(Debug, Args)]
 struct SetArgs {
+    /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
     #[arg(id = "KEY", value_name = "KEY")]
     key: String,
     /// The value, written as given (without it: --file, else stdin).
