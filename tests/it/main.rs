@@ -24,6 +24,7 @@ mod ids;
 mod interop;
 mod locks;
 mod manifest;
+mod messages;
 mod packaging;
 mod presence;
 mod reconcile;
