@@ -46,9 +46,22 @@ pub struct EndpointState {
     pub cause: Option<String>,
 }
 
+/// What a note about an endpoint made the client say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Said {
+    /// Nothing: no change, and no reminder due.
+    Nothing,
+    /// WARN: the endpoint stopped answering.
+    Unreachable,
+    /// WARN: a reminder that it still does not answer.
+    StillUnreachable,
+    /// INFO: it answers again.
+    AnswersAgain,
+}
+
 impl Reachability {
     /// The endpoint answered.
-    pub(super) fn answered(&self, url: &str) {
+    pub(super) fn answered(&self, url: &str) -> Said {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Seen::Unreachable {
             since, failures, ..
@@ -60,13 +73,20 @@ impl Reachability {
                 failures,
                 "etcd endpoint answers again."
             );
+            *seen = Seen::Answering;
+            return Said::AnswersAgain;
         }
         *seen = Seen::Answering;
+        Said::Nothing
     }
 
     /// The endpoint could not be reached, because of `cause`.
-    pub(super) fn failed(&self, url: &str, cause: String) {
-        let now = Instant::now();
+    pub(super) fn failed(&self, url: &str, cause: String) -> Said {
+        self.failed_at(url, cause, Instant::now())
+    }
+
+    /// [`Reachability::failed`] at `now` (tests pass their own time).
+    fn failed_at(&self, url: &str, cause: String, now: Instant) -> Said {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match &mut *seen {
             Seen::Unreachable {
@@ -76,7 +96,8 @@ impl Reachability {
                 cause: last,
             } => {
                 *failures += 1;
-                if now.duration_since(*said) >= REMINDER {
+                let due = now.duration_since(*said) >= REMINDER;
+                if due {
                     warn!(
                         endpoint = %url,
                         error = %cause,
@@ -87,6 +108,11 @@ impl Reachability {
                     *said = now;
                 }
                 *last = cause;
+                if due {
+                    Said::StillUnreachable
+                } else {
+                    Said::Nothing
+                }
             }
             _ => {
                 warn!(endpoint = %url, error = %cause, "etcd endpoint unreachable; retrying.");
@@ -96,6 +122,7 @@ impl Reachability {
                     failures: 1,
                     cause,
                 };
+                Said::Unreachable
             }
         }
     }
@@ -104,7 +131,7 @@ impl Reachability {
     /// An endpoint already known unreachable keeps its more telling cause
     /// (`Connection refused`): a dial that was still retrying when the
     /// request's time ran out says nothing new about it.
-    pub(super) fn no_answer(&self, url: &str, waited: Duration) {
+    pub(super) fn no_answer(&self, url: &str, waited: Duration) -> Said {
         let cause = {
             let seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
             match &*seen {
@@ -115,7 +142,7 @@ impl Reachability {
                 ),
             }
         };
-        self.failed(url, cause);
+        self.failed(url, cause)
     }
 
     pub(super) fn state(&self, url: &str) -> EndpointState {
@@ -141,4 +168,60 @@ fn round(d: Duration) -> Duration {
 /// Whole milliseconds, for a wait that may be a fraction of a second.
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "http://127.0.0.1:1";
+
+    fn refused() -> String {
+        "Connection refused (os error 111)".to_owned()
+    }
+
+    /// Failures every second for three minutes: one line when it stops
+    /// answering, one reminder a minute, one line when it answers again.
+    #[test]
+    fn an_outage_is_said_once_then_reminded_every_minute_then_its_end_once() {
+        let r = Reachability::default();
+        let start = Instant::now();
+        let mut said = Vec::new();
+        for second in 0..180 {
+            let s = r.failed_at(URL, refused(), start + Duration::from_secs(second));
+            if s != Said::Nothing {
+                said.push(s);
+            }
+        }
+        assert_eq!(
+            said,
+            [
+                Said::Unreachable,
+                Said::StillUnreachable,
+                Said::StillUnreachable
+            ]
+        );
+        assert_eq!(r.answered(URL), Said::AnswersAgain);
+        assert_eq!(r.answered(URL), Said::Nothing);
+        // A new outage is a new change: said again at once.
+        assert_eq!(r.failed(URL, refused()), Said::Unreachable);
+    }
+
+    #[test]
+    fn a_timeout_keeps_the_cause_already_known() {
+        let r = Reachability::default();
+        assert_eq!(
+            r.no_answer(URL, Duration::from_millis(2500)),
+            Said::Unreachable
+        );
+        assert_eq!(
+            r.state(URL).cause.as_deref(),
+            Some("no answer within 2s 500ms")
+        );
+        let r = Reachability::default();
+        r.failed(URL, refused());
+        r.no_answer(URL, Duration::from_secs(5));
+        assert_eq!(r.state(URL).cause, Some(refused()));
+        assert_eq!(r.state(URL).answering, Some(false));
+    }
 }

@@ -430,3 +430,42 @@ async fn a_command_without_dashes_and_dev_without_a_manifest_say_what_to_do() {
     assert!(err.contains("coord dev FILE"), "{err}");
     assert!(!Path::new(&dir.path().join(".coord-dev")).exists());
 }
+
+#[tokio::test]
+async fn a_cause_is_printed_once_and_a_one_shot_command_is_quiet_unless_asked() {
+    // A file that cannot be read: the io error once, not once more as
+    // the source of the message that already says it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let as_file = dir.path().display().to_string();
+    let out = run(&["kv", "get", "/x", "--cacert", &as_file], &[]).await;
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
+
+    // A port already taken by something else: said once.
+    let etcd = etcd().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[status]\nlisten = \"127.0.0.1:{port}\"\n",
+            manifest("clash-1", &[etcd.endpoint()], 5)
+        ),
+    )
+    .expect("manifest");
+    let out = run(&["run", &path.display().to_string()], &[]).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+
+    // A lock taken and given back: nothing on stderr but what matters
+    // (no lease lines), unless -v asks.
+    let ep = etcd.endpoint();
+    let out = run(&["lock", "q", "--endpoints", &ep, "--", "true"], &[]).await;
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "", "quiet by default");
+    let out = run(&["lock", "q", "-v", "--endpoints", &ep, "--", "true"], &[]).await;
+    assert!(stderr(&out).contains("Session lease granted."), "-v");
+}
