@@ -31,7 +31,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::etcd::{
-    Cache, Client, ConnectOptions, Error, LeaseId, Password, Session, SessionState, TlsFiles,
+    Cache, Client, ConnectOptions, Error, LeaseId, Password, RetryPolicy, Session, SessionState,
+    TlsFiles,
 };
 
 /// The namespace [`Options`] start with, as the agent's.
@@ -54,7 +55,7 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 /// assert_eq!(opts.connect.endpoints.len(), 2);
 /// assert_eq!(opts.namespace, "/shop");
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     /// Endpoints, timeouts, TLS and credentials.
     pub connect: ConnectOptions,
@@ -68,6 +69,10 @@ pub struct Options {
     pub name: String,
     /// How long [`Coord::connect`] waits for the first lease.
     pub connect_timeout: Duration,
+    /// How the handle's background retries are paced (re-granting the
+    /// session lease, writing a registration again, watching a held key);
+    /// default 100 ms doubling to 5 s, without jitter.
+    pub retry: RetryPolicy,
 }
 
 impl Options {
@@ -138,6 +143,12 @@ impl Options {
         self
     }
 
+    /// Pacing of the handle's background retries (see [`RetryPolicy`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
     /// etcd's username and password auth.
     pub fn auth(mut self, user: impl Into<String>, password: Password) -> Self {
         self.connect.username = Some(user.into());
@@ -155,6 +166,7 @@ impl From<ConnectOptions> for Options {
             session_ttl: DEFAULT_SESSION_TTL,
             name: default_name(),
             connect_timeout,
+            retry: RetryPolicy::DEFAULT,
         }
     }
 }
@@ -192,6 +204,7 @@ struct Shared {
     name: String,
     host: String,
     root: String,
+    retry: RetryPolicy,
 }
 
 /// What [`Coord::ping`] measured.
@@ -218,7 +231,7 @@ impl Coord {
             )));
         }
         let client = Client::connect(&options.connect).await?;
-        let session = Session::start(client.clone(), options.session_ttl);
+        let session = Session::start_paced(client.clone(), options.session_ttl, options.retry);
         let first = tokio::time::timeout(options.connect_timeout, session.wait_alive()).await;
         if first.is_err() {
             // Dropped: it stops trying.
@@ -235,6 +248,7 @@ impl Coord {
                 name: options.name,
                 host: host_name(),
                 root: options.namespace.clone(),
+                retry: options.retry,
             }),
             namespace: options.namespace,
         })
@@ -308,6 +322,12 @@ impl Coord {
         })
     }
 
+    /// How this handle paces its retries ([`Options::retry`]); also for
+    /// operations of your own, with [`RetryPolicy::retry`].
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.shared.retry
+    }
+
     /// Locks under this handle's namespace, held on the session.
     pub fn locks(&self) -> Locks {
         Locks::new(self.clone())
@@ -343,7 +363,12 @@ impl Coord {
     /// What lease-tied handles keep: the client and the session's state,
     /// never the session itself (a guard kept must not keep it renewing).
     pub(crate) fn tie(&self, lease: LeaseId) -> Tie {
-        Tie::new(self.shared.client.clone(), self.session_events(), lease)
+        Tie::new(
+            self.shared.client.clone(),
+            self.session_events(),
+            lease,
+            self.shared.retry,
+        )
     }
 }
 

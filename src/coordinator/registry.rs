@@ -3,14 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use super::{Coord, Lost, Tie, alive};
-use crate::etcd::{Backoff, Client, Error, LeaseId, Op, SessionState};
+use crate::etcd::{Client, Error, LeaseId, Op, RetryPolicy, SessionState};
 use crate::registry::check::{Check, Tally};
 use crate::registry::{
     self, Endpoint, Health, HealthRecord, Instance, bounded_output, endpoint_key, health_key,
@@ -107,6 +106,7 @@ impl Registry {
             since: now(),
             last_status: None,
             tally,
+            retry: self.coord.retry_policy(),
         };
         let lease = self.coord.lease().await?;
         let first = keeper.desired.borrow_and_update().clone();
@@ -116,6 +116,7 @@ impl Registry {
             service,
             namespace: self.coord.namespace().to_owned(),
             client: self.coord.client().clone(),
+            retry: self.coord.retry_policy(),
             state,
             desired: desired_tx,
             written: written_rx,
@@ -190,6 +191,7 @@ struct Keeper {
     since: String,
     last_status: Option<Health>,
     tally: Tally,
+    retry: RetryPolicy,
 }
 
 impl Keeper {
@@ -245,7 +247,7 @@ impl Keeper {
     }
 
     async fn run(mut self, mut last: Option<(LeaseId, Desired)>) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = self.retry.backoff();
         let check = self.service.check.clone();
         let mut next_check = check
             .as_ref()
@@ -309,6 +311,7 @@ pub struct Registration {
     service: Service,
     namespace: String,
     client: Client,
+    retry: RetryPolicy,
     state: watch::Receiver<SessionState>,
     desired: watch::Sender<Desired>,
     written: watch::Receiver<Option<LeaseId>>,
@@ -331,7 +334,7 @@ impl Registration {
     /// (it is then written again on the next lease, by itself).
     pub fn lost(&self) -> impl Future<Output = Lost> + Send + use<> {
         let lease = self.lease().unwrap_or(LeaseId(0));
-        Tie::new(self.client.clone(), self.state.clone(), lease).lease_gone()
+        Tie::new(self.client.clone(), self.state.clone(), lease, self.retry).lease_gone()
     }
 
     /// Waits until the registration is written on a lease other than

@@ -2,11 +2,10 @@
 //! leadership) to the session lease it is held on.
 
 use std::future::Future;
-use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::etcd::{Backoff, Client, LeaseId, SessionState};
+use crate::etcd::{Client, LeaseId, RetryPolicy, SessionState};
 
 /// Why something held on the session is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +36,7 @@ pub(crate) struct Tie {
     pub(crate) client: Client,
     state: watch::Receiver<SessionState>,
     pub(crate) lease: LeaseId,
+    retry: RetryPolicy,
 }
 
 impl Tie {
@@ -44,11 +44,13 @@ impl Tie {
         client: Client,
         state: watch::Receiver<SessionState>,
         lease: LeaseId,
+        retry: RetryPolicy,
     ) -> Self {
         Tie {
             client,
             state,
             lease,
+            retry,
         }
     }
 
@@ -81,9 +83,10 @@ impl Tie {
     ) -> impl Future<Output = Lost> + Send + use<> {
         let lease = self.lease_gone();
         let client = self.client.clone();
+        let retry = self.retry;
         async move {
             let deleted = async {
-                let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+                let mut backoff = retry.backoff();
                 loop {
                     match client.wait_deleted(&key, created, created).await {
                         Ok(()) => return Lost::Key,

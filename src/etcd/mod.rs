@@ -19,7 +19,7 @@ mod session;
 mod watcher;
 mod watchset;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, RetryPolicy};
 pub use cache::{Cache, CacheEvent, CacheSnapshot, Subscription};
 pub use changes::{ChangeWatcher, ValueChange};
 pub use clock::{BootInstant, Clock, Suspender};

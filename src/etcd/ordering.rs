@@ -190,44 +190,19 @@ impl Client {
     }
 
     /// Waits for any key under `prefix` to be deleted after `revision`.
-    pub async fn wait_prefix_delete(&self, prefix: &str, revision: i64) -> Result<(), Error> {
-        let mut stream = self
-            .unary("watch", |mut c| async move {
-                c.watch(
-                    prefix,
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(revision + 1),
-                    ),
-                )
-                .await
-            })
-            .await?;
-        loop {
-            match stream.message().await {
-                Ok(Some(resp)) => {
-                    if resp.compact_revision() > 0
-                        || resp.canceled()
-                        || resp
-                            .events()
-                            .iter()
-                            .any(|e| e.event_type() == EventType::Delete)
-                    {
-                        // Compacted or cancelled: the caller reads again anyway.
-                        return Ok(());
-                    }
-                }
-                // A broken stream: the caller reads again.
-                Ok(None) | Err(_) => return Ok(()),
-            }
-        }
-    }
-
-    /// Waits for any key under `prefix` to be written after `revision`.
     /// Also returns when the watch is compacted, cancelled or broken: the
     /// caller reads again anyway.
+    pub async fn wait_prefix_delete(&self, prefix: &str, revision: i64) -> Result<(), Error> {
+        self.wait_event(prefix, revision, EventType::Delete).await
+    }
+
+    /// Waits for any key under `prefix` to be written after `revision`,
+    /// returning early as [`Client::wait_prefix_delete`] does.
     pub async fn wait_put(&self, prefix: &str, revision: i64) -> Result<(), Error> {
+        self.wait_event(prefix, revision, EventType::Put).await
+    }
+
+    async fn wait_event(&self, prefix: &str, revision: i64, kind: EventType) -> Result<(), Error> {
         let mut stream = self
             .unary("watch", |mut c| async move {
                 c.watch(
@@ -246,10 +221,7 @@ impl Client {
                 Ok(Some(resp)) => {
                     if resp.compact_revision() > 0
                         || resp.canceled()
-                        || resp
-                            .events()
-                            .iter()
-                            .any(|e| e.event_type() == EventType::Put)
+                        || resp.events().iter().any(|e| e.event_type() == kind)
                     {
                         return Ok(());
                     }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::connection::Served;
-use super::{Backoff, Client, Error, LeaseId};
+use super::{Client, Error, LeaseId, RetryPolicy};
 
 /// What the session knows about its lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +117,12 @@ impl Session {
         Self::start_with_clock(client, ttl, stats, Clock::system())
     }
 
+    /// Like [`Session::start`], re-granting the lease after a loss paced
+    /// by `retry` rather than the default 100 ms doubling to 5 s.
+    pub fn start_paced(client: Client, ttl: Duration, retry: RetryPolicy) -> Session {
+        Self::spawn(client, ttl, Arc::default(), Clock::system(), retry)
+    }
+
     /// Like [`Session::start_counted`], keeping the local deadline on
     /// `clock` (tests suspend it with a [`super::Suspender`]).
     pub fn start_with_clock(
@@ -124,6 +130,16 @@ impl Session {
         ttl: Duration,
         stats: Arc<SessionStats>,
         clock: Clock,
+    ) -> Session {
+        Self::spawn(client, ttl, stats, clock, RetryPolicy::DEFAULT)
+    }
+
+    fn spawn(
+        client: Client,
+        ttl: Duration,
+        stats: Arc<SessionStats>,
+        clock: Clock,
+        retry: RetryPolicy,
     ) -> Session {
         let (tx, rx) = watch::channel(SessionState::Pending);
         let cancel = CancellationToken::new();
@@ -138,6 +154,7 @@ impl Session {
             cancel: cancel.clone(),
             stats: stats.clone(),
             clock,
+            retry,
         };
         let task = tokio::spawn(keeper.run());
         Session {
@@ -245,6 +262,7 @@ struct Keeper {
     cancel: CancellationToken,
     stats: Arc<SessionStats>,
     clock: Clock,
+    retry: RetryPolicy,
 }
 
 enum Ended {
@@ -318,7 +336,7 @@ impl Keeper {
     /// Grants a lease, retrying with backoff until etcd answers. `None` on
     /// shutdown.
     async fn grant(&self) -> Option<(LeaseId, BootInstant)> {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = self.retry.backoff();
         loop {
             let sent = self.clock.now();
             let ttl = self.ttl_secs;

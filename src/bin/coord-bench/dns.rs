@@ -18,8 +18,8 @@ use hickory_server::proto::op::Message;
 use hickory_server::proto::rr::{Name, RecordType};
 
 use crate::Ctx;
+use crate::harness::{Agent, Proc};
 use crate::report::{Report, Row, Stat, Unit};
-use crate::util::{Agent, Proc};
 
 const SERVICES: usize = 10;
 const INSTANCES: usize = 3;

@@ -17,9 +17,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::Ctx;
+use crate::harness::{Agent, ms_between, wait_all};
 use crate::reaction::spawn_peer;
 use crate::report::{Report, Row, Stat, percentile};
-use crate::util::{Agent, ms_between, wait_all};
 
 const WARMUP: usize = 3;
 

@@ -23,8 +23,8 @@ use coord::agent::manifest::{HookSpec, Manifest};
 use tokio::io::AsyncWriteExt;
 
 use crate::Ctx;
+use crate::harness::log_events_plugin;
 use crate::report::{Report, Row, Stat, Unit};
-use crate::util::log_events_plugin;
 
 const WASM_PER_ROUND: usize = 20;
 const SHELL_PER_ROUND: usize = 3;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::Ctx;
+use crate::harness::{Agent, Proc, children, etcdctl, log_events_plugin, proc_status_kib, rss_mib};
 use crate::report::{Report, Row, Stat, Unit};
-use crate::util::{Agent, Proc, children, etcdctl, log_events_plugin, proc_status_kib, rss_mib};
 
 pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let idle = Duration::from_secs(ctx.rounds(10, 3) as u64);

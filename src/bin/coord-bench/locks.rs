@@ -20,8 +20,8 @@ use coord::etcd::Session;
 use coord::lock::{self, Holder, Mode};
 
 use crate::Ctx;
+use crate::harness::{Proc, etcdctl, ms_between};
 use crate::report::{Report, Row, Stat, Unit};
-use crate::util::{Proc, etcdctl, ms_between};
 
 const TTL_S: u64 = 2;
 

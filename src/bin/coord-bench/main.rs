@@ -19,6 +19,7 @@
 
 mod dns;
 mod fanout;
+mod harness;
 mod hooks;
 mod idle;
 mod ids;
@@ -29,7 +30,6 @@ mod report;
 mod scale;
 mod services;
 mod shared;
-mod util;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -149,8 +149,8 @@ fn main() -> ExitCode {
 /// Runs the scenarios and prints the table; `Ok(false)` when a scenario
 /// failed (its row says so) but the others ran.
 async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
-    let coord = util::coord_binary()?;
-    util::require_program("etcdctl")?;
+    let coord = harness::coord_binary()?;
+    harness::require_program("etcdctl")?;
     let etcd = LocalEtcd::start().await.context("starting a local etcd")?;
     let client = etcd.client().await;
     let ctx = Ctx {
@@ -161,7 +161,7 @@ async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
         quick: args.quick,
         fanout_agents: args.fanout_agents,
     };
-    let machine = util::machine_line();
+    let machine = harness::machine_line();
     println!("{machine}");
     println!(
         "etcd at {}, coord at {}{}\n",

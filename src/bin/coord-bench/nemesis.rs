@@ -38,8 +38,8 @@ use nix::unistd::Pid;
 use rand::Rng;
 
 use crate::Ctx;
+use crate::harness::{Proc, children};
 use crate::report::{Report, Row, Stat, Unit};
-use crate::util::{Proc, children};
 
 const TTL: &str = "3s";
 const GRACE: &str = "600ms";

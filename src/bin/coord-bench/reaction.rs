@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::Ctx;
+use crate::harness::{Agent, Proc, etcdctl, ms_between, wait_for};
 use crate::report::{Report, Row, Stat, Unit};
-use crate::util::{Agent, Proc, etcdctl, ms_between, wait_for};
 
 const WARMUP: usize = 20;
 const PATIENCE: Duration = Duration::from_secs(10);

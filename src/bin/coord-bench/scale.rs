@@ -11,8 +11,8 @@ use anyhow::bail;
 use tokio::task::JoinSet;
 
 use crate::Ctx;
+use crate::harness::{Agent, rss_mib, wait_for};
 use crate::report::{Report, Row, Stat, Unit};
-use crate::util::{Agent, rss_mib, wait_for};
 
 const KEYS: usize = 10_000;
 const FILES: usize = 1_000;

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::Ctx;
+use crate::harness::{Agent, Proc, etcdctl, rss_mib};
 use crate::report::{Report, Row, Stat, Unit};
-use crate::util::{Agent, Proc, etcdctl, rss_mib};
 
 /// Unrelated keys written during the busy window.
 const WRITES: usize = 10_000;

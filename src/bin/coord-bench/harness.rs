@@ -1,4 +1,4 @@
-//! What the scenarios share: finding programs, waiting for files, reading
+//! The bench harness the scenarios share: finding programs, waiting for files, reading
 //! /proc, running `coord run` agents.
 
 use std::os::unix::process::CommandExt;
