@@ -206,11 +206,12 @@ async fn one_shot_commands_without_a_timeout_give_up_on_an_unreachable_etcd() {
 #[tokio::test]
 async fn the_agent_with_etcd_down_warns_once_per_endpoint_not_per_loop_and_attempt() {
     let endpoints = [dead_endpoint(), dead_endpoint()];
-    let text = format!(
-        "{}\n[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\ncheck = {{ tcp = \"127.0.0.1:1\", interval = \"1s\" }}\n\n[[instance_id]]\npool = \"worker\"\nsize = 4\n",
-        manifest("down-1", &endpoints, 5)
-    );
     let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!(
+        "{}\n[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\ncheck = {{ tcp = \"127.0.0.1:1\", interval = \"1s\" }}\n\n[[instance_id]]\npool = \"worker\"\nsize = 4\n\n[[file]]\npath = \"{}\"\nkey = \"/app/v\"\n\n[[task]]\nname = \"beat\"\nschedule = \"every 2s\"\nrun = [\"true\"]\n",
+        manifest("down-1", &endpoints, 5),
+        dir.path().join("out.txt").display()
+    );
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, text).expect("manifest");
     let log_path = dir.path().join("coord.log");
@@ -220,8 +221,8 @@ async fn the_agent_with_etcd_down_warns_once_per_endpoint_not_per_loop_and_attem
         .stderr(log)
         .spawn()
         .expect("spawn coord run");
-    // Session, watches, presence, services and ids all retry meanwhile,
-    // several times each.
+    // Session, watches, presence, services, ids, the file and the task
+    // all retry meanwhile, several times each.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let _ = child.kill();
     let _ = child.wait();
