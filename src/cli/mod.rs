@@ -315,6 +315,8 @@ mod tests {
                 walk(sub, &format!("{path} {}", sub.get_name()), missing);
             }
         }
+        // clap's own checks too (a short flag such as -v used twice).
+        super::Cli::command().debug_assert();
         let mut missing = Vec::new();
         walk(&super::Cli::command(), "coord", &mut missing);
         assert!(missing.is_empty(), "arguments without help: {missing:#?}");
