@@ -470,3 +470,29 @@ async fn a_cause_is_printed_once_and_a_one_shot_command_is_quiet_unless_asked() 
     let out = run(&["lock", "q", "-v", "--endpoints", &ep, "--", "true"], &[]).await;
     assert!(stderr(&out).contains("Session lease granted."), "-v");
 }
+
+#[tokio::test]
+async fn an_agent_whose_pool_size_differs_from_the_stored_one_says_so_and_claims_nothing() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let session = Session::start(client.clone(), Duration::from_secs(10));
+    let lease = session.wait_alive().await;
+    let me = coord::ids::ClaimRecord {
+        agent: "first".into(),
+        claimed_at: "2026-01-01T00:00:00Z".into(),
+    };
+    coord::ids::claim(&client, "/coord", "worker", 4, lease, None, &me)
+        .await
+        .expect("the first claim stores size 4");
+    let agent = crate::support::CoordProcess::run(&format!(
+        "{}\n[[instance_id]]\npool = \"worker\"\nsize = 8\n",
+        manifest("ids-1", &[etcd.endpoint()], 5)
+    ));
+    let log = crate::support::log_says(&agent, "Pool size differs from the stored one").await;
+    assert!(log.contains("pool `worker` has size 4"), "{log}");
+    assert!(log.contains("not 8"), "{log}");
+    let claims = coord::ids::list(&client, "/coord", "worker")
+        .await
+        .expect("list");
+    assert_eq!(claims.len(), 1, "only the first claim");
+}
