@@ -96,6 +96,18 @@ pub enum Error {
         /// The oldest revision etcd keeps.
         compacted: i64,
     },
+    /// The revision asked for is newer than any etcd has written.
+    #[error(
+        "`{key}` has no value at revision {revision}: that revision is in the future (etcd is at revision {current}; `coord kv history {key}` lists the key's revisions)"
+    )]
+    FutureRevision {
+        /// The key.
+        key: String,
+        /// The revision asked for.
+        revision: i64,
+        /// etcd's current revision.
+        current: i64,
+    },
     /// etcd could not be reached or refused the request.
     #[error("etcd failed on `{key}`: {source}")]
     Unavailable {
@@ -161,6 +173,13 @@ fn unavailable(key: &str) -> impl FnOnce(etcd::Error) -> Error + '_ {
             key: key.to_owned(),
             revision: requested,
             compacted,
+        },
+        etcd::Error::FutureRevision {
+            requested, current, ..
+        } => Error::FutureRevision {
+            key: key.to_owned(),
+            revision: requested,
+            current,
         },
         source => Error::Unavailable {
             key: key.to_owned(),

@@ -8,12 +8,18 @@
 //! `create_revision == 0`. A collision only marks that id taken and tries
 //! another: expected O(1) round trips whatever the pool size, and never a
 //! loop of blocking lock calls.
+//!
+//! A pool's size is stored at `<namespace>/id-pools/<pool>` (`{"size": N}`,
+//! on no lease) by its first claim, and a claim asking for another size is
+//! refused ([`IdError::SizeMismatch`]): two claimers with different sizes
+//! would hand out ids the other side thinks cannot exist. The stored size
+//! is read in the same transaction as the taken ids.
 
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::etcd::{Client, Error as EtcdError, KeyValue, LeaseId};
+use crate::etcd::{Client, Error as EtcdError, KeyValue, LeaseId, ReadSet};
 
 /// Who holds an id, stored as the claim's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +67,20 @@ pub enum IdError {
         /// What etcd said.
         source: EtcdError,
     },
+    #[error(
+        "pool `{pool}` has size {stored} (stored at `{key}` by its first claimer), not {asked}; claim with --size {stored}, or, if the pool was resized on purpose and no claim is held, delete that key first; nothing was claimed"
+    )]
+    /// The size asked for is not the one stored for the pool.
+    SizeMismatch {
+        /// The pool.
+        pool: String,
+        /// The size asked for.
+        asked: u32,
+        /// The size stored.
+        stored: u32,
+        /// Where it is stored.
+        key: String,
+    },
     #[error("invalid pool `{pool}`: {reason}")]
     /// The pool or its size cannot be.
     Invalid {
@@ -82,6 +102,18 @@ fn etcd_error(pool: &str) -> impl Fn(EtcdError) -> IdError + Copy + '_ {
 /// `<namespace>/ids/<pool>/`.
 pub fn prefix(namespace: &str, pool: &str) -> String {
     format!("{}/ids/{pool}/", namespace.trim_end_matches('/'))
+}
+
+/// `<namespace>/id-pools/<pool>`: where the pool's size is stored. Outside
+/// the pool's prefix, so whatever lists or watches the claims never sees it.
+pub fn size_key(namespace: &str, pool: &str) -> String {
+    format!("{}/id-pools/{pool}", namespace.trim_end_matches('/'))
+}
+
+/// A pool's stored size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct PoolSize {
+    size: u32,
 }
 
 fn key(namespace: &str, pool: &str, id: u32) -> String {
@@ -121,12 +153,49 @@ pub async fn claim(
     let etcd = etcd_error(pool);
     let value = serde_json::to_vec(record).unwrap_or_default();
     let mut round_trips = 1;
-    let mut taken: HashSet<u32> = client
-        .keys(&prefix(namespace, pool))
-        .await
-        .map_err(etcd)?
-        .iter()
-        .filter_map(|k| id_of(k))
+    let claims = prefix(namespace, pool);
+    let sizes = size_key(namespace, pool);
+    let mut set = ReadSet::default();
+    set.add_prefix(&claims);
+    set.add_key(&sizes);
+    let read = client.read(&set, None).await.map_err(etcd)?;
+    let stored = read
+        .get(&sizes)
+        .and_then(|kv| serde_json::from_slice::<PoolSize>(&kv.value).ok());
+    match stored {
+        Some(PoolSize { size: stored }) if stored != size => {
+            return Err(IdError::SizeMismatch {
+                pool: pool.to_owned(),
+                asked: size,
+                stored,
+                key: sizes,
+            });
+        }
+        Some(_) => {}
+        None => {
+            // The first claim of the pool says how big it is. Two first
+            // claimers race on the create; the loser reads the winner's.
+            round_trips += 1;
+            let mine = serde_json::to_vec(&PoolSize { size }).unwrap_or_default();
+            if let Some(theirs) = client
+                .put_if_absent(&sizes, mine, None)
+                .await
+                .map_err(etcd)?
+                && let Ok(PoolSize { size: stored }) = serde_json::from_slice(&theirs.value)
+                && stored != size
+            {
+                return Err(IdError::SizeMismatch {
+                    pool: pool.to_owned(),
+                    asked: size,
+                    stored,
+                    key: sizes,
+                });
+            }
+        }
+    }
+    let mut taken: HashSet<u32> = read
+        .under(&claims)
+        .filter_map(|kv| id_of(&kv.key))
         .collect();
     let mut preferred = preferred.filter(|p| *p < size);
     loop {

@@ -6,7 +6,6 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
@@ -18,9 +17,9 @@ const LOG_BUFFER_LINES: usize = 8192;
 const LOG_FLUSH_WAIT: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_or_exit();
     let (stderr, guard) = log_writer();
-    let filter = log_filter(std::env::var("COORD_LOG").ok());
+    let filter = log_filter(std::env::var("COORD_LOG").ok(), cli.log_default());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(stderr.clone())
@@ -39,12 +38,13 @@ fn main() -> ExitCode {
     code
 }
 
-/// `COORD_LOG` (default `info`), with hickory-server's line per DNS query
-/// (logged at info) kept out unless the variable names hickory itself.
-fn log_filter(asked: Option<String>) -> EnvFilter {
+/// `COORD_LOG` (default `default`, which depends on the command and `-v`),
+/// with hickory-server's line per DNS query (logged at info) kept out
+/// unless the variable names hickory itself.
+fn log_filter(asked: Option<String>, default: &str) -> EnvFilter {
     let mut directives = asked
         .filter(|a| EnvFilter::try_new(a).is_ok())
-        .unwrap_or_else(|| "info".to_owned());
+        .unwrap_or_else(|| default.to_owned());
     if !directives.contains("hickory") {
         directives.push_str(",hickory_server=warn,hickory_net=warn,hickory_proto=warn");
     }

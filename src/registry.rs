@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::etcd::{CacheSnapshot, Client, Error, KeyValue, LeaseId};
+use crate::etcd::{CacheSnapshot, Client, Condition, Conditional, Error, KeyValue, LeaseId};
 
 /// The health of a service instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -219,23 +219,76 @@ pub fn parse_report(kv: &KeyValue) -> Option<CheckReport> {
     })
 }
 
+/// Why a report or a maintenance switch was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// No instance of that service is registered (no health record).
+    #[error(
+        "no instance `{service}/{id}` is registered (`coord services {service} --all` lists them); nothing was reported"
+    )]
+    NoSuchInstance {
+        /// The service named.
+        service: String,
+        /// The instance id named.
+        id: String,
+    },
+    /// No agent of that name is present.
+    #[error(
+        "no agent `{agent}` is present (`coord agents` lists them); nothing was put in maintenance"
+    )]
+    NoSuchAgent {
+        /// The agent named.
+        agent: String,
+    },
+    /// The agent is present but registers no instance of that service.
+    #[error(
+        "agent `{agent}` registers no instance of service `{service}` (`coord services {service} --all` lists who does); nothing was put in maintenance"
+    )]
+    NoSuchService {
+        /// The agent named.
+        agent: String,
+        /// The service named.
+        service: String,
+    },
+    /// etcd failed. (Not `transparent`: the etcd error stays in the chain
+    /// of sources, where the CLI finds an unreachable etcd.)
+    #[error("{0}")]
+    Etcd(#[from] Error),
+}
+
 /// Reports a TTL check's result (no lease: the reporter may be a cron job),
-/// its note cut to [`OUTPUT_LIMIT`].
+/// its note cut to [`OUTPUT_LIMIT`]. Refused for an instance that is not
+/// registered (it has no health record), checked in the same transaction
+/// as the write: a report for a typo would otherwise stay in etcd for
+/// good, on no lease, waiting for an instance that never comes.
 pub async fn report_check(
     client: &Client,
     namespace: &str,
     service: &str,
     id: &str,
     report: &CheckReport,
-) -> Result<(), Error> {
+) -> Result<(), TargetError> {
     let report = CheckReport {
         status: report.status,
         output: bounded_output(report.output.clone()),
     };
-    client
-        .put(&check_key(namespace, service, id), json(&report), None)
-        .await
-        .map(|_| ())
+    let missing = || TargetError::NoSuchInstance {
+        service: service.to_owned(),
+        id: id.to_owned(),
+    };
+    let health = health_key(namespace, service, id);
+    let Some(record) = client.get(&health).await? else {
+        return Err(missing());
+    };
+    let when = [Condition::CreatedAt {
+        key: health,
+        revision: record.create_revision,
+    }];
+    let key = check_key(namespace, service, id);
+    match client.put_if(&key, json(&report), &when).await? {
+        Conditional::Applied { .. } => Ok(()),
+        Conditional::Refused { .. } => Err(missing()),
+    }
 }
 
 /// Why an agent or one of its services is in maintenance.
@@ -248,26 +301,49 @@ pub struct Maintenance {
 }
 
 /// Puts an agent (or one service on it) in maintenance: its instances are
-/// withdrawn from discovery until [`end_maintenance`].
+/// withdrawn from discovery until [`end_maintenance`]. Refused unless the
+/// agent is present (checked in the same transaction as the write) and,
+/// for one service, registers an instance of it: the key is on no lease,
+/// so one for a typo would stay for good.
 pub async fn start_maintenance(
     client: &Client,
     namespace: &str,
     agent: &str,
     service: Option<&str>,
     reason: &str,
-) -> Result<(), Error> {
-    let record = Maintenance {
+) -> Result<(), TargetError> {
+    let no_agent = || TargetError::NoSuchAgent {
+        agent: agent.to_owned(),
+    };
+    let presence = crate::presence::key(namespace, agent);
+    let Some(record) = client.get(&presence).await? else {
+        return Err(no_agent());
+    };
+    if let Some(service) = service {
+        let runs_it = read(client, namespace, Some(service))
+            .await?
+            .iter()
+            .any(|i| i.health.as_ref().is_some_and(|h| h.agent == agent));
+        if !runs_it {
+            return Err(TargetError::NoSuchService {
+                agent: agent.to_owned(),
+                service: service.to_owned(),
+            });
+        }
+    }
+    let record_now = Maintenance {
         reason: reason.to_owned(),
         since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
-    client
-        .put(
-            &maintenance_key(namespace, agent, service),
-            json(&record),
-            None,
-        )
-        .await
-        .map(|_| ())
+    let when = [Condition::CreatedAt {
+        key: presence,
+        revision: record.create_revision,
+    }];
+    let key = maintenance_key(namespace, agent, service);
+    match client.put_if(&key, json(&record_now), &when).await? {
+        Conditional::Applied { .. } => Ok(()),
+        Conditional::Refused { .. } => Err(no_agent()),
+    }
 }
 
 /// Ends maintenance; returns whether it was on.

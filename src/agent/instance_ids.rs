@@ -22,7 +22,7 @@ use super::manifest::InstanceIdSpec;
 use super::sleep_or_stop;
 use super::state_dir::{StateDir, write_atomically};
 use super::status::report::ResourceKind;
-use crate::etcd::{Backoff, LeaseId, SessionState, alive_lease};
+use crate::etcd::{Backoff, LeaseId, SessionState, alive_lease, unreachable_in};
 use crate::ids::{self, ClaimRecord, IdError};
 
 /// The ids this agent holds, by pool.
@@ -189,6 +189,15 @@ impl InstanceIdsController {
                     match &e {
                         IdError::Exhausted { .. } => {
                             error!(pool = %spec.pool, error = %e, "No free id; waiting for one.")
+                        }
+                        IdError::SizeMismatch { .. } => {
+                            // The operator must act: the manifest or the
+                            // stored size is wrong.
+                            error!(pool = %spec.pool, error = %e, "Pool size differs from the stored one; no id claimed.")
+                        }
+                        _ if unreachable_in(&e).is_some() => {
+                            // Said once per endpoint by the client.
+                            debug!(pool = %spec.pool, error = %e, retry_in = ?wait, "Could not claim an id.")
                         }
                         _ => {
                             warn!(pool = %spec.pool, error = %e, retry_in = ?wait, "Could not claim an id.")

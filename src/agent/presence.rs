@@ -29,6 +29,7 @@ use super::status::Status;
 use super::status::report::{QueueName, ResourceKind};
 use crate::etcd::{
     Abandoner, Backoff, Cache, CacheEvent, Client, LeaseId, SessionState, Subscription,
+    unreachable_in,
 };
 use crate::presence::{self, Agent, AgentRecord, Registration};
 
@@ -386,7 +387,12 @@ impl PresenceController {
                     }
                     Err(e) => {
                         let wait = queue.failed(key.clone());
-                        warn!(key = %etcd_key, error = %e, retry_in = ?wait, "Could not register agent presence.");
+                        if unreachable_in(&e).is_some() {
+                            // Said once per endpoint by the client.
+                            debug!(key = %etcd_key, error = %e, retry_in = ?wait, "Could not register agent presence.");
+                        } else {
+                            warn!(key = %etcd_key, error = %e, retry_in = ?wait, "Could not register agent presence.");
+                        }
                         self.status.set(
                             ResourceKind::Presence,
                             &desired.agent,

@@ -18,6 +18,16 @@ pub enum ReloadRequest {
     FileChanged,
 }
 
+impl ReloadRequest {
+    /// What asked for the reload, as logs say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReloadRequest::Signal => "SIGHUP",
+            ReloadRequest::FileChanged => "file changed",
+        }
+    }
+}
+
 /// Watches a set of files through their directories (editors and config
 /// management replace files by rename, which a watch on the file itself
 /// would miss) and reports which changed once writes have stopped for the

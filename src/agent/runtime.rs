@@ -390,12 +390,12 @@ pub async fn run(
             Err(e) => {
                 // The operator must fix the file; until then the last good
                 // manifest keeps running.
-                error!(manifest = %path.display(), reason = ?request, "Manifest reload rejected; keeping the last good one.\n{e}");
+                error!(manifest = %path.display(), reason = request.name(), "Manifest reload rejected; keeping the last good one.\n{e}");
                 continue;
             }
         };
         if next == manifest {
-            info!(manifest = %path.display(), reason = ?request, "Manifest unchanged.");
+            info!(manifest = %path.display(), reason = request.name(), "Manifest unchanged.");
             continue;
         }
         withhold_password_env(&next);
@@ -405,7 +405,7 @@ pub async fn run(
             match hook_runner(&next, &shared.keys, &shared.ambient, &shared.status).await {
                 Ok(h) => Some(h),
                 Err(e) => {
-                    error!(manifest = %path.display(), reason = ?request, "Manifest reload rejected; keeping the last good one.\n{e}");
+                    error!(manifest = %path.display(), reason = request.name(), "Manifest reload rejected; keeping the last good one.\n{e}");
                     continue;
                 }
             }

@@ -67,18 +67,18 @@ impl ScheduleClock {
                 && back > tolerance
             {
                 s.ahead += back;
-                warn!(stepped_back = ?back, schedule_ahead_by = ?s.ahead, "The wall clock stepped back; task schedules keep their pace, numbering rounds as if it had not, so none is skipped or run twice.");
+                warn!(stepped_back = %humantime::format_duration(back), schedule_ahead_by = %humantime::format_duration(s.ahead), "The wall clock stepped back; task schedules keep their pace, numbering rounds as if it had not, so none is skipped or run twice.");
             } else if let Ok(forward) = wall.duration_since(expected)
                 && forward > tolerance
             {
                 if s.ahead.is_zero() {
-                    warn!(stepped_forward = ?forward, "The wall clock stepped forward; task schedules follow it (the round now due runs once).");
+                    warn!(stepped_forward = %humantime::format_duration(forward), "The wall clock stepped forward; task schedules follow it (the round now due runs once).");
                 } else {
                     s.ahead = s.ahead.saturating_sub(forward);
                     if s.ahead.is_zero() {
-                        info!(stepped_forward = ?forward, "The wall clock stepped forward again; task schedules follow it as before.");
+                        info!(stepped_forward = %humantime::format_duration(forward), "The wall clock stepped forward again; task schedules follow it as before.");
                     } else {
-                        info!(stepped_forward = ?forward, schedule_ahead_by = ?s.ahead, "The wall clock stepped forward; task schedules are still ahead of it by what is left.");
+                        info!(stepped_forward = %humantime::format_duration(forward), schedule_ahead_by = %humantime::format_duration(s.ahead), "The wall clock stepped forward; task schedules are still ahead of it by what is left.");
                     }
                 }
             }

@@ -351,7 +351,13 @@ impl TasksController {
             Ended::LockLost => (None, true),
             Ended::Stopped => (None, false),
         };
-        info!(task = %spec.name, token, exit = ?exit, lock_lost, "Task run ended.");
+        match ended {
+            Ended::Exited(code) => info!(task = %spec.name, token, exit = code, "Task run ended."),
+            Ended::LockLost => {
+                info!(task = %spec.name, token, "Task run ended: the lock was lost, so it was stopped.")
+            }
+            Ended::Stopped => info!(task = %spec.name, token, "Task run ended: it was stopped."),
+        }
         self.ctx.status.task_ended(
             &spec.name,
             match (exit, lock_lost) {

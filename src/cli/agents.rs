@@ -46,7 +46,7 @@ pub async fn agents(args: AgentsArgs) -> anyhow::Result<ExitCode> {
         .max(5);
     println!(
         "{:width$}  {:10}  {:20}  {:16}  LEASE",
-        "AGENT", "VERSION", "STARTED", "MANIFEST"
+        "AGENT", "VERSION", "STARTED", "MANIFEST SHA256"
     );
     for a in &agents {
         let (version, started, hash) = match &a.record {

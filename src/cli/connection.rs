@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use super::errors::{Origin, Place};
 use coord::agent::manifest::{DEFAULT_NAMESPACE, Manifest, PasswordSource};
 use coord::etcd::{Client, ConnectOptions, TlsFiles};
 
@@ -65,15 +66,26 @@ impl EtcdArgs {
             Some(path) => Some(Manifest::load(path)?),
             None => None,
         };
-        let mut opts = match &manifest {
-            Some(m) => m
-                .connect_options()
-                .with_context(|| format!("using the [etcd] section of `{}`", m.path.display()))?,
-            None => ConnectOptions::new(vec!["http://127.0.0.1:2379".to_owned()]),
+        let (mut opts, mut origin) = match &manifest {
+            Some(m) => (
+                m.connect_options().with_context(|| {
+                    format!("using the [etcd] section of `{}`", m.path.display())
+                })?,
+                Origin::Manifest(m.path.clone()),
+            ),
+            None => (
+                ConnectOptions::new(vec!["http://127.0.0.1:2379".to_owned()]),
+                Origin::Default,
+            ),
         };
         if !self.endpoints.is_empty() {
             opts.endpoints = self.endpoints.clone();
+            origin = self.endpoints_origin();
         }
+        super::errors::remember(Place {
+            endpoints: opts.endpoints.clone(),
+            origin,
+        });
         if self.cacert.is_some() || self.cert.is_some() {
             opts.tls = Some(TlsFiles {
                 ca: self.cacert.clone(),
@@ -103,12 +115,30 @@ impl EtcdArgs {
         Ok((opts, namespace))
     }
 
-    /// A connected client and the namespace.
+    /// A client and the namespace. Nothing is dialled yet: an etcd that
+    /// cannot be reached shows at the first request.
     pub async fn connect(&self) -> anyhow::Result<(Client, String)> {
         let (opts, namespace) = self.resolve()?;
         let client = Client::connect(&opts).await.with_context(|| {
-            format!("failed to connect to etcd at {}", opts.endpoints.join(","))
+            format!(
+                "cannot use the etcd connection settings for {}",
+                opts.endpoints.join(",")
+            )
         })?;
         Ok((client, namespace))
+    }
+
+    /// Whether `--endpoints` or `COORD_ENDPOINTS` gave the endpoints (clap
+    /// fills the one field from either). The variable's own value means
+    /// the variable; a flag given beside it wins and differs from it.
+    fn endpoints_origin(&self) -> Origin {
+        let from_env = std::env::var("COORD_ENDPOINTS")
+            .ok()
+            .map(|v| v.split(',').map(str::to_owned).collect::<Vec<String>>());
+        if from_env.as_ref() == Some(&self.endpoints) {
+            Origin::Env
+        } else {
+            Origin::Flag
+        }
     }
 }

@@ -10,15 +10,27 @@ use coord::etcd::local::{LocalEtcd, etcd_binary};
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// The manifest to run (its [etcd] endpoints are replaced by the local etcd).
-    #[arg(value_name = "FILE", default_value = "agent.toml.example")]
+    /// The manifest to run (its [etcd] endpoints are replaced by the local
+    /// etcd); by default `agent.toml.example` in the current directory.
+    #[arg(value_name = "FILE", default_value = DEFAULT_MANIFEST)]
     manifest: PathBuf,
     /// Where the local etcd keeps its data between runs.
     #[arg(long, default_value = ".coord-dev")]
     data_dir: PathBuf,
 }
 
+/// What `coord dev` runs when given no manifest: the example at the root
+/// of a coord checkout.
+const DEFAULT_MANIFEST: &str = "agent.toml.example";
+
 pub async fn dev(args: DevArgs, stderr: &super::Stderr) -> anyhow::Result<ExitCode> {
+    if args.manifest.as_os_str() == DEFAULT_MANIFEST && !args.manifest.exists() {
+        let here = std::env::current_dir().map_or_else(|_| ".".into(), |d| d.display().to_string());
+        anyhow::bail!(
+            "coord dev runs `{DEFAULT_MANIFEST}` when given no manifest, and there is none in {here}; \
+             run it from a coord checkout, or name a manifest: coord dev FILE"
+        );
+    }
     // Validate first: a typo should not cost an etcd start.
     let manifest = Manifest::load(&args.manifest)?;
     let bin = etcd_binary()?;

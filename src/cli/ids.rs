@@ -5,6 +5,7 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::connection::EtcdArgs;
+use super::errors::{NoAnswer, reach_wait, within};
 use coord::agent::hold::{Ended, Held, HoldError};
 use coord::agent::manifest::host_name;
 use coord::agent::supervise::max_grace;
@@ -35,8 +36,10 @@ enum ClaimCommand {
 
 #[derive(Debug, Args)]
 struct ClaimArgs {
+    /// The pool to claim from (`<namespace>/ids/<pool>/` in etcd).
     pool: String,
-    /// Ids are 0..size.
+    /// Ids are 0..size. Must match the pool's size, stored by its first
+    /// claimer (agents' `[[instance_id]]` included).
     #[arg(long)]
     size: u32,
     /// Session lease TTL: how long the id outlives this process if it dies.
@@ -45,10 +48,18 @@ struct ClaimArgs {
     /// Wait for a free id if the pool is full, instead of failing (exit 75).
     #[arg(long)]
     wait: bool,
+    /// The command to run with the id, after `--`.
     #[arg(last = true, required = true)]
     command: Vec<String>,
     #[command(flatten)]
     etcd: EtcdArgs,
+}
+
+/// Why no id was claimed.
+#[derive(Debug)]
+enum ClaimError {
+    Id(ids::IdError),
+    NoAnswer(NoAnswer),
 }
 
 pub async fn ids(args: IdsArgs) -> anyhow::Result<ExitCode> {
@@ -99,23 +110,33 @@ async fn claim(args: ClaimArgs) -> anyhow::Result<ExitCode> {
         claimed_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     };
     let take = async {
-        let lease = session.wait_alive().await;
+        // Bounded, so an etcd that does not answer ends the command.
+        let lease = within(
+            &client,
+            "no session lease was granted",
+            reach_wait(&client),
+            session.wait_alive(),
+        )
+        .await
+        .map_err(ClaimError::NoAnswer)?;
         if args.wait {
             ids::claim_waiting(&client, &namespace, &args.pool, args.size, lease, None, &me).await
         } else {
             ids::claim(&client, &namespace, &args.pool, args.size, lease, None, &me).await
         }
+        .map_err(ClaimError::Id)
     };
     let grace = max_grace(args.ttl).min(Duration::from_secs(2));
     let held = super::hold_for_command(&client, &session, &args.command, grace, take).await?;
     session.close().await;
     Ok(match held {
         Err(HoldError::Claim(None)) => ExitCode::from(143),
-        Err(HoldError::Claim(Some(e @ ids::IdError::Exhausted { .. }))) => {
+        Err(HoldError::Claim(Some(ClaimError::Id(e @ ids::IdError::Exhausted { .. })))) => {
             eprintln!("coord ids: {e} (use --wait to wait for one)");
             ExitCode::from(75)
         }
-        Err(HoldError::Claim(Some(e))) => return Err(e.into()),
+        Err(HoldError::Claim(Some(ClaimError::Id(e)))) => return Err(e.into()),
+        Err(HoldError::Claim(Some(ClaimError::NoAnswer(e)))) => return Err(e.into()),
         Err(HoldError::Supervisor(e)) => {
             return Err(anyhow::Error::new(e).context(format!(
                 "cannot start `{}` under a supervisor",

@@ -23,7 +23,7 @@ pub const EXIT_FENCED: u8 = 5;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Exit status: 0 done, 1 error, 3 refused (version conflict: nothing written), 4 key not found, 5 refused (--fence: the lock is no longer ours; nothing written)."
+    after_help = "Exit status: 0 done, 1 error, 3 refused (version conflict: nothing written), 4 key not found (also `del` of a missing key, and a revision in the future), 5 refused (--fence: the lock is no longer ours; nothing written)."
 )]
 pub struct KvArgs {
     #[command(subcommand)]
@@ -40,13 +40,16 @@ pub struct KvArgs {
 enum KvCommand {
     /// Print a key's value (with --json: also its version and revisions).
     Get {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
     },
-    /// Write a key: the value from the argument, --file, or stdin.
+    /// Write a key: the value from the argument (as given), --file, or stdin
+    /// (one trailing newline dropped unless --raw).
     Set(SetArgs),
     /// Delete a key.
     Del {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
         /// Only if the key is at this version.
@@ -55,12 +58,14 @@ enum KvCommand {
     },
     /// List the keys under a prefix with their versions and values.
     Ls {
+        /// The key prefix, as given; empty lists every key.
         #[arg(default_value = "")]
         prefix: String,
     },
     /// Print each change to a key (or every key under it, with --prefix)
     /// with its old and new value, until interrupted.
     Watch {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
         /// Watch every key under KEY.
@@ -69,6 +74,7 @@ enum KvCommand {
     },
     /// A key's values since it was created, newest first.
     History {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
         /// At most this many values.
@@ -78,6 +84,7 @@ enum KvCommand {
     /// Write back the value a key had at a revision (see `history`), as a
     /// compare-and-set: refused if the key moves meanwhile.
     Rollback {
+        /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
         /// The revision whose value to restore.
@@ -92,14 +99,21 @@ enum KvCommand {
 
 #[derive(Debug, Args)]
 struct SetArgs {
+    /// The etcd key, as given (no namespace is added), e.g. `/app/db`.
     #[arg(id = "KEY", value_name = "KEY")]
     key: String,
     /// The value, written as given (without it: --file, else stdin).
     #[arg(conflicts_with = "file")]
     value: Option<String>,
-    /// Read the value from this file (`-` for stdin).
+    /// Read the value from this file (`-` for stdin). One trailing newline
+    /// is dropped, as from stdin (see --raw).
     #[arg(long, value_name = "FILE")]
     file: Option<PathBuf>,
+    /// Keep a value read from --file or stdin byte for byte: without it,
+    /// one trailing newline (`\n` or `\r\n`), the one `echo` and editors
+    /// add, is dropped.
+    #[arg(long)]
+    raw: bool,
     /// Only if the key is at this version.
     #[arg(long, value_name = "N", conflicts_with = "create")]
     if_version: Option<i64>,
@@ -122,15 +136,19 @@ pub async fn kv(args: KvArgs) -> anyhow::Result<ExitCode> {
         Ok(code) => Ok(code),
         Err(e) => match e.downcast_ref::<config::Error>() {
             Some(config::Error::VersionConflict { .. }) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", super::errors::describe(&e));
                 Ok(ExitCode::from(EXIT_CONFLICT))
             }
-            Some(config::Error::NotFound { .. } | config::Error::AbsentAt { .. }) => {
-                eprintln!("error: {e:#}");
+            Some(
+                config::Error::NotFound { .. }
+                | config::Error::AbsentAt { .. }
+                | config::Error::FutureRevision { .. },
+            ) => {
+                eprintln!("error: {}", super::errors::describe(&e));
                 Ok(ExitCode::from(EXIT_NOT_FOUND))
             }
             Some(config::Error::Fenced { .. }) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", super::errors::describe(&e));
                 Ok(ExitCode::from(EXIT_FENCED))
             }
             _ => Err(e),
@@ -172,8 +190,11 @@ async fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
                 println!("{}", json!({"key": key, "deleted": existed}));
             } else if existed {
                 println!("deleted {key}");
-            } else {
-                println!("{key} did not exist; nothing deleted");
+            }
+            if !existed {
+                // A script deleting what it thinks is there learns it was not.
+                eprintln!("error: `{key}` does not exist; nothing was deleted");
+                return Ok(ExitCode::from(EXIT_NOT_FOUND));
             }
         }
         KvCommand::Ls { prefix } => {
@@ -233,17 +254,24 @@ fn holder_fence(namespace: &str, name: &str) -> anyhow::Result<coord::etcd::Cond
 
 /// The bytes to write, read from where the arguments say and checked.
 fn prepare(set: &SetArgs, json: bool) -> anyhow::Result<Vec<u8>> {
-    let raw = match (&set.value, &set.file) {
-        (Some(v), _) => v.clone().into_bytes(),
-        (None, Some(path)) if path.as_os_str() != "-" => std::fs::read(path)
-            .with_context(|| format!("failed to read the value from `{}`", path.display()))?,
+    let read = match (&set.value, &set.file) {
+        (Some(_), _) => None,
+        (None, Some(path)) if path.as_os_str() != "-" => Some(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read the value from `{}`", path.display()))?,
+        ),
         (None, _) => {
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
-                .context("failed to read the value from stdin")?;
-            buf
+                .context("cannot read the value from stdin")?;
+            Some(buf)
         }
+    };
+    let raw = match (read, &set.value) {
+        (Some(bytes), _) if set.raw => bytes,
+        (Some(bytes), _) => drop_one_newline(bytes),
+        (None, v) => v.clone().unwrap_or_default().into_bytes(),
     };
     if json && let Err(e) = serde_json::from_slice::<serde_json::Value>(&raw) {
         bail!(
@@ -261,6 +289,17 @@ fn prepare(set: &SetArgs, json: bool) -> anyhow::Result<Vec<u8>> {
         schema.check(&set.key, &raw)?;
     }
     Ok(raw)
+}
+
+/// `bytes` without one trailing `\n` (or `\r\n`): what `echo` or an
+/// editor added, so `kv get` gives back what was typed.
+fn drop_one_newline(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.ends_with(b"\r\n") {
+        bytes.truncate(bytes.len() - 2);
+    } else if bytes.ends_with(b"\n") {
+        bytes.pop();
+    }
+    bytes
 }
 
 async fn get(client: &Client, key: &str, json: bool) -> anyhow::Result<()> {

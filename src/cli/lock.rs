@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use tracing::warn;
 
 use super::connection::EtcdArgs;
+use super::errors::{NoAnswer, reach_wait, within};
 use coord::agent::hold::{Ended, Held, HoldError};
 use coord::agent::manifest::host_name;
 use coord::agent::supervise::{max_grace, supervise};
@@ -15,9 +16,13 @@ use coord::lock::{self, Holder, Mode};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ModeArg {
+    /// One holder at a time.
     Mutex,
+    /// Up to --limit holders at a time.
     Semaphore,
+    /// Shared with other readers; waits for a writer.
     Read,
+    /// Alone: no reader, no other writer.
     Write,
 }
 
@@ -25,9 +30,11 @@ enum ModeArg {
 pub struct LockArgs {
     /// The lock's name (`<namespace>/locks/<name>` in etcd, as `etcdctl lock` uses).
     name: String,
+    /// `mutex`: one holder; `semaphore`: up to --limit holders; `read`:
+    /// shared with other readers; `write`: alone, readers excluded.
     #[arg(long, value_enum, default_value = "mutex")]
     mode: ModeArg,
-    /// Holders a semaphore admits.
+    /// Holders a semaphore admits (only with `--mode semaphore`).
     #[arg(long, required_if_eq("mode", "semaphore"))]
     limit: Option<u32>,
     /// Session lease TTL: how long the lock outlives this process if it dies.
@@ -39,12 +46,15 @@ pub struct LockArgs {
     /// Time between TERM and KILL when the command must stop.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     grace: Duration,
-    /// The command to run while holding the lock.
+    /// The command to run while holding the lock, after `--`.
     #[arg(last = true, required = true)]
     command: Vec<String>,
     #[command(flatten)]
     etcd: EtcdArgs,
 }
+
+/// What a one-shot command waits for before anything else.
+const LEASE: &str = "no session lease was granted";
 
 /// Exit status when `--timeout` ran out or the lock was lost (EX_TEMPFAIL).
 const EXIT_TIMEOUT: u8 = 75;
@@ -56,9 +66,22 @@ enum TakeError {
     Lock(#[from] lock::LockError),
     #[error("`{name}` was not ours within {}", humantime::format_duration(*timeout))]
     Timeout { name: String, timeout: Duration },
+    /// etcd gave no lease in time, or stopped answering while we waited:
+    /// not the same as someone else holding the lock.
+    #[error(transparent)]
+    NoAnswer(NoAnswer),
 }
 
 pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
+    if args.limit.is_some() && !matches!(args.mode, ModeArg::Semaphore) {
+        // Refused rather than taken to mean a semaphore: every holder of a
+        // semaphore must agree on its limit, so it is said in full, and a
+        // `--limit` beside another mode is a mistake to point out.
+        bail!(
+            "--limit is for a semaphore: add `--mode semaphore` to admit {} holders; nothing was locked",
+            args.limit.unwrap_or_default()
+        );
+    }
     let (client, namespace) = args.etcd.connect().await?;
     let mode = match args.mode {
         ModeArg::Mutex => Mode::Mutex,
@@ -76,7 +99,7 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
     }
     let grace = args.grace.min(max_grace(args.ttl));
     if grace < args.grace {
-        warn!(grace = ?grace, ttl = ?args.ttl, "Grace period shortened to fit the TTL.");
+        warn!(grace = %humantime::format_duration(grace), ttl = %humantime::format_duration(args.ttl), "Grace period shortened to fit the TTL.");
     }
     let session = Session::start(client.clone(), args.ttl);
     let me = Holder {
@@ -85,19 +108,35 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
         pid: std::process::id(),
     };
     let take = async {
-        let lease = session.wait_alive().await;
-        lock::acquire(&client, lease, &namespace, &args.name, mode, &me).await
-    };
-    let take = async {
+        let started = tokio::time::Instant::now();
+        // Without a lease nothing can even queue: an etcd that does not
+        // answer ends the command after a bounded wait, whether or not
+        // --timeout was given, and says so rather than blaming a holder.
+        let reach = reach_wait(&client);
+        let lease_wait = args.timeout.map_or(reach, |t| t.min(reach));
+        let lease = within(&client, LEASE, lease_wait, session.wait_alive())
+            .await
+            .map_err(TakeError::NoAnswer)?;
+        let acquire = lock::acquire(&client, lease, &namespace, &args.name, mode, &me);
         match args.timeout {
-            None => Ok(take.await?),
-            Some(t) => match tokio::time::timeout(t, take).await {
-                Ok(g) => Ok(g?),
-                Err(_) => Err(TakeError::Timeout {
-                    name: args.name.clone(),
-                    timeout: t,
-                }),
-            },
+            None => Ok(acquire.await?),
+            Some(t) => {
+                let left = t.saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, acquire).await {
+                    Ok(g) => Ok(g?),
+                    Err(_) => {
+                        let seen = NoAnswer::seen_by(&client, LEASE, t);
+                        Err(if seen.is_unreachable() {
+                            TakeError::NoAnswer(seen)
+                        } else {
+                            TakeError::Timeout {
+                                name: args.name.clone(),
+                                timeout: t,
+                            }
+                        })
+                    }
+                }
+            }
         }
     };
     let held = super::hold_for_command(&client, &session, &args.command, grace, take).await?;
@@ -113,6 +152,7 @@ pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
         Err(HoldError::Claim(None)) => Ok(ExitCode::from(143)),
+        Err(HoldError::Claim(Some(TakeError::NoAnswer(e)))) => Err(e.into()),
         Err(HoldError::Claim(Some(e))) => Err(e.into()),
         Err(HoldError::Supervisor(e)) => Err(anyhow::Error::new(e).context(format!(
             "cannot start `{}` under a supervisor",

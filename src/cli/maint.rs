@@ -26,7 +26,8 @@ pub struct MaintArgs {
     /// Every service of this agent instead of one instance.
     #[arg(long, value_name = "AGENT")]
     agent: Option<String>,
-    /// Why, shown to whoever looks.
+    /// Why, shown in the instances' health (`coord services --all`,
+    /// `coord status`).
     #[arg(long, default_value = "")]
     reason: String,
     #[command(flatten)]
@@ -56,15 +57,22 @@ pub async fn maint(args: MaintArgs) -> anyhow::Result<ExitCode> {
     let (agent, service) = (target.agent.as_str(), target.service.as_deref());
     match args.switch {
         Switch::On => {
-            registry::start_maintenance(&client, &namespace, agent, service, &args.reason)
+            match registry::start_maintenance(&client, &namespace, agent, service, &args.reason)
                 .await
-                .with_context(|| format!("failed to put {} in maintenance", target.shown))?;
+            {
+                Ok(()) => {}
+                Err(e @ registry::TargetError::Etcd(_)) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("cannot put {} in maintenance", target.shown)));
+                }
+                Err(e) => return Err(e.into()),
+            }
             println!("{}: maintenance on", target.shown);
         }
         Switch::Off => {
             let was = registry::end_maintenance(&client, &namespace, agent, service)
                 .await
-                .with_context(|| format!("failed to end maintenance of {}", target.shown))?;
+                .with_context(|| format!("cannot end maintenance of {}", target.shown))?;
             println!(
                 "{}: maintenance off{}",
                 target.shown,

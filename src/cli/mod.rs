@@ -6,6 +6,7 @@ mod check;
 mod connection;
 mod dev;
 mod docs;
+mod errors;
 mod hook;
 mod ids;
 mod kv;
@@ -123,6 +124,10 @@ pub struct Cli {
     /// object per line) for log shippers.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log what a one-shot command does (its session lease, retries), not
+    /// only warnings; `-vv` adds debug lines. `COORD_LOG` overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -174,6 +179,49 @@ enum Command {
 }
 
 impl Cli {
+    /// The parsed command line, or clap's error and exit — with a hint
+    /// when a command to run under `coord lock` / `coord ids claim` was
+    /// given without the `--` before it (clap only says it found an
+    /// unexpected argument).
+    pub fn parse_or_exit() -> Cli {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        match Cli::try_parse_from(&args) {
+            Ok(cli) => cli,
+            Err(e) => {
+                let holds = args.iter().any(|a| a == "lock" || a == "claim");
+                let dashes = args.iter().any(|a| a == "--");
+                if e.kind() == clap::error::ErrorKind::UnknownArgument && holds && !dashes {
+                    let _ = e.print();
+                    let which = if args.iter().any(|a| a == "claim") {
+                        "coord ids claim POOL --size N -- COMMAND"
+                    } else {
+                        "coord lock NAME -- COMMAND"
+                    };
+                    eprintln!(
+                        "hint: the command to run goes after `--`, which ends coord's own options: `{which}`"
+                    );
+                    std::process::exit(e.exit_code());
+                }
+                e.exit()
+            }
+        }
+    }
+
+    /// The log filter when `COORD_LOG` does not say: `info` for the agent
+    /// (`run`, `dev`), whose log is its record; for a one-shot command only
+    /// warnings, since its output and its error message say what happened,
+    /// and no lines about an etcd endpoint being unreachable (the error
+    /// says it, with where the endpoint came from). `-v` and `-vv` ask for
+    /// more.
+    pub fn log_default(&self) -> &'static str {
+        let agent = matches!(self.command, Command::Run(_) | Command::Dev(_));
+        match (agent, self.verbose) {
+            (_, 2..) => "debug,h2=info,tower=info,hyper=info",
+            (true, _) | (false, 1) => "info",
+            (false, 0) => "warn,coord::etcd::reachability=error",
+        }
+    }
+
     /// Runs the command on the runtime it needs.
     ///
     /// The agent gets worker threads (renders, WASM calls and reconciles
@@ -236,9 +284,41 @@ impl Cli {
                     ));
                     return ExitCode::from(EXIT_USAGE);
                 }
-                stderr.say(format_args!("error: {e:#}"));
+                stderr.say(format_args!("error: {}", errors::describe(&e)));
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.is_hide_set() || sub.get_name() == "help" {
+                    continue;
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        // clap's own checks too (a short flag such as -v used twice).
+        super::Cli::command().debug_assert();
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "coord", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
     }
 }

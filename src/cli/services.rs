@@ -41,7 +41,9 @@ enum Report {
 
 #[derive(Debug, Args)]
 struct ReportArgs {
-    /// `service/instance`, or an instance id unique across services.
+    /// `SERVICE/INSTANCE`, or an instance id unique across services; it
+    /// must be registered.
+    #[arg(value_name = "SERVICE/INSTANCE")]
     instance: String,
     /// A note shown as the check's output.
     #[arg(long, default_value = "")]
@@ -203,9 +205,13 @@ async fn report_check(report: Report) -> anyhow::Result<ExitCode> {
         status,
         output: args.note,
     };
-    registry::report_check(&client, &namespace, &service, &id, &report)
-        .await
-        .with_context(|| format!("failed to report `{service}/{id}`"))?;
+    match registry::report_check(&client, &namespace, &service, &id, &report).await {
+        Ok(()) => {}
+        Err(e @ registry::TargetError::Etcd(_)) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot report `{service}/{id}`")));
+        }
+        Err(e) => return Err(e.into()),
+    }
     println!("{service}/{id}: reported {}", status.name());
     Ok(ExitCode::SUCCESS)
 }

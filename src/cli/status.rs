@@ -12,7 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use coord::agent::manifest::Manifest;
-use coord::agent::status::report::{HookResult, SessionPhase, StatusReport};
+use coord::agent::status::report::{HookResult, ResourceKind, SessionPhase, StatusReport};
+use coord::registry::Health;
 
 /// How long to wait for the agent to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -86,8 +87,32 @@ fn render(r: &StatusReport) -> String {
         "agent    {} (coord {}, pid {}, started {})",
         r.agent, r.version, r.pid, r.started_at
     );
-    if r.healthy {
+    // The agent's own health (what /healthz says) is about the agent;
+    // a critical service is said beside it, with why, since "ok" alone
+    // reads as "everything is fine".
+    let critical: Vec<&coord::agent::status::report::ResourceReport> = r
+        .resources
+        .iter()
+        .filter(|x| x.kind == ResourceKind::Service && x.state == Health::Critical.name())
+        .collect();
+    if r.healthy && critical.is_empty() {
         let _ = writeln!(out, "health   ok");
+    } else if r.healthy {
+        let n = critical.len();
+        let _ = writeln!(
+            out,
+            "health   agent ok; {n} service instance{} critical (withdrawn from discovery)",
+            if n == 1 { "" } else { "s" }
+        );
+        for x in &critical {
+            let why = x.detail.as_deref().filter(|d| !d.is_empty());
+            let _ = writeln!(
+                out,
+                "         - {}: {}",
+                x.name,
+                why.unwrap_or("its check fails (no output)")
+            );
+        }
     } else {
         let _ = writeln!(out, "health   UNHEALTHY");
         for p in &r.problems {
@@ -133,6 +158,9 @@ fn render(r: &StatusReport) -> String {
                 "  {what:<width$}  {:<state_width$}  since {}",
                 x.state, x.last_change
             );
+            if let Some(d) = x.detail.as_deref().filter(|d| !d.is_empty()) {
+                let _ = write!(out, "\n  {:<width$}  {d}", "");
+            }
             if let (Some(e), Some(at)) = (&x.last_error, &x.last_error_at) {
                 let _ = write!(out, "\n  {:<width$}  last error at {at}: {e}", "");
             }

@@ -226,8 +226,8 @@ impl Coord {
         let options = options.into();
         if options.session_ttl < Duration::from_secs(2) || options.session_ttl.subsec_nanos() != 0 {
             return Err(Error::Config(format!(
-                "a session TTL is whole seconds, at least 2 (etcd leases count seconds), not {:?}",
-                options.session_ttl
+                "a session TTL is whole seconds, at least 2 (etcd leases count seconds), not {}",
+                humantime::format_duration(options.session_ttl)
             )));
         }
         let client = Client::connect(&options.connect).await?;

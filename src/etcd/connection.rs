@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Error;
+use super::error::{brief, worth_another_endpoint};
+use super::reachability::{EndpointState, Reachability};
 
 /// Default time allowed to open a connection to one endpoint.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -195,6 +197,7 @@ struct Shared {
 struct Endpoint {
     url: String,
     client: OnceCell<etcd_client::Client>,
+    seen: Reachability,
     /// Cancelled when the endpoint is found not answering (and replaced):
     /// streams opened on it ([`Served`]) move to another endpoint.
     suspect: std::sync::Mutex<CancellationToken>,
@@ -232,18 +235,6 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("endpoints", &self.endpoints())
             .finish_non_exhaustive()
-    }
-}
-
-/// gRPC's UNAVAILABLE: the request did not reach a member that could serve
-/// it (connection refused, member without a leader), so another member may.
-const GRPC_UNAVAILABLE: i32 = 14;
-
-fn worth_another_endpoint(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => i32::from(status.code()) == GRPC_UNAVAILABLE,
-        _ => false,
     }
 }
 
@@ -293,6 +284,7 @@ impl Client {
                     .map(|url| Endpoint {
                         url: url.clone(),
                         client: OnceCell::new(),
+                        seen: Reachability::default(),
                         suspect: std::sync::Mutex::default(),
                     })
                     .collect(),
@@ -309,6 +301,16 @@ impl Client {
             .endpoints
             .iter()
             .map(|e| e.url.clone())
+            .collect()
+    }
+
+    /// Each endpoint as last seen by a request: answering, unreachable
+    /// (and why), or not asked yet.
+    pub fn endpoint_states(&self) -> Vec<EndpointState> {
+        self.shared
+            .endpoints
+            .iter()
+            .map(|e| e.seen.state(&e.url))
             .collect()
     }
 
@@ -394,6 +396,7 @@ impl Client {
                     let c = self.endpoint(i).await?;
                     f(c).await
                 };
+                let ep = &self.shared.endpoints[i];
                 let now = tokio::time::Instant::now();
                 let until = if step + 1 < n {
                     now + deadline.saturating_duration_since(now) / 2
@@ -402,12 +405,15 @@ impl Client {
                 };
                 match tokio::time::timeout_at(until, attempt).await {
                     Err(_) => {
+                        ep.seen
+                            .no_answer(&ep.url, until.saturating_duration_since(now));
                         self.suspect(i, op);
                         if until >= deadline {
                             break 'rounds;
                         }
                     }
                     Ok(Ok(v)) => {
+                        ep.seen.answered(&ep.url);
                         self.shared.preferred.store(i, Ordering::Relaxed);
                         let served = Served {
                             client: self.clone(),
@@ -417,11 +423,20 @@ impl Client {
                         return Ok((v, served));
                     }
                     Ok(Err(e)) if worth_another_endpoint(&e) => {
-                        debug!(endpoint = %self.shared.endpoints[i].url, op, error = %e, "Endpoint cannot serve; trying the next.");
+                        debug!(endpoint = %ep.url, op, error = %e, "Endpoint cannot serve; trying the next.");
+                        if super::error::is_transport(&e) {
+                            ep.seen.failed(&ep.url, brief(&e));
+                        } else {
+                            ep.seen.answered(&ep.url);
+                        }
                         self.shared.preferred.store((i + 1) % n, Ordering::Relaxed);
                         last = Some(e);
                     }
-                    Ok(Err(e)) => return Err(Error::Request { op, source: e }),
+                    Ok(Err(e)) => {
+                        // An answer, if not the one hoped for.
+                        ep.seen.answered(&ep.url);
+                        return Err(Error::Request { op, source: e });
+                    }
                 }
             }
             // No endpoint could serve: wait a little (a leader election

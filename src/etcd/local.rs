@@ -47,7 +47,8 @@ pub enum LocalEtcdError {
         source: std::io::Error,
     },
     #[error(
-        "etcd member `{name}` did not become healthy within {timeout:?}; its log is at `{log}`"
+        "etcd member `{name}` did not become healthy within {}; its log is at `{log}`",
+        humantime::format_duration(*timeout)
     )]
     /// The member did not become healthy in time.
     Unhealthy {

@@ -13,6 +13,7 @@ mod error;
 pub mod local;
 mod mvcc;
 mod ordering;
+mod reachability;
 mod reads;
 mod session;
 mod watcher;
@@ -26,8 +27,9 @@ pub use connection::{
     BATCH, Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KeyValue,
     LeaseId, Op, Password, Snapshot, TlsFiles,
 };
-pub use error::Error;
+pub use error::{Error, unreachable_in};
 pub use mvcc::{Committed, Condition, Conditional, Guarded};
+pub use reachability::{EndpointState, REMINDER};
 pub use reads::{Range, ReadSet};
 pub use session::{Abandoner, Session, SessionState, SessionStats, alive_lease};
 pub use watcher::{Change, PrefixWatcher, WatchEvent, WatchStats};

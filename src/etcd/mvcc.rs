@@ -132,6 +132,13 @@ impl Client {
                     compacted,
                 })
             }
+            Err(Error::Request { source, .. }) if is_future(&source) => {
+                Err(Error::FutureRevision {
+                    key: key.to_owned(),
+                    requested: revision,
+                    current: self.current_revision().await?,
+                })
+            }
             Err(e) => Err(e),
         }
     }
@@ -325,6 +332,16 @@ fn guard(key: &str, expected: Option<i64>) -> Vec<Compare> {
         .map(|v| Compare::version(key, CompareOp::Equal, v))
         .into_iter()
         .collect()
+}
+
+/// etcd's "required revision is a future revision".
+fn is_future(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            i32::from(status.code()) == GRPC_OUT_OF_RANGE && status.message().contains("future")
+        }
+        _ => false,
+    }
 }
 
 pub(crate) fn is_compacted(e: &etcd_client::Error) -> bool {

@@ -354,7 +354,12 @@ impl Keeper {
                 }
                 Err(e) => {
                     let wait = backoff.next_delay();
-                    warn!(error = %e, retry_in = ?wait, "Could not grant a session lease.");
+                    if e.unreachable().is_some() {
+                        // Said once per endpoint by the client.
+                        debug!(error = %e, retry_in = ?wait, "Could not grant a session lease.");
+                    } else {
+                        warn!(error = %e, retry_in = ?wait, "Could not grant a session lease.");
+                    }
                     tokio::select! {
                         _ = self.cancel.cancelled() => return None,
                         _ = tokio::time::sleep(wait) => {}

@@ -147,7 +147,12 @@ impl PrefixWatcher {
                     }
                     Err(e) => {
                         let wait = self.backoff.next_delay();
-                        warn!(prefix = %self.prefix, error = %e, retry_in = ?wait, "Could not list the prefix.");
+                        if e.unreachable().is_some() {
+                            // Said once per endpoint by the client.
+                            debug!(prefix = %self.prefix, error = %e, retry_in = ?wait, "Could not list the prefix.");
+                        } else {
+                            warn!(prefix = %self.prefix, error = %e, retry_in = ?wait, "Could not list the prefix.");
+                        }
                         tokio::time::sleep(wait).await;
                         continue;
                     }

@@ -330,3 +330,38 @@ async fn an_id_file_whose_directory_is_missing_is_written_once_the_directory_app
     );
     assert!(!err.contains("warning"), "{err}");
 }
+
+#[tokio::test]
+async fn a_pool_keeps_the_size_of_its_first_claim_and_refuses_another() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let session = Session::start(client.clone(), Duration::from_secs(10));
+    let lease = session.wait_alive().await;
+    ids::claim(&client, "/coord", "worker", 4, lease, None, &me("a"))
+        .await
+        .expect("the first claim sets the size");
+    let stored = client
+        .get(&ids::size_key("/coord", "worker"))
+        .await
+        .expect("read")
+        .expect("the size is stored");
+    assert_eq!(String::from_utf8_lossy(&stored.value), r#"{"size":4}"#);
+    match ids::claim(&client, "/coord", "worker", 1024, lease, None, &me("b")).await {
+        Err(IdError::SizeMismatch { asked, stored, .. }) => {
+            assert_eq!((asked, stored), (1024, 4));
+        }
+        other => panic!("want a size mismatch, got {other:?}"),
+    }
+    // The same size is fine, and the size key is no claim.
+    let c = ids::claim(&client, "/coord", "worker", 4, lease, None, &me("c"))
+        .await
+        .expect("same size");
+    assert!(c.id < 4);
+    assert_eq!(
+        ids::list(&client, "/coord", "worker")
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+}

@@ -25,6 +25,7 @@ mod ids;
 mod interop;
 mod locks;
 mod manifest;
+mod messages;
 mod packaging;
 mod presence;
 mod reconcile;

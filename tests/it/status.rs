@@ -364,3 +364,56 @@ async fn json_logs_are_one_object_per_line_with_the_fields_beside_the_message() 
     assert_eq!(entry["message"], "Status endpoint listening.");
     assert_eq!(entry["addr"], format!("127.0.0.1:{port}"));
 }
+
+#[tokio::test]
+async fn coord_status_says_a_critical_service_and_a_maintenance_reason_with_why() {
+    let etcd = etcd().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let agent = CoordProcess::run(&manifest(
+        &etcd,
+        dir.path(),
+        port,
+        "[[service]]\nname = \"api\"\naddress = \"127.0.0.1:1\"\ncheck = { tcp = \"127.0.0.1:1\", interval = \"1s\" }\n\n\
+         [[service]]\nname = \"db\"\naddress = \"127.0.0.1:2\"\n",
+    ));
+    let path = agent.manifest_path();
+    let m = path.to_str().expect("utf-8 path");
+    let stdout = eventually("coord status to say api is critical", || async {
+        let (_, stdout, _) = coord(&["status", "--manifest", m], None);
+        stdout
+            .contains("1 service instance critical")
+            .then_some(stdout)
+    })
+    .await;
+    assert!(!stdout.contains("health   ok"), "{stdout}");
+    let why = stdout
+        .lines()
+        .find(|l| l.contains("- api/status-01-api: "))
+        .unwrap_or_else(|| panic!("the critical instance with why:\n{stdout}"));
+    assert!(
+        why.len() > "         - api/status-01-api: ".len(),
+        "{stdout}"
+    );
+
+    let ep = etcd.endpoint();
+    let (status, out, err) = coord(
+        &[
+            "maint",
+            "on",
+            "status-01/db",
+            "--reason",
+            "disk swap",
+            "--endpoints",
+            &ep,
+        ],
+        None,
+    );
+    assert!(status.success(), "{out}{err}");
+    let stdout = eventually("coord status to show the reason", || async {
+        let (_, stdout, _) = coord(&["status", "--manifest", m], None);
+        stdout.contains("maintenance: disk swap").then_some(stdout)
+    })
+    .await;
+    assert!(stdout.contains("service db/status-01-db"), "{stdout}");
+}

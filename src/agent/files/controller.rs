@@ -423,6 +423,12 @@ impl FilesController {
                     state.retry_at = Some(Instant::now() + state.backoff.next_delay());
                 }
                 let error = e.to_string();
+                if crate::etcd::unreachable_in(&e).is_some() {
+                    // The client says an unreachable endpoint once; this
+                    // render's failure then goes to DEBUG, as the other
+                    // loops' do (marked as already said).
+                    state.failing = Some(error.clone());
+                }
                 self.failed(
                     spec,
                     "Render failed; the file keeps its old content.",

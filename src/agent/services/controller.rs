@@ -14,7 +14,7 @@ use crate::agent::controller::{Context, Loops};
 use crate::agent::hooks::{Event, HookRunner};
 use crate::agent::manifest::{CheckKind, ServiceSpec};
 use crate::agent::status::report::ResourceKind;
-use crate::etcd::{Backoff, LeaseId, Op, SessionState, Subscription};
+use crate::etcd::{Backoff, LeaseId, Op, SessionState, Subscription, unreachable_in};
 use crate::registry::{self, Endpoint, Health, HealthRecord};
 use crate::untrusted::Untrusted;
 
@@ -281,7 +281,12 @@ impl ServicesController {
                     }
                     Err(e) => {
                         let wait = backoff.next_delay();
-                        warn!(error = %e, retry_in = ?wait, "Could not register services.");
+                        if unreachable_in(&e).is_some() {
+                            // Said once per endpoint by the client.
+                            debug!(error = %e, retry_in = ?wait, "Could not register services.");
+                        } else {
+                            warn!(error = %e, retry_in = ?wait, "Could not register services.");
+                        }
                         for ((service, id), inst) in &instances {
                             let state = inst.effective.map_or("pending", Health::name);
                             self.ctx.status.set(
@@ -378,18 +383,16 @@ impl ServicesController {
         hooks: &Arc<HookRunner>,
     ) -> Result<(), crate::etcd::Error> {
         let ns = &self.ctx.namespace;
-        let agent_maint = views.maint.get(&self.maint_prefix()).is_some();
+        let agent_maint = views.maint.get(&self.maint_prefix());
         let mut ops = Vec::new();
         for ((service, id), inst) in instances.iter_mut() {
-            let maint = agent_maint
-                || views
-                    .maint
-                    .get(&registry::maintenance_key(
-                        ns,
-                        &self.ctx.agent,
-                        Some(service),
-                    ))
-                    .is_some();
+            let service_maint = views.maint.get(&registry::maintenance_key(
+                ns,
+                &self.ctx.agent,
+                Some(service),
+            ));
+            let maint_record = service_maint.or_else(|| agent_maint.clone());
+            let maint = maint_record.is_some();
             let effective = if maint {
                 Health::Maintenance
             } else {
@@ -399,7 +402,7 @@ impl ServicesController {
                 let old = inst.effective;
                 inst.effective = Some(effective);
                 inst.since = now();
-                info!(service = %service, instance = %id, old = ?old, new = effective.name(), output = %Untrusted(&inst.output), "Service health changed.");
+                info!(service = %service, instance = %id, old = old.map_or("pending", Health::name), new = effective.name(), output = %Untrusted(&inst.output), "Service health changed.");
                 if !inst.spec.on_change.is_empty() {
                     hooks.fire(
                         &inst.spec.on_change,
@@ -421,6 +424,28 @@ impl ServicesController {
                     None,
                 );
             }
+            // Why, for `coord status`: what the failing check said, or
+            // the reason given to `coord maint on`.
+            let detail = match effective {
+                Health::Critical => Some(Untrusted(&inst.output).to_string()),
+                Health::Maintenance => Some(
+                    maint_record
+                        .as_ref()
+                        .and_then(|kv| {
+                            serde_json::from_slice::<registry::Maintenance>(&kv.value).ok()
+                        })
+                        .map(|m| m.reason)
+                        .filter(|r| !r.is_empty())
+                        .map_or_else(
+                            || "maintenance, no reason given".to_owned(),
+                            |r| format!("maintenance: {r}"),
+                        ),
+                ),
+                Health::Passing | Health::Warning => None,
+            };
+            self.ctx
+                .status
+                .set_detail(ResourceKind::Service, &format!("{service}/{id}"), detail);
             let record = HealthRecord {
                 status: effective,
                 output: inst.output.clone(),

@@ -20,6 +20,8 @@ pub(super) fn now() -> String {
 #[derive(Debug)]
 struct Resource {
     state: String,
+    /// Why it is in this state, while it is (cleared on a change).
+    detail: Option<String>,
     last_error: Option<(String, String)>,
     last_change: String,
 }
@@ -102,15 +104,25 @@ impl Board {
             .entry((kind, name.to_owned()))
             .or_insert_with(|| Resource {
                 state: String::new(),
+                detail: None,
                 last_error: None,
                 last_change: at.clone(),
             });
         if r.state != state {
             r.state = state.to_owned();
+            r.detail = None;
             r.last_change = at.clone();
         }
         if let Some(e) = error {
             r.last_error = Some((e, at));
+        }
+    }
+
+    /// Says why a resource is in its current state (a failing check's
+    /// output, a maintenance reason), until the state changes.
+    pub fn set_detail(&mut self, kind: ResourceKind, name: &str, detail: Option<String>) {
+        if let Some(r) = self.resources.get_mut(&(kind, name.to_owned())) {
+            r.detail = detail;
         }
     }
 
@@ -183,6 +195,7 @@ impl Board {
                     kind: *kind,
                     name: name.clone(),
                     state: r.state.clone(),
+                    detail: r.detail.clone(),
                     last_error: r.last_error.as_ref().map(|(e, _)| e.clone()),
                     last_error_at: r.last_error.as_ref().map(|(_, at)| at.clone()),
                     last_change: r.last_change.clone(),

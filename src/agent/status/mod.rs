@@ -170,6 +170,11 @@ impl Status {
         self.board().set(kind, name, state, error);
     }
 
+    /// Says why a resource is in its current state, until it changes.
+    pub fn set_detail(&self, kind: ResourceKind, name: &str, detail: Option<String>) {
+        self.board().set_detail(kind, name, detail);
+    }
+
     /// Lists what `manifest` declares (new resources as `pending`) and
     /// forgets what it no longer does.
     pub fn declare(&self, manifest: &Manifest) {

@@ -127,6 +127,10 @@ pub struct ResourceReport {
     pub name: String,
     /// A short word or phrase: `current`, `passing`, `held id 3`, …
     pub state: String,
+    /// Why it is in this state, while it is: a critical service's check
+    /// output, a maintenance reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// The latest error, kept after recovery (see `last_error_at`).
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
