@@ -387,10 +387,27 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let n = self.shared.endpoints.len();
         let mut last: Option<etcd_client::Error> = None;
+        // Endpoints that let this request time out, or failed one lately:
+        // skipped while any other is left, or a paused member would take
+        // half the budget of every request, and the rest of it each time
+        // a round (waiting out a leader election on the others) came back
+        // to it.
+        let mut silent: Vec<bool> = self
+            .shared
+            .endpoints
+            .iter()
+            .map(|e| e.seen.failed_within(self.shared.request_timeout))
+            .collect();
         'rounds: for round in 1u64.. {
             let start = self.shared.preferred.load(Ordering::Relaxed);
-            for step in 0..n {
-                let i = (start + step) % n;
+            let mut order: Vec<usize> = (0..n)
+                .map(|step| (start + step) % n)
+                .filter(|&i| !silent[i])
+                .collect();
+            if order.is_empty() {
+                order = (0..n).map(|step| (start + step) % n).collect();
+            }
+            for (step, &i) in order.iter().enumerate() {
                 let token = self.suspect_token(i);
                 let attempt = async {
                     let c = self.endpoint(i).await?;
@@ -398,7 +415,7 @@ impl Client {
                 };
                 let ep = &self.shared.endpoints[i];
                 let now = tokio::time::Instant::now();
-                let until = if step + 1 < n {
+                let until = if step + 1 < order.len() {
                     now + deadline.saturating_duration_since(now) / 2
                 } else {
                     deadline
@@ -407,6 +424,7 @@ impl Client {
                     Err(_) => {
                         ep.seen
                             .no_answer(&ep.url, until.saturating_duration_since(now));
+                        silent[i] = true;
                         self.suspect(i, op);
                         if until >= deadline {
                             break 'rounds;
@@ -429,7 +447,9 @@ impl Client {
                         } else {
                             ep.seen.answered(&ep.url);
                         }
-                        self.shared.preferred.store((i + 1) % n, Ordering::Relaxed);
+                        // The next that may answer; never back to a silent one.
+                        let next = order[(step + 1) % order.len()];
+                        self.shared.preferred.store(next, Ordering::Relaxed);
                         last = Some(e);
                     }
                     Ok(Err(e)) => {

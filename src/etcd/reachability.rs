@@ -30,6 +30,8 @@ enum Seen {
     Unreachable {
         since: Instant,
         said: Instant,
+        /// The latest failure.
+        last: Instant,
         failures: u64,
         cause: String,
     },
@@ -92,10 +94,12 @@ impl Reachability {
             Seen::Unreachable {
                 since,
                 said,
+                last: latest,
                 failures,
                 cause: last,
             } => {
                 *failures += 1;
+                *latest = now;
                 let due = now.duration_since(*said) >= REMINDER;
                 if due {
                     warn!(
@@ -119,6 +123,7 @@ impl Reachability {
                 *seen = Seen::Unreachable {
                     since: now,
                     said: now,
+                    last: now,
                     failures: 1,
                     cause,
                 };
@@ -143,6 +148,14 @@ impl Reachability {
             }
         };
         self.failed(url, cause)
+    }
+
+    /// Whether the endpoint failed a request within `window`: requests
+    /// then try the others first, so a member that takes requests and
+    /// answers none (paused, hung) does not eat half of each one's time.
+    pub(super) fn failed_within(&self, window: Duration) -> bool {
+        let seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(&*seen, Seen::Unreachable { last, .. } if last.elapsed() < window)
     }
 
     pub(super) fn state(&self, url: &str) -> EndpointState {
