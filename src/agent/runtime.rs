@@ -251,6 +251,7 @@ fn desired_state(manifest: &Manifest, started_at: &str, address: Option<String>)
             host: super::manifest::host_name(),
             pid: std::process::id(),
             address,
+            labels: manifest.agent.labels.clone(),
         },
     }
 }
@@ -407,7 +408,7 @@ pub async fn run(
                 }
             }
         };
-        if next.agent != manifest.agent || next.etcd != manifest.etcd {
+        if next.agent.needs_new_session(&manifest.agent) || next.etcd != manifest.etcd {
             info!(manifest = %path.display(), "[agent] or [etcd] changed; reconnecting with a new session.");
             match Connected::start(&next, &started_at, &shared).await {
                 Ok(fresh) => {

@@ -18,6 +18,7 @@ mod election;
 mod examples;
 mod faults;
 mod files;
+mod fleet;
 mod guarded;
 mod hooks;
 mod ids;

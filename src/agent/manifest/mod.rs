@@ -105,6 +105,9 @@ pub struct AgentSettings {
     /// presence record (`<agent>.agent.<domain>` answers it). `None`: the
     /// local address of the route to the first etcd endpoint.
     pub address: Option<std::net::IpAddr>,
+    /// `labels = { zone = "eu-1" }`: published in the presence record,
+    /// for selectors to pick the agent by.
+    pub labels: crate::labels::Labels,
 }
 
 /// `[etcd]`.
@@ -276,7 +279,19 @@ impl AgentSettings {
             ttl: DEFAULT_TTL,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             address: None,
+            labels: crate::labels::Labels::new(),
         }
+    }
+
+    /// Whether going from `old` to these settings needs a new connection
+    /// and session: anything but the labels, which only rewrite the
+    /// presence record (a new session would let go of every lock and id).
+    pub fn needs_new_session(&self, old: &AgentSettings) -> bool {
+        let same_labels = AgentSettings {
+            labels: old.labels.clone(),
+            ..self.clone()
+        };
+        same_labels != *old
     }
 }
 
@@ -562,6 +577,17 @@ fn agent_settings(
             }
         }
     });
+    let labels = t
+        .optional::<std::collections::BTreeMap<String, String>>(d, "labels")
+        .unwrap_or_default();
+    for (key, value) in &labels {
+        if let Err(why) = crate::labels::check(key, value) {
+            d.error(
+                t.entry_span("labels", key),
+                format!("invalid label in [agent] `labels`: {why}"),
+            );
+        }
+    }
     let ttl = t.within(d, "ttl", TTL_RANGE);
     if let Some(ttl) = ttl
         && ttl.subsec_nanos() != 0
@@ -578,6 +604,7 @@ fn agent_settings(
         ttl: ttl.unwrap_or(DEFAULT_TTL),
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| base.join(p)),
         address,
+        labels,
     })
 }
 
