@@ -106,3 +106,184 @@ fn a_bad_label_is_reported_where_it_is() {
         "{found:?}"
     );
 }
+
+/// The most runs going at once, read from a log of `start`/`end` lines
+/// appended in the order they happened (`>>` appends whole lines).
+fn most_at_once(log: &str) -> usize {
+    let (mut now, mut most) = (0usize, 0usize);
+    for line in log.lines() {
+        if line.starts_with("start ") {
+            now += 1;
+            most = most.max(now);
+        } else if line.starts_with("end ") {
+            now = now.saturating_sub(1);
+        }
+    }
+    most
+}
+
+fn count(log: &str, word: &str) -> usize {
+    log.lines().filter(|l| l.starts_with(word)).count()
+}
+
+/// Five agents rendering `/app/v`, whose `on_change` hook (gated to
+/// `at_most` at once) logs its start and end to one shared file and takes
+/// 0.5 s. One change to the key: five runs, never more than `at_most` at
+/// once.
+async fn five_agents_gated(at_most: u32) {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/v", "one", None).await.expect("put");
+    let shared = tempfile::tempdir().expect("tmp");
+    let log = shared.path().join("runs.log");
+    let agents: Vec<CoordProcess> = (1..=5)
+        .map(|i| {
+            let text = format!(
+                "{}\n[[hook]]\nname = \"reload\"\nexec = [\"sh\", \"-c\", \"echo start $WHO >> \\\"$LOG\\\"; sleep 0.5; echo end $WHO >> \\\"$LOG\\\"\"]\nenv = {{ WHO = \"agent-{i}\", LOG = \"{}\" }}\nfleet = {{ at_most = {at_most}, splay = \"200ms\" }}\n\n[[file]]\npath = \"out.conf\"\nkey = \"/app/v\"\non_change = [\"reload\"]\n",
+                manifest(&format!("agent-{i}"), &[etcd.endpoint()], 10),
+                log.display()
+            );
+            CoordProcess::run(&text)
+        })
+        .collect();
+    // Each agent's first render is a change too: five gated runs.
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the five first runs to end", || async {
+        (count(&read(), "end ") == 5).then_some(())
+    })
+    .await;
+    let first = read();
+    assert_eq!(count(&first, "start "), 5, "{first}");
+
+    client.put("/app/v", "two", None).await.expect("put");
+    for a in &agents {
+        crate::support::file_is(&a.dir.path().join("out.conf"), "two").await;
+    }
+    eventually("five more runs to end", || async {
+        (count(&read(), "end ") == 10).then_some(())
+    })
+    .await;
+    let all = read();
+    let second = &all[first.len()..];
+    assert_eq!(count(second, "start "), 5, "one run per agent:\n{second}");
+    for i in 1..=5 {
+        assert!(
+            second.contains(&format!("start agent-{i}\n")),
+            "agent-{i} ran:\n{second}"
+        );
+    }
+    assert!(
+        most_at_once(&all) <= at_most as usize,
+        "more than {at_most} runs at once:\n{all}"
+    );
+    eventually("every place at the gate given back", || async {
+        let gates = client.get_prefix("/coord/gates/reload/").await.ok()?;
+        gates.kvs.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn five_agents_gated_at_most_one_run_one_at_a_time() {
+    five_agents_gated(1).await;
+}
+
+#[tokio::test]
+async fn five_agents_gated_at_most_two_never_run_three_at_once() {
+    five_agents_gated(2).await;
+}
+
+#[tokio::test]
+async fn a_run_waiting_at_its_gate_shows_in_status_and_metrics_then_runs_when_a_place_frees() {
+    use crate::status::{free_port, get};
+    use coord::etcd::{Session, alive_lease};
+    use coord::lock::{Holder, acquire_gate};
+
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/v", "one", None).await.expect("put");
+    // The test holds the gate's one place.
+    let session = Session::start(client.clone(), std::time::Duration::from_secs(10));
+    let lease = alive_lease(&mut session.subscribe()).await;
+    let me = Holder {
+        agent: "test".into(),
+        host: "test".into(),
+        pid: std::process::id(),
+    };
+    let held = acquire_gate(&client, lease, "/coord", "reload", 1, &me)
+        .await
+        .expect("take the gate");
+    let port = free_port();
+    let marks = tempfile::tempdir().expect("tmp");
+    let ran = marks.path().join("ran");
+    let agent = CoordProcess::run(&format!(
+        "{}\n[status]\nlisten = \"127.0.0.1:{port}\"\n\n[[hook]]\nname = \"reload\"\nexec = [\"touch\", \"{}\"]\nfleet = {{ at_most = 1 }}\n\n[[file]]\npath = \"out.conf\"\nkey = \"/app/v\"\non_change = [\"reload\"]\n",
+        manifest("web-01", &[etcd.endpoint()], 10),
+        ran.display()
+    ));
+    let waiting = eventually("/status to show the run waiting at the gate", || async {
+        let (_, body) = get(port, "/status")?;
+        let report: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let gates = report["gates"].as_array()?.clone();
+        (!gates.is_empty()).then_some(gates)
+    })
+    .await;
+    assert_eq!(waiting[0]["hook"], "reload");
+    let out = agent.dir.path().join("out.conf");
+    assert_eq!(
+        waiting[0]["resource"],
+        format!("file:{}", out.display()),
+        "{waiting:?}"
+    );
+    let (_, metrics) = get(port, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("coord_hook_gate_waiting{hook=\"reload\"} 1"),
+        "{metrics}"
+    );
+    assert!(!ran.exists(), "the hook ran while the gate was full");
+
+    held.release(&client).await.expect("release");
+    eventually("the hook to run once the place is free", || async {
+        ran.exists().then_some(())
+    })
+    .await;
+    eventually("/status to show nothing waiting", || async {
+        let (_, body) = get(port, "/status")?;
+        let report: serde_json::Value = serde_json::from_str(&body).ok()?;
+        report["gates"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    let (_, metrics) = get(port, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("coord_hook_gate_wait_duration_seconds_count{hook=\"reload\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_fleet_gate_needs_at_most_within_bounds_and_nothing_else() {
+    let text = "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n\n[[hook]]\nname = \"a\"\nexec = [\"true\"]\nfleet = { splay = \"1s\" }\n\n[[hook]]\nname = \"b\"\nexec = [\"true\"]\nfleet = { at_most = 0, spaly = \"1s\" }\n";
+    let err = Manifest::parse(Path::new("agent.toml"), text).expect_err("bad fleets");
+    let found: Vec<(usize, String)> = err
+        .diagnostics
+        .into_iter()
+        .map(|d| (d.line, d.message))
+        .collect();
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(
+        found[0].0 == 7 && found[0].1.contains("missing `at_most`"),
+        "{found:?}"
+    );
+    assert!(
+        found[1].0 == 12 && found[1].1.contains("invalid `at_most`"),
+        "{found:?}"
+    );
+    assert!(
+        found[2].0 == 12 && found[2].1.contains("did you mean `splay`"),
+        "{found:?}"
+    );
+    let good = "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n\n[[hook]]\nname = \"a\"\nexec = [\"true\"]\nfleet = { at_most = 3, splay = \"10s\" }\n";
+    let m = Manifest::parse(Path::new("agent.toml"), good).expect("valid");
+    let fleet = m.hooks[0].fleet.expect("a gate");
+    assert_eq!((fleet.at_most, fleet.splay.as_secs()), (3, 10));
+}

@@ -6,6 +6,7 @@
 
 mod event;
 mod exec;
+mod gate;
 mod keys;
 mod runner;
 mod wasm;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use event::{Envelope, Event, Health, SCHEMA_VERSION};
 pub use exec::ExecHook;
+pub use gate::{Entered, Gates};
 pub use keys::CacheKeys;
 pub use runner::{HookRunner, HookStats, Plugins, Runnable};
 pub use wasm::{

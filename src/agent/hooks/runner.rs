@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::exec::ExecHook;
+use super::gate::Gates;
 use super::{Envelope, Event, HookError, KeyReader, Outcome, WasmHost, WasmPlugin};
 use crate::agent::manifest::{HookAction, HookSpec, Manifest};
 use crate::agent::status::Status;
@@ -108,6 +109,9 @@ pub struct HookRunner {
     /// First retry delay after a failed run (doubles each time).
     retry_base: Duration,
     status: Status,
+    /// Where hooks with `fleet` take their place; without it they run
+    /// ungated (`coord hook`, tests of the runner alone).
+    gates: Option<Arc<Gates>>,
 }
 
 impl std::fmt::Debug for HookRunner {
@@ -172,6 +176,7 @@ impl HookRunner {
             stop: CancellationToken::new(),
             retry_base: Duration::from_millis(500),
             status: Status::default(),
+            gates: None,
         })
     }
 
@@ -220,6 +225,12 @@ impl HookRunner {
     /// Reports every run (result, duration) to `status`.
     pub fn with_status(mut self, status: Status) -> Self {
         self.status = status;
+        self
+    }
+
+    /// Runs hooks with `fleet` through the fleet gates of `gates`.
+    pub fn with_gates(mut self, gates: Arc<Gates>) -> Self {
+        self.gates = Some(gates);
         self
     }
 
@@ -379,10 +390,33 @@ impl HookRunner {
             };
             let (started, result) = {
                 let _running = slot.gate.lock().await;
+                // The fleet gate is held for the run only: a retry's
+                // backoff waits outside it, so others may go meanwhile.
+                let entered = match (&hook.spec.fleet, &self.gates) {
+                    (Some(fleet), Some(gates)) => {
+                        let resource = envelope.event.resource();
+                        let splay = attempt == 0;
+                        let entered = gates
+                            .enter(name, &resource, *fleet, splay, stop, &self.status)
+                            .await;
+                        match entered {
+                            Some(e) => Some(e),
+                            None => return,
+                        }
+                    }
+                    _ => None,
+                };
                 let started = std::time::Instant::now();
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = hook.runnable.run(&envelope) => (started, r),
+                let result = tokio::select! {
+                    _ = stop.cancelled() => None,
+                    r = hook.runnable.run(&envelope) => Some(r),
+                };
+                if let Some(entered) = entered {
+                    entered.leave().await;
+                }
+                match result {
+                    Some(r) => (started, r),
+                    None => return,
                 }
             };
             self.record(name, &envelope, started, &result);

@@ -27,7 +27,7 @@ use diagnostics::Diagnostics;
 pub use diagnostics::{Diagnostic, ManifestError};
 pub use dns::DnsSettings;
 pub use file::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
-pub use hook::{HookAction, HookSpec, WasmSpec};
+pub use hook::{FleetGate, HookAction, HookSpec, WasmSpec};
 pub use instance_id::InstanceIdSpec;
 use reader::TableReader;
 pub(crate) use reader::suggest;

@@ -73,6 +73,22 @@ impl TaskExit {
     }
 }
 
+/// A hook run waiting at its gate, shown in `/status` until dropped.
+#[derive(Debug)]
+pub struct GateWait {
+    status: Status,
+    hook: String,
+    resource: String,
+}
+
+impl Drop for GateWait {
+    fn drop(&mut self) {
+        self.status
+            .board()
+            .gate_wait(&self.hook, &self.resource, false);
+    }
+}
+
 /// The agent's shared status: cheap to clone, one per agent process.
 #[derive(Debug, Clone)]
 pub struct Status {
@@ -257,6 +273,26 @@ impl Status {
             at: rfc3339_now(),
             error,
         });
+    }
+
+    /// A run of `hook` for `resource` waits at its fleet gate until the
+    /// returned value is dropped.
+    pub fn gate_waiting(&self, hook: &str, resource: &str) -> GateWait {
+        self.board().gate_wait(hook, resource, true);
+        GateWait {
+            status: self.clone(),
+            hook: hook.to_owned(),
+            resource: resource.to_owned(),
+        }
+    }
+
+    /// A run of `hook` got its place at the gate after `waited`.
+    pub fn gate_passed(&self, hook: &str, waited: Duration) {
+        self.inner
+            .metrics
+            .hook_gate_wait_seconds
+            .get_or_create(&vec![("hook", hook.to_owned())])
+            .observe(waited.as_secs_f64());
     }
 
     pub fn task_ended(&self, task: &str, exit: TaskExit) {
