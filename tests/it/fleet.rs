@@ -287,3 +287,82 @@ fn a_fleet_gate_needs_at_most_within_bounds_and_nothing_else() {
     let fleet = m.hooks[0].fleet.expect("a gate");
     assert_eq!((fleet.at_most, fleet.splay.as_secs()), (3, 10));
 }
+
+#[tokio::test]
+async fn a_file_whose_reload_fails_gets_its_old_content_back_and_keeps_the_bad_one_aside() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/v", "good", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("out.conf");
+    let runs = dir.path().join("runs.log");
+    let event = dir.path().join("event.json");
+    // The reload logs what it saw and fails on a "bad" file.
+    let agent = CoordProcess::run(&format!(
+        "{}\n[[hook]]\nname = \"reload\"\nexec = [\"sh\", \"-c\", \"echo run $(cat '{out}') >> '{runs}'; ! grep -q bad '{out}'\"]\nretries = 1\n\n[[hook]]\nname = \"alert\"\nexec = [\"sh\", \"-c\", \"cat > '{event}'\"]\n\n[[file]]\npath = \"{out}\"\nkey = \"/app/v\"\non_change = [\"reload\"]\nrevert = true\non_revert = [\"alert\"]\n",
+        manifest("web-01", &[etcd.endpoint()], 10),
+        out = out.display(),
+        runs = runs.display(),
+        event = event.display(),
+    ));
+    let read = || std::fs::read_to_string(&runs).unwrap_or_default();
+    eventually("the first reload", || async {
+        (read() == "run good\n").then_some(())
+    })
+    .await;
+
+    client.put("/app/v", "bad", None).await.expect("put");
+    let reverted = eventually("the file-reverted event", || async {
+        let text = std::fs::read_to_string(&event).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()
+    })
+    .await;
+    assert_eq!(reverted["type"], "file-reverted", "{reverted}");
+    assert_eq!(reverted["path"], out.display().to_string());
+    let rejected = dir.path().join("out.conf.rejected");
+    assert_eq!(reverted["rejected_path"], rejected.display().to_string());
+    assert_eq!(std::fs::read_to_string(&out).expect("the file"), "good");
+    assert_eq!(
+        std::fs::read_to_string(&rejected).expect("kept aside"),
+        "bad"
+    );
+    // The failed run, its retry, then the reload of the old content.
+    eventually("the reload to run again on the old content", || async {
+        (read() == "run good\nrun bad\nrun bad\nrun good\n").then_some(())
+    })
+    .await;
+
+    // The same bad content again is not written (nor reloaded).
+    client.put("/app/v", "bad", None).await.expect("put");
+    crate::support::log_says(&agent, "Render not written: it was rejected before.").await;
+    assert_eq!(std::fs::read_to_string(&out).expect("the file"), "good");
+    assert_eq!(read(), "run good\nrun bad\nrun bad\nrun good\n");
+
+    // A different render goes through.
+    client.put("/app/v", "better", None).await.expect("put");
+    crate::support::file_is(&out, "better").await;
+    eventually("the reload of the new content", || async {
+        read().ends_with("run good\nrun better\n").then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn revert_needs_on_change_hooks_and_on_revert_needs_revert() {
+    let text = "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n\n[[hook]]\nname = \"a\"\nexec = [\"true\"]\n\n[[file]]\npath = \"/tmp/x\"\nkey = \"/x\"\nrevert = true\n\n[[file]]\npath = \"/tmp/y\"\nkey = \"/y\"\non_change = [\"a\"]\non_revert = [\"a\"]\n";
+    let err = Manifest::parse(Path::new("agent.toml"), text).expect_err("refused");
+    let found: Vec<(usize, String)> = err
+        .diagnostics
+        .into_iter()
+        .map(|d| (d.line, d.message))
+        .collect();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(
+        found[0].0 == 11 && found[0].1.contains("needs `on_change` hooks"),
+        "{found:?}"
+    );
+    assert!(
+        found[1].0 == 17 && found[1].1.contains("needs `revert = true`"),
+        "{found:?}"
+    );
+}

@@ -5,18 +5,23 @@
 //! may not read — never reaches it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::render::{Deps, Render, Renderer};
-use super::write::{WriteError, WriteOutcome, write};
-use crate::agent::hooks::{Event, HookRunner};
+use super::write::{WriteError, WriteOutcome, hash, keep_rejected, rejected_path, write};
+use crate::agent::hooks::{Event, HookRunner, Verdict};
 use crate::agent::manifest::{FileSource, FileSpec};
 use crate::agent::reload::PathWatcher;
 use crate::agent::status::report::QueueName;
@@ -37,6 +42,8 @@ pub struct FileStats {
     pub failures: u64,
     /// The last error per file, cleared by a good render.
     pub errors: BTreeMap<PathBuf, String>,
+    /// Files put back to their previous content (`revert = true`).
+    pub reverted: u64,
 }
 
 impl FileStats {
@@ -64,7 +71,29 @@ struct FileState {
     backoff: Backoff,
     /// What failed the last render, while renders fail.
     failing: Option<String>,
+    /// A replacement whose `on_change` hooks are still running, for
+    /// `revert`.
+    awaiting: Option<Awaiting>,
+    /// Counts replacements, so a verdict on an older one is ignored.
+    generation: u64,
+    /// The hash of a rejected render that could not be kept on disk (the
+    /// file `<path>.rejected` is the record otherwise).
+    rejected: Option<String>,
 }
+
+/// A replacement of a `revert` file waiting for its hooks' verdict.
+#[derive(Debug)]
+struct Awaiting {
+    generation: u64,
+    /// What to put back: the content before the first replacement not yet
+    /// judged (`None`: the file was new).
+    good: Option<Vec<u8>>,
+    /// What was written.
+    bad: Vec<u8>,
+}
+
+/// The hooks' verdict on one replacement of a file.
+type VerdictFuture = Pin<Box<dyn Future<Output = (PathBuf, u64, Verdict)> + Send>>;
 
 impl Default for FileState {
     fn default() -> Self {
@@ -76,6 +105,9 @@ impl Default for FileState {
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             failing: None,
+            awaiting: None,
+            generation: 0,
+            rejected: None,
         }
     }
 }
@@ -107,6 +139,8 @@ pub struct FilesController {
     /// file whose reads are all here at one revision renders without a
     /// round trip to etcd.
     views: BTreeMap<Range, CacheSnapshot>,
+    /// Verdicts of `revert` files' `on_change` hooks, as they come.
+    verdicts: FuturesUnordered<VerdictFuture>,
 }
 
 impl std::fmt::Debug for FilesController {
@@ -130,6 +164,7 @@ impl FilesController {
             status: Status::default(),
             state_dir: None,
             views: BTreeMap::new(),
+            verdicts: FuturesUnordered::new(),
         }
     }
 
@@ -192,6 +227,9 @@ impl FilesController {
                 }
                 _ = hooks.changed() => {}
                 event = watches.next() => self.on_watch(&event),
+                Some((path, generation, verdict)) = self.verdicts.next(), if !self.verdicts.is_empty() => {
+                    self.on_verdict(&path, generation, verdict, &runner).await;
+                }
                 _ = async { sleep_until(next.unwrap_or_else(Instant::now)).await }, if next.is_some() => {}
                 changed = async {
                     match templates.as_mut() {
@@ -439,6 +477,20 @@ impl FilesController {
             self.store_nonempty(&spec.path, &deps.nonempty);
         }
         let rendered = Rendered { content, revision };
+        if spec.revert && self.was_rejected(spec, &rendered.content) {
+            let error = format!(
+                "this render was rejected before (its on_change hooks failed; kept at `{}`); the file keeps its content until the render changes",
+                rejected_path(&spec.path).display()
+            );
+            self.failed(
+                spec,
+                "Render not written: it was rejected before.",
+                error.clone(),
+                error,
+                started,
+            );
+            return;
+        }
         match write(spec, &rendered.content, Some(hooks)).await {
             Ok(WriteOutcome::Unchanged) => {
                 debug!(path = %spec.path.display(), revision = rendered.revision, "Rendered file unchanged.");
@@ -457,6 +509,7 @@ impl FilesController {
                 old_hash,
                 new_hash,
                 in_place,
+                previous,
             }) => {
                 info!(path = %spec.path.display(), revision = rendered.revision, in_place, "Rendered file replaced.");
                 self.recovered(spec);
@@ -470,15 +523,15 @@ impl FilesController {
                     RenderOutcome::Replaced,
                     None,
                 );
-                if !spec.on_change.is_empty() {
-                    hooks.fire(
-                        &spec.on_change,
-                        &Event::FileChanged {
-                            path: spec.path.display().to_string(),
-                            old_hash,
-                            new_hash,
-                        },
-                    );
+                let event = Event::FileChanged {
+                    path: spec.path.display().to_string(),
+                    old_hash,
+                    new_hash,
+                };
+                if spec.revert && !spec.on_change.is_empty() {
+                    self.await_verdict(spec, previous, rendered.content, &event, hooks);
+                } else if !spec.on_change.is_empty() {
+                    hooks.fire(&spec.on_change, &event);
                 }
             }
             Err(e) => {
@@ -501,6 +554,150 @@ impl FilesController {
                     e.to_string(),
                     same,
                     started,
+                );
+            }
+        }
+    }
+
+    /// Whether `content` is a render of `spec` that `revert` put aside: the
+    /// same bytes as `<path>.rejected` (or, when that could not be written,
+    /// as the one remembered).
+    fn was_rejected(&self, spec: &FileSpec, content: &[u8]) -> bool {
+        let remembered = self
+            .states
+            .get(&spec.path)
+            .and_then(|s| s.rejected.as_deref());
+        if remembered == Some(hash(content).as_str()) {
+            return true;
+        }
+        std::fs::read(rejected_path(&spec.path)).is_ok_and(|kept| kept == content)
+    }
+
+    /// Fires the `on_change` hooks of a `revert` file and keeps what to put
+    /// back should they fail.
+    fn await_verdict(
+        &mut self,
+        spec: &FileSpec,
+        previous: Option<Vec<u8>>,
+        written: Vec<u8>,
+        event: &Event,
+        hooks: &Arc<HookRunner>,
+    ) {
+        let state = self.states.entry(spec.path.clone()).or_default();
+        state.generation += 1;
+        let generation = state.generation;
+        // A replacement not judged yet is not known good: go back to what
+        // was there before it.
+        let good = match state.awaiting.take() {
+            Some(older) => older.good,
+            None => previous,
+        };
+        state.awaiting = Some(Awaiting {
+            generation,
+            good,
+            bad: written,
+        });
+        let path = spec.path.clone();
+        let verdict = hooks.fire_tracked(&spec.on_change, event);
+        self.verdicts
+            .push(Box::pin(async move { (path, generation, verdict.await) }));
+    }
+
+    /// A `revert` file's hooks are done with a replacement: if they failed,
+    /// the previous content goes back (checked and validated as any
+    /// render), the failed one is kept at `<path>.rejected`, the hooks run
+    /// again and `file-reverted` fires.
+    async fn on_verdict(
+        &mut self,
+        path: &Path,
+        generation: u64,
+        verdict: Verdict,
+        hooks: &Arc<HookRunner>,
+    ) {
+        let Some(spec) = self.specs.iter().find(|s| s.path == path).cloned() else {
+            return;
+        };
+        let Some(state) = self.states.get_mut(path) else {
+            return;
+        };
+        if state.awaiting.as_ref().map(|a| a.generation) != Some(generation) {
+            return;
+        }
+        let Some(awaiting) = state.awaiting.take() else {
+            return;
+        };
+        let error = match verdict {
+            Verdict::Failed(e) => e,
+            Verdict::Ran => return,
+            Verdict::Superseded | Verdict::Stopped => {
+                debug!(path = %path.display(), "The hooks' verdict on this render will not come (newer event, or hooks reloaded); nothing is reverted.");
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        let bad_hash = hash(&awaiting.bad);
+        let kept = rejected_path(path);
+        let Some(good) = awaiting.good else {
+            let why = format!(
+                "its on_change hooks failed ({error}), but the file was new: there is no previous content to put back"
+            );
+            error!(path = %path.display(), error = %error, "Rendered file not reverted: there was no previous content.");
+            self.status
+                .file_rendered(path, started.elapsed(), RenderOutcome::Failed, Some(why));
+            return;
+        };
+        match keep_rejected(&spec, &awaiting.bad).await {
+            Ok(()) => state.rejected = None,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "Could not keep the rejected render beside the file; it is remembered until the agent restarts.");
+                state.rejected = Some(bad_hash.clone());
+            }
+        }
+        match write(&spec, &good, Some(hooks)).await {
+            Ok(WriteOutcome::Replaced {
+                old_hash, new_hash, ..
+            }) => {
+                warn!(path = %path.display(), error = %error, rejected = %kept.display(), "on_change hooks failed; the previous content is back and the failed render is kept beside the file.");
+                self.stats.send_modify(|s| s.reverted += 1);
+                self.status.file_rendered(
+                    path,
+                    started.elapsed(),
+                    RenderOutcome::Reverted,
+                    Some(format!(
+                        "reverted: its on_change hooks failed ({error}); the failed render is at `{}`",
+                        kept.display()
+                    )),
+                );
+                let shown = path.display().to_string();
+                hooks.fire(
+                    &spec.on_change,
+                    &Event::FileChanged {
+                        path: shown.clone(),
+                        old_hash,
+                        new_hash: new_hash.clone(),
+                    },
+                );
+                hooks.fire(
+                    &spec.on_revert,
+                    &Event::FileReverted {
+                        path: shown,
+                        rejected_hash: bad_hash,
+                        rejected_path: kept.display().to_string(),
+                        restored_hash: new_hash,
+                        error,
+                    },
+                );
+            }
+            Ok(WriteOutcome::Unchanged) => {
+                debug!(path = %path.display(), "The previous content was already back.");
+            }
+            Err(e) => {
+                error!(path = %path.display(), error = %e, hook_error = %error, "on_change hooks failed and the previous content could not be put back; the failed render stays.");
+                self.status.file_rendered(
+                    path,
+                    started.elapsed(),
+                    RenderOutcome::Failed,
+                    Some(e.to_string()),
                 );
             }
         }

@@ -39,6 +39,9 @@ pub enum RenderOutcome {
     Unchanged,
     /// Rendering or writing failed; the old file stayed.
     Failed,
+    /// The file's `on_change` hooks failed on a new render, so the
+    /// previous content was put back (`revert = true`).
+    Reverted,
 }
 
 impl RenderOutcome {
@@ -47,6 +50,7 @@ impl RenderOutcome {
             RenderOutcome::Replaced => "replaced",
             RenderOutcome::Unchanged => "unchanged",
             RenderOutcome::Failed => "failed",
+            RenderOutcome::Reverted => "reverted",
         }
     }
 }
@@ -235,6 +239,7 @@ impl Status {
         m.file_render_seconds.observe(took.as_secs_f64());
         let state = match outcome {
             RenderOutcome::Failed => "failed",
+            RenderOutcome::Reverted => "reverted",
             RenderOutcome::Replaced | RenderOutcome::Unchanged => "current",
         };
         self.set(
