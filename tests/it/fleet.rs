@@ -366,3 +366,30 @@ fn revert_needs_on_change_hooks_and_on_revert_needs_revert() {
         "{found:?}"
     );
 }
+
+#[tokio::test]
+async fn changing_only_the_labels_rewrites_the_presence_record_on_the_same_lease() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let agent = CoordProcess::run(&labelled("web-01", &etcd.endpoint(), r#"role = "edge""#));
+    let record = |want: &'static str| {
+        let client = client.clone();
+        async move {
+            eventually(&format!("labels {want}"), || async {
+                let kv = client.get("/coord/agents/web-01").await.ok()??;
+                let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+                (v["labels"]["role"] == want).then_some(kv.lease)
+            })
+            .await
+        }
+    };
+    let before = record("edge").await;
+    std::fs::write(
+        agent.manifest_path(),
+        labelled("web-01", &etcd.endpoint(), r#"role = "canary""#),
+    )
+    .expect("rewrite the manifest");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let after = record("canary").await;
+    assert_eq!(before, after, "a new session was started for a label");
+}
