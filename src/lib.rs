@@ -35,6 +35,7 @@ pub mod labels;
 pub mod lock;
 pub mod presence;
 pub mod registry;
+pub mod rollout;
 pub mod untrusted;
 
 pub use coordinator::{Coord, Options};

@@ -113,8 +113,13 @@ struct SetArgs {
     /// (`COORD_LOCK_KEY` and `COORD_FENCING_TOKEN`, which `coord lock` and
     /// tasks set): checked in the same transaction as the write, so a
     /// holder that lost the lock never writes (exit 5).
-    #[arg(long, value_name = "LOCK")]
+    #[arg(long, value_name = "LOCK", conflicts_with = "stage")]
     fence: Option<String>,
+    /// Do not write the key: stage the value for the agents whose labels
+    /// match SELECTOR (`role=canary`); their templates see it, everyone
+    /// else keeps the current value. Then `coord rollout status|promote|abort KEY`.
+    #[arg(long, value_name = "SELECTOR", conflicts_with_all = ["if_version", "create"])]
+    stage: Option<coord::labels::Selector>,
 }
 
 pub async fn kv(args: KvArgs) -> anyhow::Result<ExitCode> {
@@ -156,6 +161,10 @@ async fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
                 (None, false) => Expect::Any,
             };
             let raw = prepared.expect("prepared above for set");
+            if let Some(selector) = &set.stage {
+                return super::rollout::stage(&client, &namespace, &set.key, raw, selector, json)
+                    .await;
+            }
             let written = match &set.fence {
                 None => config::set_raw(&client, &set.key, &raw, expect).await?,
                 Some(lock_name) => {

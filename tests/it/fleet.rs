@@ -393,3 +393,99 @@ async fn changing_only_the_labels_rewrites_the_presence_record_on_the_same_lease
     let after = record("canary").await;
     assert_eq!(before, after, "a new session was started for a label");
 }
+
+#[tokio::test]
+async fn a_staged_rollout_reaches_the_selected_agents_first_then_everyone_or_no_one() {
+    let etcd = etcd().await;
+    let endpoint = etcd.endpoint();
+    let client = etcd.client().await;
+    client.put("/app/v", "old", None).await.expect("put");
+    let files = tempfile::tempdir().expect("tmp");
+    let out = |i: usize| files.path().join(format!("agent-{i}.conf"));
+    let text = |i: usize| {
+        let role = if i <= 2 { "canary" } else { "edge" };
+        format!(
+            "{}\n[[file]]\npath = \"{}\"\nkey = \"/app/v\"\n",
+            labelled(
+                &format!("agent-{i}"),
+                &endpoint,
+                &format!("role = \"{role}\"")
+            ),
+            out(i).display()
+        )
+    };
+    let mut agents: Vec<CoordProcess> = (1..=5).map(|i| CoordProcess::run(&text(i))).collect();
+    for i in 1..=5 {
+        crate::support::file_is(&out(i), "old").await;
+    }
+    eventually("five agents present", || async {
+        let kvs = client.get_prefix("/coord/agents/").await.ok()?;
+        (kvs.kvs.len() == 5).then_some(())
+    })
+    .await;
+    let kv = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--endpoints", endpoint.as_str()]);
+        coord(&all, None)
+    };
+
+    let (status, printed, err) = kv(&["kv", "set", "/app/v", "new", "--stage", "role=canary"]);
+    assert!(status.success(), "{err}");
+    assert!(printed.contains("staged /app/v to 2 agents"), "{printed}");
+    for i in 1..=2 {
+        crate::support::file_is(&out(i), "new").await;
+    }
+    let (status, _, err) = kv(&["kv", "set", "/app/v", "other", "--stage", "role=edge"]);
+    assert_eq!(status.code(), Some(3), "a second rollout is refused: {err}");
+    let (status, printed, _) = kv(&["rollout", "status", "/app/v"]);
+    assert!(status.success());
+    assert!(printed.contains("agent-1, agent-2"), "{printed}");
+    for i in 3..=5 {
+        assert_eq!(std::fs::read_to_string(out(i)).expect("file"), "old");
+    }
+
+    // A staged agent restarted mid-rollout comes back on the staged value.
+    agents[0].signal(nix::sys::signal::Signal::SIGTERM);
+    agents[0].wait().await;
+    std::fs::write(out(1), "gone").expect("scribble");
+    agents[0] = CoordProcess::run(&text(1));
+    crate::support::file_is(&out(1), "new").await;
+
+    let (status, _, err) = kv(&["rollout", "abort", "/app/v"]);
+    assert!(status.success(), "{err}");
+    for i in 1..=5 {
+        crate::support::file_is(&out(i), "old").await;
+    }
+    assert_eq!(
+        client.get("/app/v").await.expect("get").expect("key").value,
+        b"old"
+    );
+
+    let (status, _, err) = kv(&["kv", "set", "/app/v", "new", "--stage", "role=canary"]);
+    assert!(status.success(), "{err}");
+    for i in 1..=2 {
+        crate::support::file_is(&out(i), "new").await;
+    }
+    let (status, _, err) = kv(&["rollout", "promote", "/app/v"]);
+    assert!(status.success(), "{err}");
+    for i in 1..=5 {
+        crate::support::file_is(&out(i), "new").await;
+    }
+    let (status, _, _) = kv(&["rollout", "status", "/app/v"]);
+    assert_eq!(status.code(), Some(3), "no rollout left");
+
+    // Promoting after the key moved is refused and writes nothing.
+    let (status, _, err) = kv(&["kv", "set", "/app/v", "newer", "--stage", "role=canary"]);
+    assert!(status.success(), "{err}");
+    client.put("/app/v", "by hand", None).await.expect("put");
+    let (status, _, err) = kv(&["rollout", "promote", "/app/v"]);
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("changed since its rollout was staged"),
+        "{err}"
+    );
+    assert_eq!(
+        client.get("/app/v").await.expect("get").expect("key").value,
+        b"by hand"
+    );
+}

@@ -1,0 +1,224 @@
+//! Staged rollouts of one key: a new value that only some agents see
+//! first, then everyone (promote) or no one (abort).
+//!
+//! The state lives in etcd under the namespace, so any host's CLI sees it
+//! and an agent that restarts reads it again:
+//! `<namespace>/rollouts/keys<key>` holds the [`Rollout`] (the key keeps
+//! its own slashes, so a prefix read of `/app/` finds the rollouts of the
+//! keys under it at `<namespace>/rollouts/keys/app/`). The key itself keeps
+//! its current value until [`promote`] writes the new one — in one
+//! transaction with the record's deletion, and only if the key is still at
+//! the version it had when the rollout was staged.
+
+use serde::{Deserialize, Serialize};
+
+use crate::etcd::{Client, Condition, Error as EtcdError, Op};
+
+/// One staged rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The key rolled out.
+    pub key: String,
+    /// The new value.
+    pub value: String,
+    /// The selector the staged agents were picked by.
+    pub selector: String,
+    /// The agents that see the new value, as the selector matched them
+    /// when the rollout was staged.
+    pub agents: Vec<String>,
+    /// The key's version when staged (0: absent); promoting is refused
+    /// if the key moved since.
+    pub base_version: i64,
+    /// When it was staged, RFC 3339.
+    pub staged_at: String,
+}
+
+/// Why a rollout could not be staged, promoted or aborted.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// etcd failed.
+    #[error("rollout of `{key}`: {source}")]
+    Etcd {
+        /// The key.
+        key: String,
+        /// What etcd said.
+        #[source]
+        source: EtcdError,
+    },
+    /// Another rollout of the key is staged.
+    #[error("a rollout of `{key}` is already staged (to {agents}); promote or abort it first")]
+    AlreadyStaged {
+        /// The key.
+        key: String,
+        /// Its staged agents.
+        agents: String,
+    },
+    /// No rollout of the key is staged.
+    #[error("no rollout of `{key}` is staged")]
+    NotStaged {
+        /// The key.
+        key: String,
+    },
+    /// The key was written since the rollout was staged.
+    #[error(
+        "`{key}` changed since its rollout was staged (version {base} then); nothing was written: abort the rollout and stage again"
+    )]
+    KeyMoved {
+        /// The key.
+        key: String,
+        /// Its version at staging time.
+        base: i64,
+    },
+    /// A record that is not a rollout.
+    #[error("the rollout record of `{key}` is not one coord wrote: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `<namespace>/rollouts/keys`: the records' prefix (the rolled-out key
+/// follows, with its own slashes).
+pub fn records_prefix(namespace: &str) -> String {
+    format!("{}/rollouts/keys", namespace.trim_end_matches('/'))
+}
+
+/// Where the rollout of `key` is recorded.
+pub fn record_key(namespace: &str, key: &str) -> String {
+    format!("{}{key}", records_prefix(namespace))
+}
+
+impl Rollout {
+    /// Reads a record back.
+    pub fn from_value(key: &str, value: &[u8]) -> Result<Rollout, RolloutError> {
+        serde_json::from_slice(value).map_err(|e| RolloutError::Corrupt {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Whether `agent` sees the new value.
+    pub fn stages(&self, agent: &str) -> bool {
+        self.agents.iter().any(|a| a == agent)
+    }
+}
+
+/// Stages `rollout`: refused when one of the same key is staged already.
+pub async fn stage(
+    client: &Client,
+    namespace: &str,
+    rollout: &Rollout,
+) -> Result<(), RolloutError> {
+    let key = &rollout.key;
+    let etcd = |source| RolloutError::Etcd {
+        key: key.clone(),
+        source,
+    };
+    let value = serde_json::to_vec(rollout).unwrap_or_default();
+    match client
+        .put_if_absent(&record_key(namespace, key), value, None)
+        .await
+        .map_err(etcd)?
+    {
+        None => Ok(()),
+        Some(existing) => {
+            let agents = Rollout::from_value(key, &existing.value)
+                .map(|r| r.agents.join(", "))
+                .unwrap_or_else(|_| "?".to_owned());
+            Err(RolloutError::AlreadyStaged {
+                key: key.clone(),
+                agents,
+            })
+        }
+    }
+}
+
+/// The rollout of `key`, if one is staged.
+pub async fn get(
+    client: &Client,
+    namespace: &str,
+    key: &str,
+) -> Result<Option<Rollout>, RolloutError> {
+    let kv = client
+        .get(&record_key(namespace, key))
+        .await
+        .map_err(|source| RolloutError::Etcd {
+            key: key.to_owned(),
+            source,
+        })?;
+    kv.map(|kv| Rollout::from_value(key, &kv.value)).transpose()
+}
+
+/// Writes the staged value for everyone and ends the rollout, in one
+/// transaction: only if the key is still at the version it had when the
+/// rollout was staged, and the rollout still staged.
+pub async fn promote(client: &Client, namespace: &str, key: &str) -> Result<Rollout, RolloutError> {
+    let etcd = |source| RolloutError::Etcd {
+        key: key.to_owned(),
+        source,
+    };
+    let record = record_key(namespace, key);
+    let Some(kv) = client.get(&record).await.map_err(etcd)? else {
+        return Err(RolloutError::NotStaged {
+            key: key.to_owned(),
+        });
+    };
+    let rollout = Rollout::from_value(key, &kv.value)?;
+    let committed = client
+        .commit(
+            &[
+                Condition::Version {
+                    key: key.to_owned(),
+                    version: rollout.base_version,
+                },
+                Condition::Version {
+                    key: record.clone(),
+                    version: kv.version,
+                },
+            ],
+            &[
+                Op::Put {
+                    key: key.to_owned(),
+                    value: rollout.value.clone().into_bytes(),
+                    lease: None,
+                },
+                Op::Delete { key: record },
+            ],
+        )
+        .await
+        .map_err(etcd)?;
+    if committed.succeeded {
+        return Ok(rollout);
+    }
+    // Which condition failed: the record gone (aborted meanwhile) or the
+    // key moved.
+    match get(client, namespace, key).await? {
+        None => Err(RolloutError::NotStaged {
+            key: key.to_owned(),
+        }),
+        Some(_) => Err(RolloutError::KeyMoved {
+            key: key.to_owned(),
+            base: rollout.base_version,
+        }),
+    }
+}
+
+/// Ends the rollout of `key` without writing it: the staged agents go
+/// back to the key's current value.
+pub async fn abort(client: &Client, namespace: &str, key: &str) -> Result<Rollout, RolloutError> {
+    let Some(rollout) = get(client, namespace, key).await? else {
+        return Err(RolloutError::NotStaged {
+            key: key.to_owned(),
+        });
+    };
+    client
+        .delete(&record_key(namespace, key))
+        .await
+        .map_err(|source| RolloutError::Etcd {
+            key: key.to_owned(),
+            source,
+        })?;
+    Ok(rollout)
+}
