@@ -31,6 +31,161 @@ pub struct Rollout {
     pub base_version: i64,
     /// When it was staged, RFC 3339.
     pub staged_at: String,
+    /// How long the staged agents soak before `auto` may promote, in ms.
+    #[serde(default)]
+    pub soak_ms: u64,
+    /// Promote by itself after a clean soak; abort at the first failure.
+    #[serde(default)]
+    pub auto: bool,
+}
+
+/// What one staged agent says of a rollout (`<namespace>/rollouts/reports/<agent>`
+/// holds its reports, by key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The rollout reported on: its record's create revision.
+    pub rollout: i64,
+    /// The files reading the key rendered.
+    pub rendered: bool,
+    /// Their `check` commands (and validate hooks) passed.
+    pub checked: bool,
+    /// Their `on_change` hooks passed; `None` while they run.
+    pub hooks: Option<bool>,
+    /// What failed, if anything did.
+    pub error: Option<String>,
+    /// When, RFC 3339.
+    pub at: String,
+}
+
+impl Report {
+    /// Whether everything passed (hooks included).
+    pub fn clean(&self) -> bool {
+        self.rendered && self.checked && self.hooks == Some(true)
+    }
+
+    /// Whether something failed.
+    pub fn failed(&self) -> bool {
+        !self.rendered || !self.checked || self.hooks == Some(false)
+    }
+}
+
+/// A staged rollout as read, with its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    /// The rollout.
+    pub rollout: Rollout,
+    /// Its record's create revision: the rollout's identity.
+    pub id: i64,
+}
+
+/// `<namespace>/rollouts/reports/`.
+pub fn reports_prefix(namespace: &str) -> String {
+    format!("{}/rollouts/reports/", namespace.trim_end_matches('/'))
+}
+
+/// Writes `agent`'s reports (every key it reports on).
+pub async fn report(
+    client: &Client,
+    namespace: &str,
+    agent: &str,
+    reports: &std::collections::BTreeMap<String, Report>,
+) -> Result<(), EtcdError> {
+    let key = format!("{}{agent}", reports_prefix(namespace));
+    if reports.is_empty() {
+        return client.delete(&key).await.map(|_| ());
+    }
+    let value = serde_json::to_vec(reports).unwrap_or_default();
+    client.put(&key, value, None).await.map(|_| ())
+}
+
+/// Every agent's report on rollout `id` of `key`, by agent.
+pub async fn reports(
+    client: &Client,
+    namespace: &str,
+    key: &str,
+    id: i64,
+) -> Result<std::collections::BTreeMap<String, Report>, RolloutError> {
+    let prefix = reports_prefix(namespace);
+    let all = client
+        .get_prefix(&prefix)
+        .await
+        .map_err(|source| RolloutError::Etcd {
+            key: key.to_owned(),
+            source,
+        })?;
+    Ok(all
+        .kvs
+        .iter()
+        .filter_map(|kv| {
+            let agent = kv.key.strip_prefix(&prefix)?;
+            let mut map: std::collections::BTreeMap<String, Report> =
+                serde_json::from_slice(&kv.value).ok()?;
+            let report = map.remove(key).filter(|r| r.rollout == id)?;
+            Some((agent.to_owned(), report))
+        })
+        .collect())
+}
+
+/// The staged rollout of `key` with its identity.
+pub async fn staged(
+    client: &Client,
+    namespace: &str,
+    key: &str,
+) -> Result<Option<Staged>, RolloutError> {
+    let kv = client
+        .get(&record_key(namespace, key))
+        .await
+        .map_err(|source| RolloutError::Etcd {
+            key: key.to_owned(),
+            source,
+        })?;
+    kv.map(|kv| {
+        Rollout::from_value(key, &kv.value).map(|rollout| Staged {
+            rollout,
+            id: kv.create_revision,
+        })
+    })
+    .transpose()
+}
+
+/// Ends rollout `id` of `key` — writing its value for everyone when
+/// `promote` — only if that very rollout is still staged (and, to
+/// promote, the key still at its base version). `false`: it was not.
+pub async fn end_if(
+    client: &Client,
+    namespace: &str,
+    key: &str,
+    id: i64,
+    promote: bool,
+) -> Result<bool, RolloutError> {
+    let etcd = |source| RolloutError::Etcd {
+        key: key.to_owned(),
+        source,
+    };
+    let Some(staged) = staged(client, namespace, key).await? else {
+        return Ok(false);
+    };
+    if staged.id != id {
+        return Ok(false);
+    }
+    let record = record_key(namespace, key);
+    let mut when = vec![Condition::CreatedAt {
+        key: record.clone(),
+        revision: id,
+    }];
+    let mut then = vec![Op::Delete { key: record }];
+    if promote {
+        when.push(Condition::Version {
+            key: key.to_owned(),
+            version: staged.rollout.base_version,
+        });
+        then.push(Op::Put {
+            key: key.to_owned(),
+            value: staged.rollout.value.into_bytes(),
+            lease: None,
+        });
+    }
+    Ok(client.commit(&when, &then).await.map_err(etcd)?.succeeded)
 }
 
 /// Why a rollout could not be staged, promoted or aborted.

@@ -120,6 +120,14 @@ struct SetArgs {
     /// else keeps the current value. Then `coord rollout status|promote|abort KEY`.
     #[arg(long, value_name = "SELECTOR", conflicts_with_all = ["if_version", "create"])]
     stage: Option<coord::labels::Selector>,
+    /// With --stage: how long the staged agents soak before --auto
+    /// promotes (e.g. 2m).
+    #[arg(long, value_name = "DURATION", requires = "stage", value_parser = humantime::parse_duration)]
+    soak: Option<std::time::Duration>,
+    /// With --stage: promote by itself after a clean soak (every staged
+    /// agent rendered, checked and ran its hooks), abort at the first failure.
+    #[arg(long, requires = "stage")]
+    auto: bool,
 }
 
 pub async fn kv(args: KvArgs) -> anyhow::Result<ExitCode> {
@@ -162,8 +170,14 @@ async fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
             };
             let raw = prepared.expect("prepared above for set");
             if let Some(selector) = &set.stage {
-                return super::rollout::stage(&client, &namespace, &set.key, raw, selector, json)
-                    .await;
+                let how = super::rollout::How {
+                    soak: set.soak.unwrap_or_default(),
+                    auto: set.auto,
+                };
+                return super::rollout::stage(
+                    &client, &namespace, &set.key, raw, selector, how, json,
+                )
+                .await;
             }
             let written = match &set.fence {
                 None => config::set_raw(&client, &set.key, &raw, expect).await?,

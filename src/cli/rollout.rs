@@ -10,7 +10,8 @@ use super::connection::EtcdArgs;
 use coord::etcd::Client;
 use coord::labels::Selector;
 use coord::presence;
-use coord::rollout::{self, Rollout, RolloutError};
+use coord::rollout::{self, Report, Rollout, RolloutError};
+use std::collections::BTreeMap;
 
 /// Exit status when a rollout is refused: one is staged already, none is,
 /// or the key moved since staging (nothing was written).
@@ -89,6 +90,66 @@ fn show(r: &Rollout, json: bool, what: &str) {
     }
 }
 
+/// A staged rollout and each staged agent's report.
+fn show_status(r: &Rollout, reports: &BTreeMap<String, Report>, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({"key": r.key, "state": "staged", "value": r.value, "selector": r.selector, "agents": r.agents, "base_version": r.base_version, "staged_at": r.staged_at, "soak_ms": r.soak_ms, "auto": r.auto, "reports": reports})
+        );
+        return;
+    }
+    show(r, false, "staged");
+    if r.auto || r.soak_ms > 0 {
+        println!(
+            "  soak {}{}",
+            humantime::format_duration(std::time::Duration::from_millis(r.soak_ms)),
+            if r.auto {
+                ", promoted or aborted by itself"
+            } else {
+                ""
+            }
+        );
+    }
+    for agent in &r.agents {
+        let line = match reports.get(agent) {
+            None => "no report yet".to_owned(),
+            Some(rep) => {
+                let hooks = match rep.hooks {
+                    None => "hooks running",
+                    Some(true) => "hooks passed",
+                    Some(false) => "hooks failed",
+                };
+                let mut line = format!(
+                    "{}, {}, {hooks}",
+                    if rep.rendered {
+                        "rendered"
+                    } else {
+                        "render failed"
+                    },
+                    if rep.checked {
+                        "check passed"
+                    } else {
+                        "check failed"
+                    },
+                );
+                if let Some(e) = &rep.error {
+                    line.push_str(&format!(": {e}"));
+                }
+                line
+            }
+        };
+        println!("  {agent}  {line}");
+    }
+}
+
+/// `--soak` and `--auto`.
+#[derive(Debug, Clone, Copy)]
+pub struct How {
+    pub soak: std::time::Duration,
+    pub auto: bool,
+}
+
 /// `coord kv set KEY VALUE --stage SELECTOR`.
 pub async fn stage(
     client: &Client,
@@ -96,6 +157,7 @@ pub async fn stage(
     key: &str,
     raw: Vec<u8>,
     selector: &Selector,
+    how: How,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let result = async {
@@ -137,6 +199,8 @@ pub async fn stage(
             agents,
             base_version,
             staged_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            soak_ms: how.soak.as_millis() as u64,
+            auto: how.auto,
         };
         rollout::stage(client, namespace, &r).await?;
         show(&r, json, "staged");
@@ -152,10 +216,11 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<ExitCode> {
     let result = async {
         match args.command {
             RolloutCommand::Status { key } => {
-                match rollout::get(&client, &namespace, &key).await? {
-                    Some(r) => show(&r, json, "staged"),
-                    None => Err(RolloutError::NotStaged { key })?,
-                }
+                let Some(staged) = rollout::staged(&client, &namespace, &key).await? else {
+                    Err(RolloutError::NotStaged { key })?
+                };
+                let reports = rollout::reports(&client, &namespace, &key, staged.id).await?;
+                show_status(&staged.rollout, &reports, json);
             }
             RolloutCommand::Promote { key } => {
                 let r = rollout::promote(&client, &namespace, &key).await?;

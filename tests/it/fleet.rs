@@ -489,3 +489,105 @@ async fn a_staged_rollout_reaches_the_selected_agents_first_then_everyone_or_no_
         b"by hand"
     );
 }
+
+#[tokio::test]
+async fn an_auto_rollout_aborts_on_a_failing_check_and_promotes_after_a_clean_soak() {
+    let etcd = etcd().await;
+    let endpoint = etcd.endpoint();
+    let client = etcd.client().await;
+    client.put("/app/v", "old", None).await.expect("put");
+    let files = tempfile::tempdir().expect("tmp");
+    let out = |i: usize| files.path().join(format!("agent-{i}.conf"));
+    let _agents: Vec<CoordProcess> = (1..=5)
+        .map(|i| {
+            let role = if i <= 2 { "canary" } else { "edge" };
+            // agent-2 refuses a render holding "bad".
+            let check = if i == 2 {
+                "check = [\"sh\", \"-c\", \"! grep -q bad {staged}\"]\n"
+            } else {
+                ""
+            };
+            CoordProcess::run(&format!(
+                "{}\n[[hook]]\nname = \"reload\"\nexec = [\"true\"]\n\n[[file]]\npath = \"{}\"\nkey = \"/app/v\"\non_change = [\"reload\"]\n{check}",
+                labelled(&format!("agent-{i}"), &endpoint, &format!("role = \"{role}\"")),
+                out(i).display()
+            ))
+        })
+        .collect();
+    for i in 1..=5 {
+        crate::support::file_is(&out(i), "old").await;
+    }
+    eventually("five agents present", || async {
+        let kvs = client.get_prefix("/coord/agents/").await.ok()?;
+        (kvs.kvs.len() == 5).then_some(())
+    })
+    .await;
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--endpoints", endpoint.as_str()]);
+        coord(&all, None)
+    };
+
+    // A failing check on one staged agent aborts the rollout by itself.
+    let (status, _, err) = run(&[
+        "kv",
+        "set",
+        "/app/v",
+        "bad",
+        "--stage",
+        "role=canary",
+        "--soak",
+        "30s",
+        "--auto",
+    ]);
+    assert!(status.success(), "{err}");
+    eventually("the failed rollout to be aborted", || async {
+        let (status, _, _) = run(&["rollout", "status", "/app/v"]);
+        (status.code() == Some(3)).then_some(())
+    })
+    .await;
+    for i in 1..=5 {
+        crate::support::file_is(&out(i), "old").await;
+    }
+    assert_eq!(
+        client.get("/app/v").await.expect("get").expect("key").value,
+        b"old"
+    );
+
+    // A clean one promotes itself once the soak is over; status shows
+    // each staged agent's report meanwhile.
+    let (status, _, err) = run(&[
+        "kv",
+        "set",
+        "/app/v",
+        "good",
+        "--stage",
+        "role=canary",
+        "--soak",
+        "5s",
+        "--auto",
+    ]);
+    assert!(status.success(), "{err}");
+    for i in 1..=2 {
+        crate::support::file_is(&out(i), "good").await;
+    }
+    let shown = eventually("both staged agents to report clean", || async {
+        let (status, printed, _) = run(&["rollout", "status", "/app/v"]);
+        (status.success()
+            && printed.contains("agent-1  rendered, check passed, hooks passed")
+            && printed.contains("agent-2  rendered, check passed, hooks passed"))
+        .then_some(printed)
+    })
+    .await;
+    assert!(
+        shown.contains("soak 5s, promoted or aborted by itself"),
+        "{shown}"
+    );
+    for i in 1..=5 {
+        crate::support::file_is(&out(i), "good").await;
+    }
+    assert_eq!(
+        client.get("/app/v").await.expect("get").expect("key").value,
+        b"good"
+    );
+}

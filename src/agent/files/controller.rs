@@ -27,6 +27,7 @@ use crate::agent::reload::PathWatcher;
 use crate::agent::status::report::QueueName;
 use crate::agent::status::{RenderOutcome, Status};
 use crate::etcd::{Backoff, CacheSnapshot, Client, Range, ReadSet, WatchSet, WatchSetEvent};
+use crate::rollout::{self, Report, Staged};
 
 /// After an I/O failure (disk full, permissions), when to try again.
 const IO_RETRY: Duration = Duration::from_secs(5);
@@ -90,6 +91,8 @@ struct Awaiting {
     good: Option<Vec<u8>>,
     /// What was written.
     bad: Vec<u8>,
+    /// The staged rollouts the render carried, to report the hooks on.
+    rollouts: Vec<(String, Staged)>,
 }
 
 /// The hooks' verdict on one replacement of a file.
@@ -141,6 +144,12 @@ pub struct FilesController {
     views: BTreeMap<Range, CacheSnapshot>,
     /// Verdicts of `revert` files' `on_change` hooks, as they come.
     verdicts: FuturesUnordered<VerdictFuture>,
+    /// The agent's name (staged rollouts name the agents they reach).
+    agent: String,
+    /// What this agent reports of the rollouts staged for it, by key.
+    reports: BTreeMap<String, Report>,
+    /// `auto` rollouts this agent reported clean on: when their soak ends.
+    soaks: BTreeMap<String, (i64, Instant)>,
 }
 
 impl std::fmt::Debug for FilesController {
@@ -165,6 +174,9 @@ impl FilesController {
             state_dir: None,
             views: BTreeMap::new(),
             verdicts: FuturesUnordered::new(),
+            agent: String::new(),
+            reports: BTreeMap::new(),
+            soaks: BTreeMap::new(),
         }
     }
 
@@ -184,6 +196,7 @@ impl FilesController {
     /// Names the agent whose instance ids templates see.
     pub fn with_agent(mut self, agent: &str) -> Self {
         self.renderer = Renderer::new(&self.namespace).with_agent(agent);
+        self.agent = agent.to_owned();
         self
     }
 
@@ -210,7 +223,12 @@ impl FilesController {
         loop {
             let runner = hooks.borrow().clone();
             self.render_due(&client, &mut watches, &runner).await;
-            let next = self.next_due();
+            self.soaked(&client).await;
+            let soak = self.soaks.values().map(|(_, at)| *at).min();
+            let next = match (self.next_due(), soak) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let waiting = self
                 .states
                 .values()
@@ -228,7 +246,7 @@ impl FilesController {
                 _ = hooks.changed() => {}
                 event = watches.next() => self.on_watch(&event),
                 Some((path, generation, verdict)) = self.verdicts.next(), if !self.verdicts.is_empty() => {
-                    self.on_verdict(&path, generation, verdict, &runner).await;
+                    self.on_verdict(&path, generation, verdict, &runner, &client).await;
                 }
                 _ = async { sleep_until(next.unwrap_or_else(Instant::now)).await }, if next.is_some() => {}
                 changed = async {
@@ -445,6 +463,7 @@ impl FilesController {
         if view.revision() > 0 {
             self.keep_views(&deps.reads, &view);
         }
+        let staged = self.staged_in(&deps.reads, &view);
         let state = self.states.entry(spec.path.clone()).or_default();
         if revision > 0 {
             // Watch from the revision read: nothing after it is missed.
@@ -461,6 +480,15 @@ impl FilesController {
                     state.retry_at = Some(Instant::now() + state.backoff.next_delay());
                 }
                 let error = e.to_string();
+                self.report(
+                    client,
+                    &staged,
+                    false,
+                    false,
+                    Some(false),
+                    Some(error.clone()),
+                )
+                .await;
                 self.failed(
                     spec,
                     "Render failed; the file keeps its old content.",
@@ -493,6 +521,8 @@ impl FilesController {
         }
         match write(spec, &rendered.content, Some(hooks)).await {
             Ok(WriteOutcome::Unchanged) => {
+                self.report(client, &staged, true, true, Some(true), None)
+                    .await;
                 debug!(path = %spec.path.display(), revision = rendered.revision, "Rendered file unchanged.");
                 self.recovered(spec);
                 self.stats.send_modify(|s| {
@@ -528,13 +558,26 @@ impl FilesController {
                     old_hash,
                     new_hash,
                 };
-                if spec.revert && !spec.on_change.is_empty() {
-                    self.await_verdict(spec, previous, rendered.content, &event, hooks);
-                } else if !spec.on_change.is_empty() {
+                if spec.on_change.is_empty() {
+                    self.report(client, &staged, true, true, Some(true), None)
+                        .await;
+                } else if spec.revert || !staged.is_empty() {
+                    self.report(client, &staged, true, true, None, None).await;
+                    self.await_verdict(spec, previous, rendered.content, &event, hooks, staged);
+                } else {
                     hooks.fire(&spec.on_change, &event);
                 }
             }
             Err(e) => {
+                self.report(
+                    client,
+                    &staged,
+                    true,
+                    false,
+                    Some(false),
+                    Some(e.to_string()),
+                )
+                .await;
                 if matches!(e, WriteError::Io { .. } | WriteError::Owner { .. })
                     && let Some(state) = self.states.get_mut(&spec.path)
                 {
@@ -582,6 +625,7 @@ impl FilesController {
         written: Vec<u8>,
         event: &Event,
         hooks: &Arc<HookRunner>,
+        rollouts: Vec<(String, Staged)>,
     ) {
         let state = self.states.entry(spec.path.clone()).or_default();
         state.generation += 1;
@@ -596,6 +640,7 @@ impl FilesController {
             generation,
             good,
             bad: written,
+            rollouts,
         });
         let path = spec.path.clone();
         let verdict = hooks.fire_tracked(&spec.on_change, event);
@@ -613,6 +658,7 @@ impl FilesController {
         generation: u64,
         verdict: Verdict,
         hooks: &Arc<HookRunner>,
+        client: &Client,
     ) {
         let Some(spec) = self.specs.iter().find(|s| s.path == path).cloned() else {
             return;
@@ -624,6 +670,24 @@ impl FilesController {
             return;
         }
         let Some(awaiting) = state.awaiting.take() else {
+            return;
+        };
+        match &verdict {
+            Verdict::Ran => {
+                self.report(client, &awaiting.rollouts, true, true, Some(true), None)
+                    .await;
+            }
+            Verdict::Failed(e) => {
+                let error = Some(format!("on_change hooks failed: {e}"));
+                self.report(client, &awaiting.rollouts, true, true, Some(false), error)
+                    .await;
+            }
+            Verdict::Superseded | Verdict::Stopped => {}
+        }
+        if !spec.revert {
+            return;
+        }
+        let Some(state) = self.states.get_mut(path) else {
             return;
         };
         let error = match verdict {
@@ -699,6 +763,149 @@ impl FilesController {
                     RenderOutcome::Failed,
                     Some(e.to_string()),
                 );
+            }
+        }
+    }
+
+    /// The rollouts staged for this agent among what a render read.
+    fn staged_in(&self, reads: &ReadSet, view: &CacheSnapshot) -> Vec<(String, Staged)> {
+        let base = rollout::records_prefix(&self.namespace);
+        let mut records: Vec<&crate::etcd::KeyValue> =
+            reads.keys().filter_map(|k| view.get(k)).collect();
+        for p in reads.prefixes().filter(|p| p.starts_with(&base)) {
+            records.extend(view.under(p));
+        }
+        let mut out: Vec<(String, Staged)> = records
+            .into_iter()
+            .filter_map(|kv| {
+                let key = kv.key.strip_prefix(&base)?;
+                let r = rollout::Rollout::from_value(key, &kv.value).ok()?;
+                r.stages(&self.agent).then(|| {
+                    (
+                        key.to_owned(),
+                        Staged {
+                            rollout: r,
+                            id: kv.create_revision,
+                        },
+                    )
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    /// Reports how a render carrying staged rollouts went; with `auto`, a
+    /// failure aborts the rollout at once and a clean report waits for
+    /// the soak to end.
+    async fn report(
+        &mut self,
+        client: &Client,
+        staged: &[(String, Staged)],
+        rendered: bool,
+        checked: bool,
+        hooks: Option<bool>,
+        error: Option<String>,
+    ) {
+        if staged.is_empty() {
+            return;
+        }
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        for (key, s) in staged {
+            let report = Report {
+                rollout: s.id,
+                rendered,
+                checked,
+                hooks,
+                error: error.clone(),
+                at: at.clone(),
+            };
+            // A failure stands for the rollout: a later good render of
+            // another file does not wash it out.
+            if self
+                .reports
+                .get(key)
+                .is_some_and(|old| old.rollout == s.id && old.failed())
+            {
+                continue;
+            }
+            if s.rollout.auto && report.clean() {
+                let staged_at = humantime::parse_rfc3339(&s.rollout.staged_at)
+                    .unwrap_or_else(|_| std::time::SystemTime::now());
+                let ends = staged_at + Duration::from_millis(s.rollout.soak_ms);
+                let left = ends
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                self.soaks
+                    .insert(key.clone(), (s.id, Instant::now() + left));
+            }
+            let failed = report.failed();
+            self.reports.insert(key.clone(), report);
+            if failed && s.rollout.auto {
+                self.soaks.remove(key);
+                match rollout::end_if(client, &self.namespace, key, s.id, false).await {
+                    Ok(true) => {
+                        warn!(key = %key, error = error.as_deref().unwrap_or(""), "Staged rollout failed on this agent; aborted it for everyone.")
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(key = %key, error = %e, "Could not abort the failed rollout."),
+                }
+            }
+        }
+        if let Err(e) = rollout::report(client, &self.namespace, &self.agent, &self.reports).await {
+            warn!(error = %e, "Could not write this agent's rollout reports.");
+        }
+    }
+
+    /// `auto` rollouts whose soak ended: promoted when every staged agent
+    /// reported clean, aborted when one failed, looked at again a second
+    /// later while reports are missing.
+    async fn soaked(&mut self, client: &Client) {
+        let now = Instant::now();
+        let due: Vec<(String, i64)> = self
+            .soaks
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(k, (id, _))| (k.clone(), *id))
+            .collect();
+        for (key, id) in due {
+            self.soaks.remove(&key);
+            let staged = match rollout::staged(client, &self.namespace, &key).await {
+                Ok(Some(s)) if s.id == id => s,
+                Ok(_) => continue,
+                Err(e) => {
+                    debug!(key = %key, error = %e, "Could not read the rollout after its soak; looking again.");
+                    self.soaks.insert(key, (id, now + Duration::from_secs(1)));
+                    continue;
+                }
+            };
+            let reports = match rollout::reports(client, &self.namespace, &key, id).await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(key = %key, error = %e, "Could not read the rollout's reports; looking again.");
+                    self.soaks.insert(key, (id, now + Duration::from_secs(1)));
+                    continue;
+                }
+            };
+            let all = &staged.rollout.agents;
+            let failed = all
+                .iter()
+                .any(|a| reports.get(a).is_some_and(Report::failed));
+            let clean = all
+                .iter()
+                .all(|a| reports.get(a).is_some_and(Report::clean));
+            if !failed && !clean {
+                self.soaks.insert(key, (id, now + Duration::from_secs(1)));
+                continue;
+            }
+            match rollout::end_if(client, &self.namespace, &key, id, clean).await {
+                Ok(true) if clean => {
+                    info!(key = %key, "Staged rollout soaked clean on every staged agent; promoted.")
+                }
+                Ok(true) => warn!(key = %key, "Staged rollout failed on a staged agent; aborted."),
+                Ok(false) => {}
+                Err(e) => warn!(key = %key, error = %e, "Could not end the soaked rollout."),
             }
         }
     }
