@@ -116,6 +116,7 @@ fn show_status(r: &Rollout, reports: &BTreeMap<String, Report>, json: bool) {
             None => "no report yet".to_owned(),
             Some(rep) => {
                 let hooks = match rep.hooks {
+                    None if !(rep.rendered && rep.checked) => "hooks not run",
                     None => "hooks running",
                     Some(true) => "hooks passed",
                     Some(false) => "hooks failed",

@@ -480,15 +480,8 @@ impl FilesController {
                     state.retry_at = Some(Instant::now() + state.backoff.next_delay());
                 }
                 let error = e.to_string();
-                self.report(
-                    client,
-                    &staged,
-                    false,
-                    false,
-                    Some(false),
-                    Some(error.clone()),
-                )
-                .await;
+                self.report(client, &staged, false, false, None, Some(error.clone()))
+                    .await;
                 self.failed(
                     spec,
                     "Render failed; the file keeps its old content.",
@@ -569,15 +562,8 @@ impl FilesController {
                 }
             }
             Err(e) => {
-                self.report(
-                    client,
-                    &staged,
-                    true,
-                    false,
-                    Some(false),
-                    Some(e.to_string()),
-                )
-                .await;
+                self.report(client, &staged, true, false, None, Some(e.to_string()))
+                    .await;
                 if matches!(e, WriteError::Io { .. } | WriteError::Owner { .. })
                     && let Some(state) = self.states.get_mut(&spec.path)
                 {
