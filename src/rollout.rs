@@ -377,3 +377,32 @@ pub async fn abort(client: &Client, namespace: &str, key: &str) -> Result<Rollou
         })?;
     Ok(rollout)
 }
+
+/// The service instances of `agents` that are critical now, as
+/// `service/instance on agent`: what keeps a soaked rollout from being
+/// promoted.
+pub async fn critical_services(
+    client: &Client,
+    namespace: &str,
+    key: &str,
+    agents: &[String],
+) -> Result<Vec<String>, RolloutError> {
+    let prefix = crate::registry::health_prefix(namespace);
+    let all = client
+        .get_prefix(&prefix)
+        .await
+        .map_err(|source| RolloutError::Etcd {
+            key: key.to_owned(),
+            source,
+        })?;
+    Ok(all
+        .kvs
+        .iter()
+        .filter_map(|kv| {
+            let record: crate::registry::HealthRecord = serde_json::from_slice(&kv.value).ok()?;
+            let instance = kv.key.strip_prefix(&prefix)?;
+            (record.status == crate::registry::Health::Critical && agents.contains(&record.agent))
+                .then(|| format!("{instance} on {}", record.agent))
+        })
+        .collect())
+}

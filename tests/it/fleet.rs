@@ -591,3 +591,58 @@ async fn an_auto_rollout_aborts_on_a_failing_check_and_promotes_after_a_clean_so
         b"good"
     );
 }
+
+#[tokio::test]
+async fn an_auto_rollout_whose_staged_agent_has_a_critical_service_after_the_soak_is_aborted() {
+    let etcd = etcd().await;
+    let endpoint = etcd.endpoint();
+    let client = etcd.client().await;
+    client.put("/app/v", "ok", None).await.expect("put");
+    let files = tempfile::tempdir().expect("tmp");
+    let out = files.path().join("canary.conf");
+    // The service turns critical as soon as the file says "sick".
+    let _canary = CoordProcess::run(&format!(
+        "{}\n[[service]]\nname = \"api\"\naddress = \"127.0.0.1:8080\"\ncheck = {{ exec = [\"sh\", \"-c\", \"! grep -q sick '{out}' || exit 2\"], interval = \"200ms\", failures = 1 }}\n\n[[file]]\npath = \"{out}\"\nkey = \"/app/v\"\n",
+        labelled("canary-1", &endpoint, r#"role = "canary""#),
+        out = out.display()
+    ));
+    crate::support::file_is(&out, "ok").await;
+    eventually("the canary's service passing", || async {
+        let kv = client.get("/coord/health/api/canary-1-api").await.ok()??;
+        String::from_utf8_lossy(&kv.value)
+            .contains("\"passing\"")
+            .then_some(())
+    })
+    .await;
+    let (status, _, err) = coord(
+        &[
+            "kv",
+            "set",
+            "/app/v",
+            "sick",
+            "--stage",
+            "role=canary",
+            "--soak",
+            "3s",
+            "--auto",
+            "--endpoints",
+            &endpoint,
+        ],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    crate::support::file_is(&out, "sick").await;
+    eventually("the rollout to be aborted after its soak", || async {
+        let (status, _, _) = coord(
+            &["rollout", "status", "/app/v", "--endpoints", &endpoint],
+            None,
+        );
+        (status.code() == Some(3)).then_some(())
+    })
+    .await;
+    crate::support::file_is(&out, "ok").await;
+    assert_eq!(
+        client.get("/app/v").await.expect("get").expect("key").value,
+        b"ok"
+    );
+}

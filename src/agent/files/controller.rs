@@ -878,12 +878,27 @@ impl FilesController {
             let failed = all
                 .iter()
                 .any(|a| reports.get(a).is_some_and(Report::failed));
-            let clean = all
+            let mut clean = all
                 .iter()
                 .all(|a| reports.get(a).is_some_and(Report::clean));
             if !failed && !clean {
                 self.soaks.insert(key, (id, now + Duration::from_secs(1)));
                 continue;
+            }
+            if clean {
+                // Its services must still pass after the soak, too.
+                match rollout::critical_services(client, &self.namespace, &key, all).await {
+                    Ok(sick) if sick.is_empty() => {}
+                    Ok(sick) => {
+                        warn!(key = %key, critical = %sick.join(", "), "Staged agents' services are critical after the soak; aborting the rollout.");
+                        clean = false;
+                    }
+                    Err(e) => {
+                        debug!(key = %key, error = %e, "Could not read the staged agents' services; looking again.");
+                        self.soaks.insert(key, (id, now + Duration::from_secs(1)));
+                        continue;
+                    }
+                }
             }
             match rollout::end_if(client, &self.namespace, &key, id, clean).await {
                 Ok(true) if clean => {
