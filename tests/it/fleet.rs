@@ -498,22 +498,25 @@ async fn an_auto_rollout_aborts_on_a_failing_check_and_promotes_after_a_clean_so
     client.put("/app/v", "old", None).await.expect("put");
     let files = tempfile::tempdir().expect("tmp");
     let out = |i: usize| files.path().join(format!("agent-{i}.conf"));
-    let _agents: Vec<CoordProcess> = (1..=5)
-        .map(|i| {
-            let role = if i <= 2 { "canary" } else { "edge" };
-            // agent-2 refuses a render holding "bad".
-            let check = if i == 2 {
-                "check = [\"sh\", \"-c\", \"! grep -q bad {staged}\"]\n"
-            } else {
-                ""
-            };
-            CoordProcess::run(&format!(
-                "{}\n[[hook]]\nname = \"reload\"\nexec = [\"true\"]\n\n[[file]]\npath = \"{}\"\nkey = \"/app/v\"\non_change = [\"reload\"]\n{check}",
-                labelled(&format!("agent-{i}"), &endpoint, &format!("role = \"{role}\"")),
-                out(i).display()
-            ))
-        })
-        .collect();
+    let text = |i: usize| {
+        let role = if i <= 2 { "canary" } else { "edge" };
+        // agent-2 refuses a render holding "bad".
+        let check = if i == 2 {
+            "check = [\"sh\", \"-c\", \"! grep -q bad {staged}\"]\n"
+        } else {
+            ""
+        };
+        format!(
+            "{}\n[[hook]]\nname = \"reload\"\nexec = [\"true\"]\n\n[[file]]\npath = \"{}\"\nkey = \"/app/v\"\non_change = [\"reload\"]\n{check}",
+            labelled(
+                &format!("agent-{i}"),
+                &endpoint,
+                &format!("role = \"{role}\"")
+            ),
+            out(i).display()
+        )
+    };
+    let mut agents: Vec<CoordProcess> = (1..=5).map(|i| CoordProcess::run(&text(i))).collect();
     for i in 1..=5 {
         crate::support::file_is(&out(i), "old").await;
     }
@@ -583,6 +586,10 @@ async fn an_auto_rollout_aborts_on_a_failing_check_and_promotes_after_a_clean_so
         shown.contains("soak 5s, promoted or aborted by itself"),
         "{shown}"
     );
+    // A staged agent restarted mid-soak picks the rollout up again.
+    agents[0].signal(nix::sys::signal::Signal::SIGTERM);
+    agents[0].wait().await;
+    agents[0] = CoordProcess::run(&text(1));
     for i in 1..=5 {
         crate::support::file_is(&out(i), "good").await;
     }
