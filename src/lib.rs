@@ -4,7 +4,8 @@
 //! lease and a read cache, from which a service gets its registry, locks,
 //! config center, instance ids and elections ([`coordinator`]) — over the
 //! primitives ([`registry`], [`lock`], [`config`], [`ids`], [`election`],
-//! [`presence`], with agents' [`labels`]) and the etcd layer under them all ([`etcd`]).
+//! [`presence`], with agents' [`labels`], staged [`rollout`]s) and the
+//! etcd layer under them all ([`etcd`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
