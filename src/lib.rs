@@ -4,7 +4,8 @@
 //! lease and a read cache, from which a service gets its registry, locks,
 //! config center, instance ids and elections ([`coordinator`]) — over the
 //! primitives ([`registry`], [`lock`], [`config`], [`ids`], [`election`],
-//! [`presence`]) and the etcd layer under them all ([`etcd`]).
+//! [`presence`], with agents' [`labels`], staged [`rollout`]s) and the
+//! etcd layer under them all ([`etcd`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,9 +32,11 @@ pub mod coordinator;
 pub mod election;
 pub mod etcd;
 pub mod ids;
+pub mod labels;
 pub mod lock;
 pub mod presence;
 pub mod registry;
+pub mod rollout;
 pub mod untrusted;
 
 pub use coordinator::{Coord, Options};

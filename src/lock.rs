@@ -216,7 +216,11 @@ pub fn fence(key: &str, token: i64) -> Condition {
 
 /// The holder key of `lease` for `name` in `mode`.
 pub fn holder_key(namespace: &str, name: &str, mode: Mode, lease: LeaseId) -> String {
-    let base = prefix(namespace, name);
+    holder_key_in(&prefix(namespace, name), mode, lease)
+}
+
+/// The holder key of `lease` in the lock whose keys live under `base`.
+fn holder_key_in(base: &str, mode: Mode, lease: LeaseId) -> String {
     match mode {
         Mode::Read => format!("{base}read/{:x}", lease.0),
         Mode::Write => format!("{base}write/{:x}", lease.0),
@@ -259,12 +263,11 @@ pub async fn still_held(
         .map_err(etcd_error(name))
 }
 
-/// Whether a key queued before ours keeps us waiting in `mode`.
-fn blocks(mode: Mode, namespace: &str, name: &str, other: &KeyValue) -> bool {
+/// Whether a key queued before ours keeps us waiting in `mode` (`dir`:
+/// where the lock's keys live).
+fn blocks(mode: Mode, dir: &str, other: &KeyValue) -> bool {
     match mode {
-        Mode::Read => other
-            .key
-            .starts_with(&format!("{}write/", prefix(namespace, name))),
+        Mode::Read => other.key.starts_with(&format!("{dir}write/")),
         _ => true,
     }
 }
@@ -297,7 +300,33 @@ pub async fn acquire(
     holder: &Holder,
 ) -> Result<Guard, LockError> {
     let queued = Queued::default();
-    acquire_queued(client, lease, namespace, name, mode, holder, &queued).await
+    let dir = prefix(namespace, name);
+    acquire_queued(client, lease, &dir, name, mode, holder, &queued).await
+}
+
+/// `<namespace>/gates/<name>/`: where the holders of fleet gate `name`
+/// queue (apart from the locks, so a gate never contends with a lock or
+/// `etcdctl lock` of the same name).
+pub fn gate_prefix(namespace: &str, name: &str) -> String {
+    format!("{}/gates/{name}/", namespace.trim_end_matches('/'))
+}
+
+/// Takes one of the `limit` places of fleet gate `name` — a semaphore at
+/// [`gate_prefix`], so at most `limit` holders across the fleet pass at
+/// once — waiting as [`acquire`] does (dropped mid-wait, it leaves the
+/// queue the same way). Release it with [`Guard::release`].
+pub async fn acquire_gate(
+    client: &Client,
+    lease: LeaseId,
+    namespace: &str,
+    name: &str,
+    limit: u32,
+    holder: &Holder,
+) -> Result<Guard, LockError> {
+    let queued = Queued::default();
+    let dir = gate_prefix(namespace, name);
+    let mode = Mode::Semaphore(limit);
+    acquire_queued(client, lease, &dir, name, mode, holder, &queued).await
 }
 
 /// Like [`acquire`], giving up after `timeout` with [`LockError::Timeout`]
@@ -315,7 +344,8 @@ pub async fn acquire_timeout(
     timeout: Duration,
 ) -> Result<Guard, LockError> {
     let queued = Queued::default();
-    let attempt = acquire_queued(client, lease, namespace, name, mode, holder, &queued);
+    let dir = prefix(namespace, name);
+    let attempt = acquire_queued(client, lease, &dir, name, mode, holder, &queued);
     tokio::pin!(attempt);
     match tokio::time::timeout(timeout, &mut attempt).await {
         Ok(result) => result,
@@ -378,16 +408,16 @@ impl Drop for Dequeue<'_> {
 async fn acquire_queued(
     client: &Client,
     lease: LeaseId,
-    namespace: &str,
+    dir: &str,
     name: &str,
     mode: Mode,
     holder: &Holder,
     queued: &Queued,
 ) -> Result<Guard, LockError> {
     let _dequeue = Dequeue { client, queued };
-    let guard = enqueue(client, lease, namespace, name, mode, holder).await?;
+    let guard = enqueue(client, lease, dir, name, mode, holder).await?;
     queued.set(&guard.key, guard.token);
-    let waited = wait_turn(client, namespace, name, &guard).await;
+    let waited = wait_turn(client, dir, name, &guard).await;
     // Held or failed: either way no longer a waiter to clean up after.
     queued.take();
     match waited {
@@ -409,13 +439,14 @@ pub async fn try_acquire(
     mode: Mode,
     holder: &Holder,
 ) -> Result<Option<Guard>, LockError> {
-    let guard = enqueue(client, lease, namespace, name, mode, holder).await?;
+    let dir = prefix(namespace, name);
+    let guard = enqueue(client, lease, &dir, name, mode, holder).await?;
     let etcd = etcd_error(name);
     let (ahead, _) = client
-        .created_before(&prefix(namespace, name), guard.token)
+        .created_before(&dir, guard.token)
         .await
         .map_err(etcd)?;
-    if may_hold(mode, namespace, name, &ahead) {
+    if may_hold(mode, &dir, &ahead) {
         Ok(Some(guard))
     } else {
         guard.release(client).await?;
@@ -426,7 +457,7 @@ pub async fn try_acquire(
 async fn enqueue(
     client: &Client,
     lease: LeaseId,
-    namespace: &str,
+    dir: &str,
     name: &str,
     mode: Mode,
     holder: &Holder,
@@ -443,7 +474,7 @@ async fn enqueue(
             reason: "a semaphore needs a limit of at least 1".into(),
         });
     }
-    let key = holder_key(namespace, name, mode, lease);
+    let key = holder_key_in(dir, mode, lease);
     let value = serde_json::to_vec(holder).unwrap_or_default();
     let (kv, _) = client
         .create_or_get(&key, value, lease)
@@ -459,23 +490,17 @@ async fn enqueue(
 }
 
 /// Whether the keys queued before ours (oldest first) let us hold.
-fn may_hold(mode: Mode, namespace: &str, name: &str, ahead: &[KeyValue]) -> bool {
+fn may_hold(mode: Mode, dir: &str, ahead: &[KeyValue]) -> bool {
     match mode {
         Mode::Semaphore(limit) => ahead.len() < limit as usize,
-        _ => !ahead.iter().any(|kv| blocks(mode, namespace, name, kv)),
+        _ => !ahead.iter().any(|kv| blocks(mode, dir, kv)),
     }
 }
 
 /// Waits until the keys ahead of ours allow us to hold, watching one key
 /// at a time.
-async fn wait_turn(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    guard: &Guard,
-) -> Result<(), LockError> {
+async fn wait_turn(client: &Client, dir: &str, name: &str, guard: &Guard) -> Result<(), LockError> {
     let etcd = etcd_error(name);
-    let pfx = prefix(namespace, name);
     let ours = |own: &Option<KeyValue>| {
         own.as_ref()
             .is_some_and(|kv| kv.create_revision == guard.token)
@@ -486,14 +511,14 @@ async fn wait_turn(
         // the leader: it is the one read between a predecessor's going and
         // our command's start.
         let (mut ahead, mut own, mut read_at) = client
-            .queue_at(&pfx, guard.token, &guard.key, true)
+            .queue_at(dir, guard.token, &guard.key, true)
             .await
             .map_err(etcd)?;
         if !ours(&own) {
             // The member may be behind our key's creation: only the
             // cluster's own answer tells that our key is gone.
             (ahead, own, read_at) = client
-                .queue_at(&pfx, guard.token, &guard.key, false)
+                .queue_at(dir, guard.token, &guard.key, false)
                 .await
                 .map_err(etcd)?;
         }
@@ -504,23 +529,19 @@ async fn wait_turn(
                 name: name.to_owned(),
             });
         }
-        if may_hold(guard.mode, namespace, name, &ahead) {
+        if may_hold(guard.mode, dir, &ahead) {
             return Ok(());
         }
         match guard.mode {
             // Any holder's going frees a place: wait for the first delete.
             Mode::Semaphore(_) => client
-                .wait_prefix_delete(&pfx, read_at)
+                .wait_prefix_delete(dir, read_at)
                 .await
                 .map_err(etcd)?,
             // A mutex or writer waits for the key just before its own, a
             // reader for the last writer before it.
             mode => {
-                if let Some(kv) = ahead
-                    .iter()
-                    .rev()
-                    .find(|kv| blocks(mode, namespace, name, kv))
-                {
+                if let Some(kv) = ahead.iter().rev().find(|kv| blocks(mode, dir, kv)) {
                     client
                         .wait_deleted(&kv.key, kv.create_revision, read_at)
                         .await

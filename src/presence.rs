@@ -23,6 +23,9 @@ pub struct AgentRecord {
     /// records of older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// The agent's labels (`[agent] labels`), which selectors pick it by.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: crate::labels::Labels,
 }
 
 /// A presence key as read back from etcd.
@@ -128,6 +131,13 @@ impl Agent {
                 // Anyone may write the key, and the host is logged: a
                 // newline in it must not start a forged log line.
                 host: Untrusted(&r.host).to_string(),
+                // A label that is not one (anyone may write the key) is
+                // dropped rather than shown or matched.
+                labels: r
+                    .labels
+                    .into_iter()
+                    .filter(|(k, v)| crate::labels::check(k, v).is_ok())
+                    .collect(),
                 ..r
             });
         Some(Agent {

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 use super::controller::Context;
 use super::dns::{DnsError, DnsServer, RegistryView};
 use super::files::FilesController;
-use super::hooks::{AmbientEnv, CacheKeys, HookError, HookRunner, KeyReader};
+use super::hooks::{AmbientEnv, CacheKeys, Gates, HookError, HookRunner, KeyReader};
 use super::instance_ids::InstanceIdsController;
 use super::manifest::{
     FileSpec, InstanceIdSpec, Manifest, PasswordError, Runner, ServiceSpec, TaskSpec,
@@ -102,6 +102,8 @@ struct Shared {
     keys: Arc<CacheKeys>,
     /// The agent's instance ids for shell hooks' environment.
     ambient: AmbientEnv,
+    /// Where gated hooks take their place, re-pointed at each connection.
+    gates: Arc<Gates>,
     /// What `/status`, `/health` and `/metrics` show.
     status: Status,
     /// What the DNS server answers from, re-pointed at each connection's
@@ -150,6 +152,12 @@ impl Connected {
             gated,
         ));
         // What the services, tasks and instance-id controllers take.
+        shared.gates.follow(
+            client.clone(),
+            gated_rx.clone(),
+            &manifest.agent.namespace,
+            &manifest.agent.name,
+        );
         let ctx = Context {
             client: client.clone(),
             cache: cache.clone(),
@@ -253,8 +261,17 @@ fn desired_state(manifest: &Manifest, started_at: &str, address: Option<String>)
             host: super::manifest::host_name(),
             pid: std::process::id(),
             address,
+            labels: manifest.agent.labels.clone(),
         },
     }
+}
+
+/// What every hook runner of the agent shares.
+struct HookShared<'a> {
+    keys: &'a Arc<CacheKeys>,
+    ambient: &'a AmbientEnv,
+    status: &'a Status,
+    gates: &'a Arc<Gates>,
 }
 
 /// Prepares the manifest's hooks (WASM components are compiled and checked
@@ -262,17 +279,19 @@ fn desired_state(manifest: &Manifest, started_at: &str, address: Option<String>)
 /// loaded).
 async fn hook_runner(
     manifest: &Manifest,
-    keys: &Arc<CacheKeys>,
-    ambient: &AmbientEnv,
-    status: &Status,
+    shared: &HookShared<'_>,
 ) -> Result<Arc<HookRunner>, AgentError> {
     let m = manifest.clone();
-    let keys: Arc<dyn KeyReader> = keys.clone();
-    let ambient = ambient.clone();
-    let status = status.clone();
+    let keys: Arc<dyn KeyReader> = shared.keys.clone();
+    let ambient = shared.ambient.clone();
+    let status = shared.status.clone();
+    let gates = shared.gates.clone();
     let built = tokio::task::spawn_blocking(move || {
-        HookRunner::for_manifest(&m, keys, Runner::Agent)
-            .map(|r| r.with_ambient(ambient).with_status(status))
+        HookRunner::for_manifest(&m, keys, Runner::Agent).map(|r| {
+            r.with_ambient(ambient)
+                .with_status(status)
+                .with_gates(gates)
+        })
     })
     .await
     .unwrap_or_else(|e| {
@@ -359,10 +378,18 @@ pub async fn run(
     let notifier = Notifier::start(status.clone());
     let keys = Arc::new(CacheKeys::new());
     let ambient = AmbientEnv::default();
+    let gates = Arc::new(Gates::default());
+    let first = HookShared {
+        keys: &keys,
+        ambient: &ambient,
+        status: &status,
+        gates: &gates,
+    };
     let shared = Shared {
-        hooks: watch::Sender::new(hook_runner(&manifest, &keys, &ambient, &status).await?),
+        hooks: watch::Sender::new(hook_runner(&manifest, &first).await?),
         keys,
         ambient,
+        gates,
         status,
         dns_view,
         files: watch::Sender::new(manifest.files.clone()),
@@ -402,7 +429,13 @@ pub async fn run(
         let next_hooks = if next.hooks == manifest.hooks {
             None
         } else {
-            match hook_runner(&next, &shared.keys, &shared.ambient, &shared.status).await {
+            let with = HookShared {
+                keys: &shared.keys,
+                ambient: &shared.ambient,
+                status: &shared.status,
+                gates: &shared.gates,
+            };
+            match hook_runner(&next, &with).await {
                 Ok(h) => Some(h),
                 Err(e) => {
                     error!(manifest = %path.display(), reason = request.name(), "Manifest reload rejected; keeping the last good one.\n{e}");
@@ -410,7 +443,7 @@ pub async fn run(
                 }
             }
         };
-        if next.agent != manifest.agent || next.etcd != manifest.etcd {
+        if next.agent.needs_new_session(&manifest.agent) || next.etcd != manifest.etcd {
             info!(manifest = %path.display(), "[agent] or [etcd] changed; reconnecting with a new session.");
             match Connected::start(&next, &started_at, &shared).await {
                 Ok(fresh) => {

@@ -127,8 +127,21 @@ struct SetArgs {
     /// (`COORD_LOCK_KEY` and `COORD_FENCING_TOKEN`, which `coord lock` and
     /// tasks set): checked in the same transaction as the write, so a
     /// holder that lost the lock never writes (exit 5).
-    #[arg(long, value_name = "LOCK")]
+    #[arg(long, value_name = "LOCK", conflicts_with = "stage")]
     fence: Option<String>,
+    /// Do not write the key: stage the value for the agents whose labels
+    /// match SELECTOR (`role=canary`); their templates see it, everyone
+    /// else keeps the current value. Then `coord rollout status|promote|abort KEY`.
+    #[arg(long, value_name = "SELECTOR", conflicts_with_all = ["if_version", "create"])]
+    stage: Option<coord::labels::Selector>,
+    /// With --stage: how long the staged agents soak before --auto
+    /// promotes (e.g. 2m).
+    #[arg(long, value_name = "DURATION", requires = "stage", value_parser = humantime::parse_duration)]
+    soak: Option<std::time::Duration>,
+    /// With --stage: promote by itself after a clean soak (every staged
+    /// agent rendered, checked and ran its hooks), abort at the first failure.
+    #[arg(long, requires = "stage")]
+    auto: bool,
 }
 
 pub async fn kv(args: KvArgs) -> anyhow::Result<ExitCode> {
@@ -174,6 +187,16 @@ async fn run(args: KvArgs) -> anyhow::Result<ExitCode> {
                 (None, false) => Expect::Any,
             };
             let raw = prepared.expect("prepared above for set");
+            if let Some(selector) = &set.stage {
+                let how = super::rollout::How {
+                    soak: set.soak.unwrap_or_default(),
+                    auto: set.auto,
+                };
+                return super::rollout::stage(
+                    &client, &namespace, &set.key, raw, selector, how, json,
+                )
+                .await;
+            }
             let written = match &set.fence {
                 None => config::set_raw(&client, &set.key, &raw, expect).await?,
                 Some(lock_name) => {

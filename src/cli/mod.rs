@@ -13,6 +13,7 @@ mod kv;
 mod lock;
 mod maint;
 mod render;
+mod rollout;
 mod run;
 mod services;
 mod status;
@@ -169,6 +170,8 @@ enum Command {
     CompileWasm(hook::CompileWasmArgs),
     /// The config center: get, set (compare-and-set by version), delete, list, watch, history, rollback.
     Kv(kv::KvArgs),
+    /// Staged rollouts (`coord kv set KEY VALUE --stage SELECTOR`): status, promote, abort.
+    Rollout(rollout::RolloutArgs),
     /// Show what a running agent says about itself (from its [status] endpoint).
     Status(status::StatusArgs),
     /// Print a shell completion script: `source <(coord completions bash)`.
@@ -269,6 +272,7 @@ impl Cli {
             Command::Supervise(args) => lock::supervise_command(&args),
             Command::CompileWasm(args) => hook::compile_wasm(&args),
             Command::Kv(args) => kv::kv(args).await,
+            Command::Rollout(args) => rollout::rollout(args).await,
             Command::Status(args) => status::status(args).await,
             Command::Completions(args) => Ok(docs::completions(&args)),
             Command::Man(args) => Ok(docs::man(&args)),

@@ -186,5 +186,11 @@ fn render(r: &StatusReport) -> String {
             out.push('\n');
         }
     }
+    if !r.gates.is_empty() {
+        let _ = writeln!(out, "\nwaiting at fleet gates");
+        for g in &r.gates {
+            let _ = writeln!(out, "  {} ({})  since {}", g.hook, g.resource, g.since);
+        }
+    }
     out
 }

@@ -491,7 +491,7 @@ fn wrap_fragment(text: &str) -> String {
     let mut named: Vec<String> = Vec::new();
     for section in ["file", "service", "task", "instance_id"] {
         for t in tables(section) {
-            for key in ["on_change", "validate"] {
+            for key in ["on_change", "validate", "on_revert"] {
                 for name in t.get(key).and_then(|v| v.as_array()).into_iter().flatten() {
                     let name = name.as_str().expect("hook names are strings").to_owned();
                     if !defined.contains(&name) && !named.contains(&name) {

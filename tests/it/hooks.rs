@@ -20,6 +20,7 @@ fn shell_hook(name: &str, script: &str, dir: &Path, timeout: Duration, retries: 
         timeout,
         env: BTreeMap::from([("OUT".to_owned(), dir.display().to_string())]),
         retries,
+        fleet: None,
         location: Location { line: 1, column: 1 },
     }
 }

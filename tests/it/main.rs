@@ -19,6 +19,7 @@ mod election;
 mod examples;
 mod faults;
 mod files;
+mod fleet;
 mod guarded;
 mod hooks;
 mod ids;

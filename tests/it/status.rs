@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use crate::support::{CoordProcess, LocalEtcd, PATIENCE, coord, etcd, eventually};
 
 /// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -31,7 +31,7 @@ fn manifest(etcd: &LocalEtcd, state_dir: &Path, port: u16, rest: &str) -> String
 
 /// `GET path` on the endpoint: (status code, body), or `None` when nothing
 /// answers.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
+pub(crate) fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(

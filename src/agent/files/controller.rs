@@ -5,23 +5,29 @@
 //! may not read — never reaches it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::render::{Deps, Render, Renderer};
-use super::write::{WriteError, WriteOutcome, write};
-use crate::agent::hooks::{Event, HookRunner};
+use super::write::{WriteError, WriteOutcome, hash, keep_rejected, rejected_path, write};
+use crate::agent::hooks::{Event, HookRunner, Verdict};
 use crate::agent::manifest::{FileSource, FileSpec};
 use crate::agent::reload::PathWatcher;
 use crate::agent::status::report::QueueName;
 use crate::agent::status::{RenderOutcome, Status};
 use crate::etcd::{Backoff, CacheSnapshot, Client, Range, ReadSet, WatchSet, WatchSetEvent};
+use crate::rollout::{self, Report, Staged};
 
 /// After an I/O failure (disk full, permissions), when to try again.
 const IO_RETRY: Duration = Duration::from_secs(5);
@@ -37,6 +43,8 @@ pub struct FileStats {
     pub failures: u64,
     /// The last error per file, cleared by a good render.
     pub errors: BTreeMap<PathBuf, String>,
+    /// Files put back to their previous content (`revert = true`).
+    pub reverted: u64,
 }
 
 impl FileStats {
@@ -64,7 +72,31 @@ struct FileState {
     backoff: Backoff,
     /// What failed the last render, while renders fail.
     failing: Option<String>,
+    /// A replacement whose `on_change` hooks are still running, for
+    /// `revert`.
+    awaiting: Option<Awaiting>,
+    /// Counts replacements, so a verdict on an older one is ignored.
+    generation: u64,
+    /// The hash of a rejected render that could not be kept on disk (the
+    /// file `<path>.rejected` is the record otherwise).
+    rejected: Option<String>,
 }
+
+/// A replacement of a `revert` file waiting for its hooks' verdict.
+#[derive(Debug)]
+struct Awaiting {
+    generation: u64,
+    /// What to put back: the content before the first replacement not yet
+    /// judged (`None`: the file was new).
+    good: Option<Vec<u8>>,
+    /// What was written.
+    bad: Vec<u8>,
+    /// The staged rollouts the render carried, to report the hooks on.
+    rollouts: Vec<(String, Staged)>,
+}
+
+/// The hooks' verdict on one replacement of a file.
+type VerdictFuture = Pin<Box<dyn Future<Output = (PathBuf, u64, Verdict)> + Send>>;
 
 impl Default for FileState {
     fn default() -> Self {
@@ -76,6 +108,9 @@ impl Default for FileState {
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             failing: None,
+            awaiting: None,
+            generation: 0,
+            rejected: None,
         }
     }
 }
@@ -107,6 +142,14 @@ pub struct FilesController {
     /// file whose reads are all here at one revision renders without a
     /// round trip to etcd.
     views: BTreeMap<Range, CacheSnapshot>,
+    /// Verdicts of `revert` files' `on_change` hooks, as they come.
+    verdicts: FuturesUnordered<VerdictFuture>,
+    /// The agent's name (staged rollouts name the agents they reach).
+    agent: String,
+    /// What this agent reports of the rollouts staged for it, by key.
+    reports: BTreeMap<String, Report>,
+    /// `auto` rollouts this agent reported clean on: when their soak ends.
+    soaks: BTreeMap<String, (i64, Instant)>,
 }
 
 impl std::fmt::Debug for FilesController {
@@ -130,6 +173,10 @@ impl FilesController {
             status: Status::default(),
             state_dir: None,
             views: BTreeMap::new(),
+            verdicts: FuturesUnordered::new(),
+            agent: String::new(),
+            reports: BTreeMap::new(),
+            soaks: BTreeMap::new(),
         }
     }
 
@@ -149,6 +196,7 @@ impl FilesController {
     /// Names the agent whose instance ids templates see.
     pub fn with_agent(mut self, agent: &str) -> Self {
         self.renderer = Renderer::new(&self.namespace).with_agent(agent);
+        self.agent = agent.to_owned();
         self
     }
 
@@ -175,7 +223,12 @@ impl FilesController {
         loop {
             let runner = hooks.borrow().clone();
             self.render_due(&client, &mut watches, &runner).await;
-            let next = self.next_due();
+            self.soaked(&client).await;
+            let soak = self.soaks.values().map(|(_, at)| *at).min();
+            let next = match (self.next_due(), soak) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let waiting = self
                 .states
                 .values()
@@ -192,6 +245,9 @@ impl FilesController {
                 }
                 _ = hooks.changed() => {}
                 event = watches.next() => self.on_watch(&event),
+                Some((path, generation, verdict)) = self.verdicts.next(), if !self.verdicts.is_empty() => {
+                    self.on_verdict(&path, generation, verdict, &runner, &client).await;
+                }
                 _ = async { sleep_until(next.unwrap_or_else(Instant::now)).await }, if next.is_some() => {}
                 changed = async {
                     match templates.as_mut() {
@@ -407,6 +463,7 @@ impl FilesController {
         if view.revision() > 0 {
             self.keep_views(&deps.reads, &view);
         }
+        let staged = self.staged_in(&deps.reads, &view);
         let state = self.states.entry(spec.path.clone()).or_default();
         if revision > 0 {
             // Watch from the revision read: nothing after it is missed.
@@ -429,6 +486,8 @@ impl FilesController {
                     // loops' do (marked as already said).
                     state.failing = Some(error.clone());
                 }
+                self.report(client, &staged, false, false, None, Some(error.clone()))
+                    .await;
                 self.failed(
                     spec,
                     "Render failed; the file keeps its old content.",
@@ -445,8 +504,24 @@ impl FilesController {
             self.store_nonempty(&spec.path, &deps.nonempty);
         }
         let rendered = Rendered { content, revision };
+        if spec.revert && self.was_rejected(spec, &rendered.content) {
+            let error = format!(
+                "this render was rejected before (its on_change hooks failed; kept at `{}`); the file keeps its content until the render changes",
+                rejected_path(&spec.path).display()
+            );
+            self.failed(
+                spec,
+                "Render not written: it was rejected before.",
+                error.clone(),
+                error,
+                started,
+            );
+            return;
+        }
         match write(spec, &rendered.content, Some(hooks)).await {
             Ok(WriteOutcome::Unchanged) => {
+                self.report(client, &staged, true, true, Some(true), None)
+                    .await;
                 debug!(path = %spec.path.display(), revision = rendered.revision, "Rendered file unchanged.");
                 self.recovered(spec);
                 self.stats.send_modify(|s| {
@@ -463,6 +538,7 @@ impl FilesController {
                 old_hash,
                 new_hash,
                 in_place,
+                previous,
             }) => {
                 info!(path = %spec.path.display(), revision = rendered.revision, in_place, "Rendered file replaced.");
                 self.recovered(spec);
@@ -476,18 +552,24 @@ impl FilesController {
                     RenderOutcome::Replaced,
                     None,
                 );
-                if !spec.on_change.is_empty() {
-                    hooks.fire(
-                        &spec.on_change,
-                        &Event::FileChanged {
-                            path: spec.path.display().to_string(),
-                            old_hash,
-                            new_hash,
-                        },
-                    );
+                let event = Event::FileChanged {
+                    path: spec.path.display().to_string(),
+                    old_hash,
+                    new_hash,
+                };
+                if spec.on_change.is_empty() {
+                    self.report(client, &staged, true, true, Some(true), None)
+                        .await;
+                } else if spec.revert || !staged.is_empty() {
+                    self.report(client, &staged, true, true, None, None).await;
+                    self.await_verdict(spec, previous, rendered.content, &event, hooks, staged);
+                } else {
+                    hooks.fire(&spec.on_change, &event);
                 }
             }
             Err(e) => {
+                self.report(client, &staged, true, false, None, Some(e.to_string()))
+                    .await;
                 if matches!(e, WriteError::Io { .. } | WriteError::Owner { .. })
                     && let Some(state) = self.states.get_mut(&spec.path)
                 {
@@ -508,6 +590,329 @@ impl FilesController {
                     same,
                     started,
                 );
+            }
+        }
+    }
+
+    /// Whether `content` is a render of `spec` that `revert` put aside: the
+    /// same bytes as `<path>.rejected` (or, when that could not be written,
+    /// as the one remembered).
+    fn was_rejected(&self, spec: &FileSpec, content: &[u8]) -> bool {
+        let remembered = self
+            .states
+            .get(&spec.path)
+            .and_then(|s| s.rejected.as_deref());
+        if remembered == Some(hash(content).as_str()) {
+            return true;
+        }
+        std::fs::read(rejected_path(&spec.path)).is_ok_and(|kept| kept == content)
+    }
+
+    /// Fires the `on_change` hooks of a `revert` file and keeps what to put
+    /// back should they fail.
+    fn await_verdict(
+        &mut self,
+        spec: &FileSpec,
+        previous: Option<Vec<u8>>,
+        written: Vec<u8>,
+        event: &Event,
+        hooks: &Arc<HookRunner>,
+        rollouts: Vec<(String, Staged)>,
+    ) {
+        let state = self.states.entry(spec.path.clone()).or_default();
+        state.generation += 1;
+        let generation = state.generation;
+        // A replacement not judged yet is not known good: go back to what
+        // was there before it.
+        let good = match state.awaiting.take() {
+            Some(older) => older.good,
+            None => previous,
+        };
+        state.awaiting = Some(Awaiting {
+            generation,
+            good,
+            bad: written,
+            rollouts,
+        });
+        let path = spec.path.clone();
+        let verdict = hooks.fire_tracked(&spec.on_change, event);
+        self.verdicts
+            .push(Box::pin(async move { (path, generation, verdict.await) }));
+    }
+
+    /// A `revert` file's hooks are done with a replacement: if they failed,
+    /// the previous content goes back (checked and validated as any
+    /// render), the failed one is kept at `<path>.rejected`, the hooks run
+    /// again and `file-reverted` fires.
+    async fn on_verdict(
+        &mut self,
+        path: &Path,
+        generation: u64,
+        verdict: Verdict,
+        hooks: &Arc<HookRunner>,
+        client: &Client,
+    ) {
+        let Some(spec) = self.specs.iter().find(|s| s.path == path).cloned() else {
+            return;
+        };
+        let Some(state) = self.states.get_mut(path) else {
+            return;
+        };
+        if state.awaiting.as_ref().map(|a| a.generation) != Some(generation) {
+            return;
+        }
+        let Some(awaiting) = state.awaiting.take() else {
+            return;
+        };
+        match &verdict {
+            Verdict::Ran => {
+                self.report(client, &awaiting.rollouts, true, true, Some(true), None)
+                    .await;
+            }
+            Verdict::Failed(e) => {
+                let error = Some(format!("on_change hooks failed: {e}"));
+                self.report(client, &awaiting.rollouts, true, true, Some(false), error)
+                    .await;
+            }
+            Verdict::Superseded | Verdict::Stopped => {}
+        }
+        if !spec.revert {
+            return;
+        }
+        let Some(state) = self.states.get_mut(path) else {
+            return;
+        };
+        let error = match verdict {
+            Verdict::Failed(e) => e,
+            Verdict::Ran => return,
+            Verdict::Superseded | Verdict::Stopped => {
+                debug!(path = %path.display(), "The hooks' verdict on this render will not come (newer event, or hooks reloaded); nothing is reverted.");
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        let bad_hash = hash(&awaiting.bad);
+        let kept = rejected_path(path);
+        let Some(good) = awaiting.good else {
+            let why = format!(
+                "its on_change hooks failed ({error}), but the file was new: there is no previous content to put back"
+            );
+            error!(path = %path.display(), error = %error, "Rendered file not reverted: there was no previous content.");
+            self.status
+                .file_rendered(path, started.elapsed(), RenderOutcome::Failed, Some(why));
+            return;
+        };
+        match keep_rejected(&spec, &awaiting.bad).await {
+            Ok(()) => state.rejected = None,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "Could not keep the rejected render beside the file; it is remembered until the agent restarts.");
+                state.rejected = Some(bad_hash.clone());
+            }
+        }
+        match write(&spec, &good, Some(hooks)).await {
+            Ok(WriteOutcome::Replaced {
+                old_hash, new_hash, ..
+            }) => {
+                warn!(path = %path.display(), error = %error, rejected = %kept.display(), "on_change hooks failed; the previous content is back and the failed render is kept beside the file.");
+                self.stats.send_modify(|s| s.reverted += 1);
+                self.status.file_rendered(
+                    path,
+                    started.elapsed(),
+                    RenderOutcome::Reverted,
+                    Some(format!(
+                        "reverted: its on_change hooks failed ({error}); the failed render is at `{}`",
+                        kept.display()
+                    )),
+                );
+                let shown = path.display().to_string();
+                hooks.fire(
+                    &spec.on_change,
+                    &Event::FileChanged {
+                        path: shown.clone(),
+                        old_hash,
+                        new_hash: new_hash.clone(),
+                    },
+                );
+                hooks.fire(
+                    &spec.on_revert,
+                    &Event::FileReverted {
+                        path: shown,
+                        rejected_hash: bad_hash,
+                        rejected_path: kept.display().to_string(),
+                        restored_hash: new_hash,
+                        error,
+                    },
+                );
+            }
+            Ok(WriteOutcome::Unchanged) => {
+                debug!(path = %path.display(), "The previous content was already back.");
+            }
+            Err(e) => {
+                error!(path = %path.display(), error = %e, hook_error = %error, "on_change hooks failed and the previous content could not be put back; the failed render stays.");
+                self.status.file_rendered(
+                    path,
+                    started.elapsed(),
+                    RenderOutcome::Failed,
+                    Some(e.to_string()),
+                );
+            }
+        }
+    }
+
+    /// The rollouts staged for this agent among what a render read.
+    fn staged_in(&self, reads: &ReadSet, view: &CacheSnapshot) -> Vec<(String, Staged)> {
+        let base = rollout::records_prefix(&self.namespace);
+        let mut records: Vec<&crate::etcd::KeyValue> =
+            reads.keys().filter_map(|k| view.get(k)).collect();
+        for p in reads.prefixes().filter(|p| p.starts_with(&base)) {
+            records.extend(view.under(p));
+        }
+        let mut out: Vec<(String, Staged)> = records
+            .into_iter()
+            .filter_map(|kv| {
+                let key = kv.key.strip_prefix(&base)?;
+                let r = rollout::Rollout::from_value(key, &kv.value).ok()?;
+                r.stages(&self.agent).then(|| {
+                    (
+                        key.to_owned(),
+                        Staged {
+                            rollout: r,
+                            id: kv.create_revision,
+                        },
+                    )
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    /// Reports how a render carrying staged rollouts went; with `auto`, a
+    /// failure aborts the rollout at once and a clean report waits for
+    /// the soak to end.
+    async fn report(
+        &mut self,
+        client: &Client,
+        staged: &[(String, Staged)],
+        rendered: bool,
+        checked: bool,
+        hooks: Option<bool>,
+        error: Option<String>,
+    ) {
+        if staged.is_empty() {
+            return;
+        }
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        for (key, s) in staged {
+            let report = Report {
+                rollout: s.id,
+                rendered,
+                checked,
+                hooks,
+                error: error.clone(),
+                at: at.clone(),
+            };
+            // A failure stands for the rollout: a later good render of
+            // another file does not wash it out.
+            if self
+                .reports
+                .get(key)
+                .is_some_and(|old| old.rollout == s.id && old.failed())
+            {
+                continue;
+            }
+            if s.rollout.auto && report.clean() {
+                let staged_at = humantime::parse_rfc3339(&s.rollout.staged_at)
+                    .unwrap_or_else(|_| std::time::SystemTime::now());
+                let ends = staged_at + Duration::from_millis(s.rollout.soak_ms);
+                let left = ends
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                self.soaks
+                    .insert(key.clone(), (s.id, Instant::now() + left));
+            }
+            let failed = report.failed();
+            self.reports.insert(key.clone(), report);
+            if failed && s.rollout.auto {
+                self.soaks.remove(key);
+                match rollout::end_if(client, &self.namespace, key, s.id, false).await {
+                    Ok(true) => {
+                        warn!(key = %key, error = error.as_deref().unwrap_or(""), "Staged rollout failed on this agent; aborted it for everyone.")
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(key = %key, error = %e, "Could not abort the failed rollout."),
+                }
+            }
+        }
+        if let Err(e) = rollout::report(client, &self.namespace, &self.agent, &self.reports).await {
+            warn!(error = %e, "Could not write this agent's rollout reports.");
+        }
+    }
+
+    /// `auto` rollouts whose soak ended: promoted when every staged agent
+    /// reported clean, aborted when one failed, looked at again a second
+    /// later while reports are missing.
+    async fn soaked(&mut self, client: &Client) {
+        let now = Instant::now();
+        let due: Vec<(String, i64)> = self
+            .soaks
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(k, (id, _))| (k.clone(), *id))
+            .collect();
+        for (key, id) in due {
+            self.soaks.remove(&key);
+            let staged = match rollout::staged(client, &self.namespace, &key).await {
+                Ok(Some(s)) if s.id == id => s,
+                Ok(_) => continue,
+                Err(e) => {
+                    debug!(key = %key, error = %e, "Could not read the rollout after its soak; looking again.");
+                    self.soaks.insert(key, (id, now + Duration::from_secs(1)));
+                    continue;
+                }
+            };
+            let reports = match rollout::reports(client, &self.namespace, &key, id).await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(key = %key, error = %e, "Could not read the rollout's reports; looking again.");
+                    self.soaks.insert(key, (id, now + Duration::from_secs(1)));
+                    continue;
+                }
+            };
+            let all = &staged.rollout.agents;
+            let failed = all
+                .iter()
+                .any(|a| reports.get(a).is_some_and(Report::failed));
+            let mut clean = all
+                .iter()
+                .all(|a| reports.get(a).is_some_and(Report::clean));
+            if !failed && !clean {
+                self.soaks.insert(key, (id, now + Duration::from_secs(1)));
+                continue;
+            }
+            if clean {
+                // Its services must still pass after the soak, too.
+                match rollout::critical_services(client, &self.namespace, &key, all).await {
+                    Ok(sick) if sick.is_empty() => {}
+                    Ok(sick) => {
+                        warn!(key = %key, critical = %sick.join(", "), "Staged agents' services are critical after the soak; aborting the rollout.");
+                        clean = false;
+                    }
+                    Err(e) => {
+                        debug!(key = %key, error = %e, "Could not read the staged agents' services; looking again.");
+                        self.soaks.insert(key, (id, now + Duration::from_secs(1)));
+                        continue;
+                    }
+                }
+            }
+            match rollout::end_if(client, &self.namespace, &key, id, clean).await {
+                Ok(true) if clean => {
+                    info!(key = %key, "Staged rollout soaked clean on every staged agent; promoted.")
+                }
+                Ok(true) => warn!(key = %key, "Staged rollout failed on a staged agent; aborted."),
+                Ok(false) => {}
+                Err(e) => warn!(key = %key, error = %e, "Could not end the soaked rollout."),
             }
         }
     }

@@ -126,35 +126,64 @@ impl RenderData {
         *self.missing_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
     }
 
-    /// The raw value of `key`, recording the read.
+    /// The raw value of `key`, recording the read. A staged rollout of
+    /// the key that names this agent gives its new value instead (its
+    /// record is read with the key, at the same revision).
     pub fn read_key(&self, key: &str) -> Option<Vec<u8>> {
         // etcd has no empty key; an empty name comes from a value not yet
         // read (a pointer in an incomplete pass) or a template's mistake.
         if key.is_empty() {
             return None;
         }
+        let record = crate::rollout::record_key(&self.namespace, key);
         let mut reads = self.reads();
         reads.set.add_key(key);
-        if !self.covered.covers_key(key) {
+        reads.set.add_key(&record);
+        if !self.covered.covers_key(key) || !self.covered.covers_key(&record) {
             reads.incomplete = true;
             return None;
+        }
+        if let Some(staged) = self.staged(key, &record) {
+            return Some(staged);
         }
         self.view.get(key).map(|kv| kv.value.clone())
     }
 
+    /// The value a rollout staged for this agent, if one did.
+    fn staged(&self, key: &str, record: &str) -> Option<Vec<u8>> {
+        let kv = self.view.get(record)?;
+        let rollout = crate::rollout::Rollout::from_value(key, &kv.value).ok()?;
+        rollout
+            .stages(&self.agent)
+            .then(|| rollout.value.into_bytes())
+    }
+
     /// Every key under `prefix` with its value, recording the read.
     pub fn read_prefix(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let records = crate::rollout::record_key(&self.namespace, prefix);
         let mut reads = self.reads();
         reads.set.add_prefix(prefix);
-        if !self.covered.covers_prefix(prefix) {
+        reads.set.add_prefix(&records);
+        if !self.covered.covers_prefix(prefix) || !self.covered.covers_prefix(&records) {
             reads.incomplete = true;
             return Vec::new();
         }
-        let entries: Vec<(String, Vec<u8>)> = self
+        // Staged values replace the current ones; a key staged but not yet
+        // written appears too.
+        let mut entries: std::collections::BTreeMap<String, Vec<u8>> = self
             .view
             .under(prefix)
             .map(|kv| (kv.key.clone(), kv.value.clone()))
             .collect();
+        let base = crate::rollout::records_prefix(&self.namespace);
+        for kv in self.view.under(&records) {
+            if let Some(key) = kv.key.strip_prefix(&base)
+                && let Some(value) = self.staged(key, &kv.key)
+            {
+                entries.insert(key.to_owned(), value);
+            }
+        }
+        let entries: Vec<(String, Vec<u8>)> = entries.into_iter().collect();
         if !entries.is_empty() {
             reads.nonempty.insert(prefix.to_owned());
         }

@@ -34,6 +34,8 @@ pub enum WriteOutcome {
         /// Rename was refused (a bind-mounted file) and the content was
         /// written in place instead.
         in_place: bool,
+        /// The content before, kept for `revert` (`None`: a new file).
+        previous: Option<Vec<u8>>,
     },
 }
 
@@ -152,18 +154,21 @@ pub async fn write(
     }
     let old_hash = current.as_ref().map(|c| hash(&c.bytes));
     let new_hash = hash(content);
-    let in_place = {
+    let (in_place, current) = {
         let spec = spec.clone();
         let content = content.to_vec();
-        tokio::task::spawn_blocking(move || commit(&spec, staged, &content, current.as_ref()))
-            .await
-            .map_err(|e| io("replace the file")(std::io::Error::other(e)))??
+        tokio::task::spawn_blocking(move || {
+            commit(&spec, staged, &content, current.as_ref()).map(|p| (p, current))
+        })
+        .await
+        .map_err(|e| io("replace the file")(std::io::Error::other(e)))??
     };
     crate::agent::fd_limit::available();
     Ok(WriteOutcome::Replaced {
         old_hash,
         new_hash,
         in_place,
+        previous: spec.revert.then(|| current.map(|c| c.bytes)).flatten(),
     })
 }
 
@@ -420,30 +425,81 @@ fn commit(
 /// planted there is replaced, never followed), directory fsynced — before
 /// the file is replaced, so a new file never shows without its backup.
 fn keep_backup(spec: &FileSpec, old: &Current) -> Result<(), WriteError> {
+    keep_beside(spec, Beside::Backup, &old.bytes, spec.mode & old.mode)
+}
+
+/// `<path>.rejected`: where `revert` keeps a render whose `on_change`
+/// hooks failed.
+pub fn rejected_path(path: &Path) -> PathBuf {
+    let mut p = path.to_owned().into_os_string();
+    p.push(".rejected");
+    PathBuf::from(p)
+}
+
+/// Keeps `content`, a render put aside by `revert`, at `<path>.rejected`,
+/// written as carefully as a backup (owned like the file, its mode).
+pub async fn keep_rejected(spec: &FileSpec, content: &[u8]) -> Result<(), WriteError> {
+    let path = spec.path.clone();
+    let spec = spec.clone();
+    let content = content.to_vec();
+    tokio::task::spawn_blocking(move || keep_beside(&spec, Beside::Rejected, &content, spec.mode))
+        .await
+        .map_err(|e| io_error(&path, "keep the rejected render")(std::io::Error::other(e)))?
+}
+
+/// What is kept beside a file: a closed set.
+#[derive(Debug, Clone, Copy)]
+enum Beside {
+    Backup,
+    Rejected,
+}
+
+/// Writes `bytes` to `<path><suffix>`: staged beside the file, owned like
+/// it, `mode`, fsynced, renamed over the name (a symlink planted there is
+/// replaced, never followed), directory fsynced.
+fn keep_beside(spec: &FileSpec, what: Beside, bytes: &[u8], mode: u32) -> Result<(), WriteError> {
     let io = |action| io_error(&spec.path, action);
+    let (suffix, actions) = match what {
+        Beside::Backup => (
+            ".bak",
+            [
+                "create a staging file for its backup",
+                "set its backup's mode",
+                "write its backup",
+                "sync its backup",
+                "rename its backup into place",
+            ],
+        ),
+        Beside::Rejected => (
+            ".rejected",
+            [
+                "create a staging file for its rejected render",
+                "set its rejected render's mode",
+                "write its rejected render",
+                "sync its rejected render",
+                "rename its rejected render into place",
+            ],
+        ),
+    };
     let dir = parent(&spec.path);
     let mut path = spec.path.clone().into_os_string();
-    path.push(".bak");
+    path.push(suffix);
     let name = spec
         .path
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
     let mut staged = tempfile::Builder::new()
-        .prefix(&format!(".{name}.bak.coord-"))
+        .prefix(&format!(".{name}{suffix}.coord-"))
         .tempfile_in(dir)
-        .map_err(io("create a staging file for its backup"))?;
+        .map_err(io(actions[0]))?;
     chown(spec, staged.as_file())?;
     staged
         .as_file()
-        .set_permissions(std::fs::Permissions::from_mode(spec.mode & old.mode))
-        .map_err(io("set its backup's mode"))?;
-    staged
-        .write_all(&old.bytes)
-        .map_err(io("write its backup"))?;
-    staged.as_file().sync_all().map_err(io("sync its backup"))?;
-    staged
-        .persist(&path)
-        .map_err(|e| io("rename its backup into place")(e.error))?;
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(actions[1]))?;
+    staged.write_all(bytes).map_err(io(actions[2]))?;
+    staged.as_file().sync_all().map_err(io(actions[3]))?;
+    staged.persist(&path).map_err(|e| io(actions[4])(e.error))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("sync its directory"))

@@ -25,6 +25,19 @@ pub enum Event {
         old_hash: Option<String>,
         new_hash: String,
     },
+    /// A file's `on_change` hook failed through its retries, so its
+    /// previous content was put back (`[[file]] revert = true`).
+    FileReverted {
+        path: String,
+        /// SHA-256 of the render that was put aside.
+        rejected_hash: String,
+        /// Where the rejected content is kept: `<path>.rejected`.
+        rejected_path: String,
+        /// SHA-256 of the content put back.
+        restored_hash: String,
+        /// The hook's last error.
+        error: String,
+    },
     /// A file is about to be replaced: a hook may veto it.
     ValidateFile {
         /// The destination.
@@ -73,6 +86,7 @@ impl Event {
     pub fn name(&self) -> &'static str {
         match self {
             Event::FileChanged { .. } => "file-changed",
+            Event::FileReverted { .. } => "file-reverted",
             Event::ValidateFile { .. } => "validate-file",
             Event::ServiceHealthChanged { .. } => "service-health-changed",
             Event::LockAcquired { .. } => "lock-acquired",
@@ -90,6 +104,9 @@ impl Event {
             Event::FileChanged { path, .. } | Event::ValidateFile { path, .. } => {
                 format!("file:{path}")
             }
+            // Not `file:`: a hook both on_change and on_revert of one file
+            // must get both events, not the latest of the two.
+            Event::FileReverted { path, .. } => format!("file-reverted:{path}"),
             Event::ServiceHealthChanged {
                 service, instance, ..
             } => format!("service:{service}/{instance}"),

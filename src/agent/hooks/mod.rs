@@ -6,6 +6,7 @@
 
 mod event;
 mod exec;
+mod gate;
 mod keys;
 mod runner;
 mod wasm;
@@ -14,8 +15,9 @@ use std::time::Duration;
 
 pub use event::{Envelope, Event, Health, SCHEMA_VERSION};
 pub use exec::ExecHook;
+pub use gate::{Entered, Gates};
 pub use keys::CacheKeys;
-pub use runner::{HookRunner, HookStats, Plugins, Runnable};
+pub use runner::{HookRunner, HookStats, Plugins, Runnable, Verdict};
 pub use wasm::{
     WIT_VERSION, WasmHost, WasmHostError, WasmPlugin, World, compile_in_child_processes,
     compile_to_file,

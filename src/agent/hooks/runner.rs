@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::exec::ExecHook;
+use super::gate::Gates;
 use super::{Envelope, Event, HookError, KeyReader, Outcome, WasmHost, WasmPlugin};
 use crate::agent::manifest::{HookAction, HookSpec, Manifest, Runner};
 use crate::agent::status::Status;
@@ -79,15 +80,42 @@ struct Hook {
     runnable: Runnable,
 }
 
+/// How the run of a tracked event ended (see [`HookRunner::fire_tracked`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The hook ran (or vetoed, which is a validator's answer).
+    Ran,
+    /// It failed, and kept failing through its retries: the last error.
+    Failed(String),
+    /// A newer event for the same resource replaced it before it was done.
+    Superseded,
+    /// The runner stopped (a reload with new hooks, shutdown).
+    Stopped,
+}
+
+/// An event waiting to run, and who wants to know how it ended.
+struct Pending {
+    envelope: Envelope,
+    done: Option<oneshot::Sender<Verdict>>,
+}
+
+impl Pending {
+    fn tell(self, verdict: Verdict) {
+        if let Some(done) = self.done {
+            let _ = done.send(verdict);
+        }
+    }
+}
+
 /// One (hook, resource) pair: a lock so runs never overlap, and the latest
 /// event waiting to run (a newer one replaces it: bursts coalesce).
 struct Slot {
     gate: tokio::sync::Mutex<()>,
-    pending: watch::Sender<Option<Envelope>>,
+    pending: watch::Sender<Option<Pending>>,
 }
 
 impl Slot {
-    fn take(&self) -> Option<Envelope> {
+    fn take(&self) -> Option<Pending> {
         let mut taken = None;
         // Taking is not news: only `fire` wakes the worker.
         self.pending.send_if_modified(|p| {
@@ -108,6 +136,9 @@ pub struct HookRunner {
     /// First retry delay after a failed run (doubles each time).
     retry_base: Duration,
     status: Status,
+    /// Where hooks with `fleet` take their place; without it they run
+    /// ungated (`coord hook`, tests of the runner alone).
+    gates: Option<Arc<Gates>>,
 }
 
 impl std::fmt::Debug for HookRunner {
@@ -172,6 +203,7 @@ impl HookRunner {
             stop: CancellationToken::new(),
             retry_base: Duration::from_millis(500),
             status: Status::default(),
+            gates: None,
         })
     }
 
@@ -253,6 +285,12 @@ impl HookRunner {
         self
     }
 
+    /// Runs hooks with `fleet` through the fleet gates of `gates`.
+    pub fn with_gates(mut self, gates: Arc<Gates>) -> Self {
+        self.gates = Some(gates);
+        self
+    }
+
     /// Makes retries come sooner or later than the default 500 ms first
     /// delay (tests use a short one).
     pub fn with_retry_base(mut self, base: Duration) -> Self {
@@ -293,23 +331,62 @@ impl HookRunner {
     /// hook's `retries`; a newer event replaces a failing one.
     pub fn fire(self: &Arc<Self>, names: &[String], event: &Event) {
         for name in names {
-            if !self.hooks.contains_key(name) {
-                // The manifest checks references, so this is a bug, not an
-                // operator's mistake.
-                warn!(hook = %name, "Event for an unknown hook ignored.");
-                continue;
+            self.queue(name, event, None);
+        }
+    }
+
+    /// Like [`HookRunner::fire`], and resolves once every hook in `names`
+    /// is done with this event: [`Verdict::Failed`] if any failed through
+    /// its retries, else superseded or stopped if any was, else ran.
+    pub fn fire_tracked(
+        self: &Arc<Self>,
+        names: &[String],
+        event: &Event,
+    ) -> impl std::future::Future<Output = Verdict> + Send + 'static {
+        let waits: Vec<oneshot::Receiver<Verdict>> = names
+            .iter()
+            .map(|name| {
+                let (tx, rx) = oneshot::channel();
+                self.queue(name, event, Some(tx));
+                rx
+            })
+            .collect();
+        async move {
+            let mut worst = Verdict::Ran;
+            for wait in waits {
+                // A sender dropped unanswered: the runner went away.
+                let verdict = wait.await.unwrap_or(Verdict::Stopped);
+                worst = match (worst, verdict) {
+                    (Verdict::Failed(e), _) | (_, Verdict::Failed(e)) => Verdict::Failed(e),
+                    (Verdict::Ran, other) => other,
+                    (other, _) => other,
+                };
             }
-            let (slot, created) = self.slot(name, &event.resource());
-            if created {
-                self.spawn_worker(name, slot.clone());
+            worst
+        }
+    }
+
+    fn queue(self: &Arc<Self>, name: &str, event: &Event, done: Option<oneshot::Sender<Verdict>>) {
+        if !self.hooks.contains_key(name) {
+            // The manifest checks references, so this is a bug, not an
+            // operator's mistake.
+            warn!(hook = %name, "Event for an unknown hook ignored.");
+            if let Some(done) = done {
+                let _ = done.send(Verdict::Failed(format!("no hook `{name}`")));
             }
-            let envelope = Envelope::new(self.agent.clone(), event.clone());
-            let mut coalesced = false;
-            slot.pending
-                .send_modify(|p| coalesced = p.replace(envelope).is_some());
-            if coalesced {
-                self.count(name, |s| s.coalesced += 1);
-            }
+            return;
+        }
+        let (slot, created) = self.slot(name, &event.resource());
+        if created {
+            self.spawn_worker(name, slot.clone());
+        }
+        let envelope = Envelope::new(self.agent.clone(), event.clone());
+        let mut replaced = None;
+        slot.pending
+            .send_modify(|p| replaced = p.replace(Pending { envelope, done }));
+        if let Some(old) = replaced {
+            old.tell(Verdict::Superseded);
+            self.count(name, |s| s.coalesced += 1);
         }
     }
 
@@ -389,7 +466,7 @@ impl HookRunner {
         &self,
         name: &str,
         slot: &Slot,
-        news: &mut watch::Receiver<Option<Envelope>>,
+        news: &mut watch::Receiver<Option<Pending>>,
         stop: &CancellationToken,
     ) {
         let Some(hook) = self.hooks.get(name) else {
@@ -397,31 +474,59 @@ impl HookRunner {
         };
         let mut backoff = Backoff::new(self.retry_base, Duration::from_secs(60));
         let mut attempt = 0u32;
-        let mut current: Option<Envelope> = None;
+        let mut current: Option<Pending> = None;
         loop {
             if let Some(newer) = slot.take() {
-                current = Some(newer);
+                if let Some(old) = current.replace(newer) {
+                    old.tell(Verdict::Superseded);
+                }
                 attempt = 0;
                 backoff.reset();
             }
-            let Some(envelope) = current.take() else {
+            let Some(pending) = current.take() else {
                 return;
             };
+            let envelope = &pending.envelope;
             let (started, result) = {
                 let _running = slot.gate.lock().await;
+                // The fleet gate is held for the run only: a retry's
+                // backoff waits outside it, so others may go meanwhile.
+                let entered = match (&hook.spec.fleet, &self.gates) {
+                    (Some(fleet), Some(gates)) => {
+                        let resource = envelope.event.resource();
+                        let splay = attempt == 0;
+                        let entered = gates
+                            .enter(name, &resource, *fleet, splay, stop, &self.status)
+                            .await;
+                        match entered {
+                            Some(e) => Some(e),
+                            None => return pending.tell(Verdict::Stopped),
+                        }
+                    }
+                    _ => None,
+                };
                 let started = std::time::Instant::now();
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = hook.runnable.run(&envelope) => (started, r),
+                let result = tokio::select! {
+                    _ = stop.cancelled() => None,
+                    r = hook.runnable.run(envelope) => Some(r),
+                };
+                if let Some(entered) = entered {
+                    entered.leave().await;
+                }
+                match result {
+                    Some(r) => (started, r),
+                    None => return pending.tell(Verdict::Stopped),
                 }
             };
-            self.record(name, &envelope, started, &result);
+            self.record(name, envelope, started, &result);
             match result {
                 Ok(Outcome::Done) => {
                     info!(hook = %name, event = envelope.event.name(), resource = %envelope.event.resource(), "Hook ran.");
+                    pending.tell(Verdict::Ran);
                 }
                 Ok(Outcome::Vetoed(reason)) => {
                     info!(hook = %name, event = envelope.event.name(), reason = %reason, "Hook vetoed.");
+                    pending.tell(Verdict::Ran);
                 }
                 // A wiring mistake (wrong kind of event) will not heal.
                 Err(e)
@@ -431,9 +536,14 @@ impl HookRunner {
                     attempt += 1;
                     let wait = backoff.next_delay();
                     warn!(hook = %name, event = envelope.event.name(), error = %e, attempt, retry_in = ?wait, "Hook failed; retrying.");
-                    current = Some(envelope);
+                    current = Some(pending);
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = stop.cancelled() => {
+                            if let Some(p) = current.take() {
+                                p.tell(Verdict::Stopped);
+                            }
+                            return;
+                        }
                         _ = tokio::time::sleep(wait) => {}
                         // A newer event replaces the failing one at once.
                         _ = news.changed() => { news.borrow_and_update(); }
@@ -441,6 +551,7 @@ impl HookRunner {
                 }
                 Err(e) => {
                     error!(hook = %name, event = envelope.event.name(), error = %e, attempts = attempt + 1, "Hook failed; giving up on this event.");
+                    pending.tell(Verdict::Failed(e.to_string()));
                 }
             }
         }

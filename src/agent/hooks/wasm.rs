@@ -598,7 +598,16 @@ impl WasmPlugin {
                     takes: "every event but `validate-file`, being an event hook (validators take that one)",
                 });
             }
-            (Template::EventHook(_), _) => Input::Event(to_wit(envelope)),
+            (Template::EventHook(_), _) => match to_wit(envelope) {
+                Some(event) => Input::Event(event),
+                None => {
+                    return Err(HookError::WrongEvent {
+                        hook: self.name().to_owned(),
+                        event: envelope.event.name().to_owned(),
+                        takes: "the events of its WIT package, which has no such event (use an exec hook for it)",
+                    });
+                }
+            },
         };
         // Ticks only while some call runs: an idle agent has no timer thread
         // waking up.
@@ -779,7 +788,8 @@ fn head(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn to_wit(envelope: &Envelope) -> wit::Envelope {
+/// `None` for an event the WIT package has no case for.
+fn to_wit(envelope: &Envelope) -> Option<wit::Envelope> {
     let health = |h: &Health| match h {
         Health::Passing => wit::Health::Passing,
         Health::Warning => wit::Health::Warning,
@@ -796,6 +806,9 @@ fn to_wit(envelope: &Envelope) -> wit::Envelope {
             old_hash: old_hash.clone(),
             new_hash: new_hash.clone(),
         }),
+        // Added after WIT 0.1.0; a new case there would break every
+        // plugin built against it.
+        Event::FileReverted { .. } => return None,
         Event::ValidateFile {
             path,
             staged_path,
@@ -855,12 +868,12 @@ fn to_wit(envelope: &Envelope) -> wit::Envelope {
             id: *id,
         }),
     };
-    wit::Envelope {
+    Some(wit::Envelope {
         schema: envelope.schema,
         agent: envelope.agent.clone(),
         time: envelope.time.clone(),
         event,
-    }
+    })
 }
 
 /// What the manifest grants a plugin, shared by its calls.

@@ -26,6 +26,11 @@ pub struct FileSpec {
     pub validate: Vec<String>,
     /// Hooks run after the file was really replaced.
     pub on_change: Vec<String>,
+    /// When an `on_change` hook fails through its retries, put the previous
+    /// content back (keeping the failed one at `<path>.rejected`).
+    pub revert: bool,
+    /// Hooks that get `file-reverted` when that happens.
+    pub on_revert: Vec<String>,
     pub missing: MissingKeys,
     /// How a template's `{{ … }}` output is escaped.
     pub autoescape: AutoEscape,
@@ -218,6 +223,20 @@ pub(super) fn file(
     }
     let validate = hook_refs(d, &mut t, "validate", hooks);
     let on_change = hook_refs(d, &mut t, "on_change", hooks);
+    let revert = t.optional::<bool>(d, "revert").unwrap_or(false);
+    let on_revert = hook_refs(d, &mut t, "on_revert", hooks);
+    if revert && on_change.is_empty() {
+        d.error(
+            t.span_of("revert"),
+            "`revert = true` needs `on_change` hooks: a file is put back when they fail",
+        );
+    }
+    if !on_revert.is_empty() && !revert {
+        d.error(
+            t.span_of("on_revert"),
+            "`on_revert` needs `revert = true`: without it nothing is ever reverted",
+        );
+    }
     let missing = match t.optional::<String>(d, "missing").as_deref() {
         None | Some("error") => MissingKeys::Error,
         Some("empty") => MissingKeys::Empty,
@@ -278,6 +297,8 @@ pub(super) fn file(
         check,
         validate,
         on_change,
+        revert,
+        on_revert,
         missing,
         autoescape,
         allow_empty,

@@ -23,6 +23,21 @@ pub const HOOK_TIMEOUT_RANGE: RangeInclusive<Duration> =
 /// `max_memory_mib`: a 32-bit WebAssembly memory cannot pass 4 GiB.
 pub const MEMORY_MIB_RANGE: RangeInclusive<u64> = 1..=4096;
 
+/// `fleet = { at_most }`: how many agents may run the hook at once.
+pub const AT_MOST_RANGE: RangeInclusive<u32> = 1..=100_000;
+/// `fleet = { splay }`.
+pub const SPLAY_RANGE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(24 * 3600);
+
+/// `fleet = { at_most = N, splay = "10s" }`: the hook's runs across the
+/// fleet go through a gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetGate {
+    /// At most this many agents run the hook at once.
+    pub at_most: u32,
+    /// Before queueing at the gate, wait a random time up to this.
+    pub splay: Duration,
+}
+
 /// One `[[hook]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookSpec {
@@ -34,6 +49,8 @@ pub struct HookSpec {
     pub env: BTreeMap<String, String>,
     /// Retries after a failed run (with backoff) before giving up on an event.
     pub retries: u32,
+    /// The fleet-wide gate its event-driven runs pass through, if any.
+    pub fleet: Option<FleetGate>,
     /// Where the hook is declared, for errors found after parsing.
     pub location: Location,
 }
@@ -104,6 +121,22 @@ pub(super) fn hook(
     let max_memory_mib = t.within(d, "max_memory_mib", MEMORY_MIB_RANGE);
     let dirs = t.optional::<Vec<PathBuf>>(d, "dirs");
     let network = t.optional::<bool>(d, "network");
+    let fleet = t.table(d, "fleet").and_then(|mut f| {
+        let before = d.len();
+        if !f.has("at_most") {
+            d.error(
+                f.span(),
+                "missing `at_most` in [hook.fleet]: say how many agents may run the hook at once, e.g. at_most = 1",
+            );
+        }
+        let at_most = f.within(d, "at_most", AT_MOST_RANGE);
+        let splay = f.within(d, "splay", SPLAY_RANGE);
+        f.finish(d);
+        (d.len() == before).then(|| FleetGate {
+            at_most: at_most.unwrap_or(1),
+            splay: splay.unwrap_or(Duration::ZERO),
+        })
+    });
     let action = match (exec, wasm) {
         (Some(argv), None) => {
             if argv.is_empty() || argv[0].is_empty() {
@@ -167,6 +200,7 @@ pub(super) fn hook(
         timeout: timeout.unwrap_or(default_timeout),
         env,
         retries,
+        fleet,
         location,
     })
 }

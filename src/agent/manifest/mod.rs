@@ -28,7 +28,7 @@ pub use diagnostics::{Diagnostic, ManifestError};
 pub use dns::DnsSettings;
 use file::HookNames;
 pub use file::{AutoEscape, FileSource, FileSpec, MissingKeys, PrefixFormat};
-pub use hook::{HookAction, HookSpec, WasmSpec};
+pub use hook::{FleetGate, HookAction, HookSpec, WasmSpec};
 pub use host::{HostReport, Problem, Step};
 pub use instance_id::InstanceIdSpec;
 use reader::TableReader;
@@ -109,6 +109,9 @@ pub struct AgentSettings {
     /// presence record (`<agent>.agent.<domain>` answers it). `None`: the
     /// local address of the route to the first etcd endpoint.
     pub address: Option<std::net::IpAddr>,
+    /// `labels = { zone = "eu-1" }`: published in the presence record,
+    /// for selectors to pick the agent by.
+    pub labels: crate::labels::Labels,
 }
 
 /// `[etcd]`.
@@ -326,6 +329,7 @@ impl AgentSettings {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             state_dir_given: false,
             address: None,
+            labels: crate::labels::Labels::new(),
         }
     }
 
@@ -349,6 +353,17 @@ impl AgentSettings {
             Runner::OneShot if self.state_dir_given || ours() => Some(agents),
             Runner::OneShot => user_cache_dir().map(|d| d.join("wasm-cache")),
         }
+    }
+
+    /// Whether going from `old` to these settings needs a new connection
+    /// and session: anything but the labels, which only rewrite the
+    /// presence record (a new session would let go of every lock and id).
+    pub fn needs_new_session(&self, old: &AgentSettings) -> bool {
+        let same_labels = AgentSettings {
+            labels: old.labels.clone(),
+            ..self.clone()
+        };
+        same_labels != *old
     }
 }
 
@@ -660,6 +675,17 @@ fn agent_settings(
             }
         }
     });
+    let labels = t
+        .optional::<std::collections::BTreeMap<String, String>>(d, "labels")
+        .unwrap_or_default();
+    for (key, value) in &labels {
+        if let Err(why) = crate::labels::check(key, value) {
+            d.error(
+                t.entry_span("labels", key),
+                format!("invalid label in [agent] `labels`: {why}"),
+            );
+        }
+    }
     let ttl = t.within(d, "ttl", TTL_RANGE);
     if let Some(ttl) = ttl
         && ttl.subsec_nanos() != 0
@@ -677,6 +703,7 @@ fn agent_settings(
         state_dir_given: state_dir.is_some(),
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| base.join(p)),
         address,
+        labels,
     })
 }
 

@@ -55,6 +55,19 @@ impl<'a, 'i> TableReader<'a, 'i> {
             .map_or_else(|| self.span.clone(), |v| v.span())
     }
 
+    /// The span of entry `entry` of the inline table at `key`, else of
+    /// `key`'s value (so an error points at the one bad entry).
+    pub(crate) fn entry_span(&self, key: &str, entry: &str) -> Range<usize> {
+        match self.table.get(key).map(|v| (v.span(), v.get_ref())) {
+            Some((_, DeValue::Table(t))) => t
+                .iter()
+                .find(|(k, _)| k.get_ref().as_ref() == entry)
+                .map_or_else(|| self.span_of(key), |(k, _)| k.span()),
+            Some((span, _)) => span,
+            None => self.span.clone(),
+        }
+    }
+
     /// An optional field of any deserializable type.
     pub(crate) fn optional<T: FromToml>(
         &mut self,

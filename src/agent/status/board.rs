@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::SystemTime;
 
 use super::report::{
-    HookRunReport, QueueName, QueueReport, ResourceKind, ResourceReport, SessionPhase,
-    SessionReport, StatusReport,
+    GateWaitReport, HookRunReport, QueueName, QueueReport, ResourceKind, ResourceReport,
+    SessionPhase, SessionReport, StatusReport,
 };
 use crate::etcd::{LeaseId, SessionState};
 
@@ -37,6 +37,8 @@ pub(super) struct Board {
     queues: BTreeMap<QueueName, u64>,
     resources: BTreeMap<(ResourceKind, String), Resource>,
     hooks: VecDeque<HookRunReport>,
+    /// Runs waiting at a fleet gate: (hook, resource) → since when.
+    gates: BTreeMap<(String, String), String>,
 }
 
 impl Board {
@@ -51,6 +53,7 @@ impl Board {
             queues: BTreeMap::new(),
             resources: BTreeMap::new(),
             hooks: VecDeque::new(),
+            gates: BTreeMap::new(),
         }
     }
 
@@ -152,6 +155,24 @@ impl Board {
         self.hooks.push_back(run);
     }
 
+    pub fn gate_wait(&mut self, hook: &str, resource: &str, waiting: bool) {
+        let key = (hook.to_owned(), resource.to_owned());
+        if waiting {
+            self.gates.insert(key, now());
+        } else {
+            self.gates.remove(&key);
+        }
+    }
+
+    /// Runs waiting at a gate, per hook.
+    pub fn gate_waits(&self) -> BTreeMap<&str, i64> {
+        let mut out = BTreeMap::new();
+        for (hook, _) in self.gates.keys() {
+            *out.entry(hook.as_str()).or_default() += 1;
+        }
+        out
+    }
+
     pub fn report(&self) -> StatusReport {
         let (lease, expires_in_ms) = match self.session {
             SessionState::Alive { lease, deadline } => (
@@ -202,6 +223,15 @@ impl Board {
                 })
                 .collect(),
             hooks: self.hooks.iter().cloned().collect(),
+            gates: self
+                .gates
+                .iter()
+                .map(|((hook, resource), since)| GateWaitReport {
+                    hook: hook.clone(),
+                    resource: resource.clone(),
+                    since: since.clone(),
+                })
+                .collect(),
         }
     }
 }

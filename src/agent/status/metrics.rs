@@ -35,6 +35,7 @@ pub(super) struct Metrics {
     pub file_render_seconds: Histogram,
     pub hook_runs: Family<Labels, Counter>,
     pub hook_run_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    pub hook_gate_wait_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub task_runs: Family<Labels, Counter>,
     pub dns_queries: Family<Labels, Counter>,
 }
@@ -75,6 +76,14 @@ impl Metrics {
             Unit::Seconds,
             hook_run_seconds.clone(),
         );
+        let hook_gate_wait_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_histogram);
+        registry.register_with_unit(
+            "coord_hook_gate_wait_duration",
+            "Time a gated hook run waited for a place at its fleet gate (after its splay), by hook",
+            Unit::Seconds,
+            hook_gate_wait_seconds.clone(),
+        );
         let task_runs = Family::<Labels, Counter>::default();
         registry.register(
             "coord_task_runs",
@@ -94,6 +103,7 @@ impl Metrics {
             file_render_seconds,
             hook_runs,
             hook_run_seconds,
+            hook_gate_wait_seconds,
             task_runs,
             dns_queries,
         }
@@ -237,6 +247,14 @@ impl Collector for Live {
             "coord_instance_ids_held",
             "Instance ids this agent holds now.",
             b.count(ResourceKind::InstanceId, |state| state.starts_with("held")) as i64,
+        )?;
+        gauges(
+            e,
+            "coord_hook_gate_waiting",
+            "Hook runs waiting at their fleet gate now (its splay, then a place), by hook.",
+            b.gate_waits()
+                .into_iter()
+                .map(|(hook, n)| (vec![("hook", hook.to_owned())], n)),
         )?;
         gauges(
             e,

@@ -39,6 +39,9 @@ pub enum RenderOutcome {
     Unchanged,
     /// Rendering or writing failed; the old file stayed.
     Failed,
+    /// The file's `on_change` hooks failed on a new render, so the
+    /// previous content was put back (`revert = true`).
+    Reverted,
 }
 
 impl RenderOutcome {
@@ -47,6 +50,7 @@ impl RenderOutcome {
             RenderOutcome::Replaced => "replaced",
             RenderOutcome::Unchanged => "unchanged",
             RenderOutcome::Failed => "failed",
+            RenderOutcome::Reverted => "reverted",
         }
     }
 }
@@ -70,6 +74,22 @@ impl TaskExit {
             TaskExit::LockLost => "lock_lost".to_owned(),
             TaskExit::Stopped => "stopped".to_owned(),
         }
+    }
+}
+
+/// A hook run waiting at its gate, shown in `/status` until dropped.
+#[derive(Debug)]
+pub struct GateWait {
+    status: Status,
+    hook: String,
+    resource: String,
+}
+
+impl Drop for GateWait {
+    fn drop(&mut self) {
+        self.status
+            .board()
+            .gate_wait(&self.hook, &self.resource, false);
     }
 }
 
@@ -224,6 +244,7 @@ impl Status {
         m.file_render_seconds.observe(took.as_secs_f64());
         let state = match outcome {
             RenderOutcome::Failed => "failed",
+            RenderOutcome::Reverted => "reverted",
             RenderOutcome::Replaced | RenderOutcome::Unchanged => "current",
         };
         self.set(
@@ -262,6 +283,26 @@ impl Status {
             at: rfc3339_now(),
             error,
         });
+    }
+
+    /// A run of `hook` for `resource` waits at its fleet gate until the
+    /// returned value is dropped.
+    pub fn gate_waiting(&self, hook: &str, resource: &str) -> GateWait {
+        self.board().gate_wait(hook, resource, true);
+        GateWait {
+            status: self.clone(),
+            hook: hook.to_owned(),
+            resource: resource.to_owned(),
+        }
+    }
+
+    /// A run of `hook` got its place at the gate after `waited`.
+    pub fn gate_passed(&self, hook: &str, waited: Duration) {
+        self.inner
+            .metrics
+            .hook_gate_wait_seconds
+            .get_or_create(&vec![("hook", hook.to_owned())])
+            .observe(waited.as_secs_f64());
     }
 
     pub fn task_ended(&self, task: &str, exit: TaskExit) {

@@ -24,6 +24,19 @@ pub struct StatusReport {
     pub resources: Vec<ResourceReport>,
     /// The latest hook runs, newest last.
     pub hooks: Vec<HookRunReport>,
+    /// Hook runs waiting at their fleet gate (`fleet = { … }`): its splay,
+    /// then a place among the hook's `at_most`.
+    #[serde(default)]
+    pub gates: Vec<GateWaitReport>,
+}
+
+/// A hook run waiting at its fleet gate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateWaitReport {
+    pub hook: String,
+    pub resource: String,
+    /// When it began to wait (RFC 3339).
+    pub since: String,
 }
 
 /// The session lease as the agent sees it.
