@@ -467,7 +467,7 @@ pub async fn run(
         if let Some(h) = next_hooks {
             // Runs in progress on the old hooks are stopped; new events go
             // to the new ones.
-            shared.hooks.send_replace(h).shutdown();
+            shared.hooks.send_replace(h).shutdown().await;
             shared
                 .keys
                 .follow(&connected.cache, &next.wasm_read_prefixes());
@@ -486,7 +486,9 @@ pub async fn run(
         }
         if next.status != manifest.status {
             // The old port is freed first: the new one may be the same.
-            server = None;
+            if let Some(old) = server.take() {
+                old.stop().await;
+            }
             if let Some(s) = &next.status {
                 match StatusServer::start(s.listen, shared.status.clone()).await {
                     Ok(started) => server = Some(started),
@@ -514,14 +516,17 @@ pub async fn run(
         info!(manifest = %path.display(), hash = %next.hash, "Manifest reloaded.");
         manifest = next;
     }
-    notifier.stopping();
+    notifier.stopping().await;
     if let Some(dns) = dns.take() {
         dns.stop().await;
     }
-    shared.hooks.borrow().shutdown();
+    let hooks = shared.hooks.borrow().clone();
+    hooks.shutdown().await;
     info!("Shutting down: revoking the session lease.");
     connected.stop().await;
-    drop(server);
+    if let Some(server) = server.take() {
+        server.stop().await;
+    }
     info!("Agent stopped.");
     Ok(())
 }

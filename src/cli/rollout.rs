@@ -35,18 +35,21 @@ pub struct RolloutArgs {
 enum RolloutCommand {
     /// Show the staged rollout of KEY: its value, selector and agents.
     Status {
+        /// The staged key, as given to `coord kv set --stage`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
     },
     /// Write the staged value for everyone (only if KEY has not changed
     /// since staging) and end the rollout.
     Promote {
+        /// The staged key, as given to `coord kv set --stage`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
     },
     /// End the rollout without writing: the staged agents go back to the
     /// current value.
     Abort {
+        /// The staged key, as given to `coord kv set --stage`.
         #[arg(id = "KEY", value_name = "KEY")]
         key: String,
     },

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::exec::ExecHook;
@@ -133,6 +134,8 @@ pub struct HookRunner {
     slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
     stats: watch::Sender<HashMap<String, HookStats>>,
     stop: CancellationToken,
+    /// One worker per busy slot, joined by [`HookRunner::shutdown`].
+    workers: TaskTracker,
     /// First retry delay after a failed run (doubles each time).
     retry_base: Duration,
     status: Status,
@@ -201,6 +204,7 @@ impl HookRunner {
             slots: Mutex::default(),
             stats: watch::Sender::new(HashMap::new()),
             stop: CancellationToken::new(),
+            workers: TaskTracker::new(),
             retry_base: Duration::from_millis(500),
             status: Status::default(),
             gates: None,
@@ -390,10 +394,12 @@ impl HookRunner {
         }
     }
 
-    /// Stops the workers; runs in progress are dropped (their processes
-    /// killed).
-    pub fn shutdown(&self) {
+    /// Stops the workers and returns once they have ended; runs in
+    /// progress are dropped (their processes killed).
+    pub async fn shutdown(&self) {
         self.stop.cancel();
+        self.workers.close();
+        self.workers.wait().await;
     }
 
     fn slot(&self, name: &str, resource: &str) -> (Arc<Slot>, bool) {
@@ -449,7 +455,7 @@ impl HookRunner {
         let stop = self.stop.clone();
         let name = name.to_owned();
         let mut news = slot.pending.subscribe();
-        tokio::spawn(async move {
+        self.workers.spawn(async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,

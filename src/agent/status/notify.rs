@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use super::Status;
@@ -14,6 +15,8 @@ use super::Status;
 #[derive(Debug)]
 pub struct Notifier {
     stop: CancellationToken,
+    /// The ready and watchdog loops, joined by [`Notifier::stopping`].
+    tasks: TaskTracker,
 }
 
 impl Drop for Notifier {
@@ -36,12 +39,13 @@ impl Notifier {
     /// hung agent or a lost session then gets the agent restarted.
     pub fn start(status: Status) -> Notifier {
         let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
         if std::env::var_os(super::NOTIFY_SOCKET).is_none() {
-            return Notifier { stop };
+            return Notifier { stop, tasks };
         }
         let mut ready = status.first_reconcile();
         let until = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             tokio::select! {
                 _ = until.cancelled() => {}
                 r = ready.wait_for(|r| *r) => if r.is_ok() {
@@ -53,7 +57,7 @@ impl Notifier {
         if let Some(timeout) = sd_notify::watchdog_enabled() {
             let every = (timeout / 2).max(Duration::from_millis(10));
             let until = stop.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tokio::select! {
@@ -66,12 +70,15 @@ impl Notifier {
                 }
             });
         }
-        Notifier { stop }
+        Notifier { stop, tasks }
     }
 
-    /// STOPPING=1: the agent is shutting down.
-    pub fn stopping(&self) {
+    /// STOPPING=1: the agent is shutting down; returns once the ready and
+    /// watchdog loops have ended.
+    pub async fn stopping(&self) {
         self.stop.cancel();
         send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }

@@ -12,6 +12,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use super::Status;
@@ -33,6 +34,8 @@ pub struct ServeError {
 pub struct StatusServer {
     addr: SocketAddr,
     stop: CancellationToken,
+    /// The listener and its connections, joined by [`StatusServer::stop`].
+    tasks: TaskTracker,
 }
 
 impl Drop for StatusServer {
@@ -50,17 +53,35 @@ impl StatusServer {
         let bound = listener.local_addr().unwrap_or(addr);
         info!(addr = %bound, "Status endpoint listening.");
         let stop = CancellationToken::new();
-        tokio::spawn(accept(listener, status, stop.clone()));
-        Ok(StatusServer { addr: bound, stop })
+        let tasks = TaskTracker::new();
+        tasks.spawn(accept(listener, status, stop.clone(), tasks.clone()));
+        Ok(StatusServer {
+            addr: bound,
+            stop,
+            tasks,
+        })
     }
 
     /// The address bound (the port is known even when 0 was asked for).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// Stops serving and returns once the listener and every connection
+    /// have ended (the port is free again).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
 }
 
-async fn accept(listener: TcpListener, status: Status, stop: CancellationToken) {
+async fn accept(
+    listener: TcpListener,
+    status: Status,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -77,7 +98,7 @@ async fn accept(listener: TcpListener, status: Status, stop: CancellationToken) 
         };
         let status = status.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let status = status.clone();
                 async move { Ok::<_, Infallible>(route(&status, &req)) }
