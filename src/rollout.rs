@@ -296,14 +296,7 @@ pub async fn get(
     namespace: &str,
     key: &str,
 ) -> Result<Option<Rollout>, RolloutError> {
-    let kv = client
-        .get(&record_key(namespace, key))
-        .await
-        .map_err(|source| RolloutError::Etcd {
-            key: key.to_owned(),
-            source,
-        })?;
-    kv.map(|kv| Rollout::from_value(key, &kv.value)).transpose()
+    Ok(staged(client, namespace, key).await?.map(|s| s.rollout))
 }
 
 /// Writes the staged value for everyone and ends the rollout, in one
