@@ -18,6 +18,7 @@ const LOG_FLUSH_WAIT: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse_or_exit();
+    cli.supervise_now();
     let (stderr, guard) = log_writer();
     let filter = log_filter(std::env::var("COORD_LOG").ok(), cli.log_default());
     let logs = tracing_subscriber::fmt()

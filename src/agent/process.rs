@@ -125,6 +125,139 @@ fn die_with_parent(cmd: &mut std::process::Command) {
     }
 }
 
+/// Starts a lock-guarded command — the supervisor's child — as
+/// [`command`] with [`Grouping::Own`] and [`OnParentDeath::Kill`] would, the
+/// supervisor's environment plus `env` and stdin from /dev/null, and returns
+/// its pid once it has exec'd.
+///
+/// *Why not `Command::spawn`:* the death signal must be asked for in the
+/// child (`pre_exec`), which makes std fork — copying this process's page
+/// tables, then tearing the copy down at exec: about a millisecond, on
+/// every lock handover's path. Here the child borrows our memory until it
+/// execs (`CLONE_VM | CLONE_VFORK`, as `posix_spawn` does), and does only
+/// what the async-signal-safe calls below do: nothing in it allocates.
+#[allow(unsafe_code)]
+pub fn spawn_leader<S: AsRef<OsStr>>(
+    argv: &[S],
+    env: &std::collections::BTreeMap<String, String>,
+) -> std::io::Result<Pid> {
+    use std::ffi::{CString, OsString};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    use nix::libc;
+    use nix::sched::CloneFlags;
+
+    let c_string = |bytes: &[u8]| {
+        CString::new(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a NUL byte in the command",
+            )
+        })
+    };
+    let args = argv
+        .iter()
+        .map(|a| c_string(a.as_ref().as_bytes()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    if args.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no command given",
+        ));
+    }
+    let mut vars: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for name in ALWAYS_WITHHELD {
+        vars.remove(OsStr::new(name));
+    }
+    for name in WITHHELD.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        vars.remove(OsStr::new(name));
+    }
+    vars.extend(env.iter().map(|(k, v)| (k.into(), v.into())));
+    let vars = vars
+        .iter()
+        .map(|(k, v)| c_string(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let argp: Vec<*const libc::c_char> = args
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = vars
+        .iter()
+        .map(|v| v.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let devnull = std::fs::File::open("/dev/null")?;
+    let devnull = devnull.as_raw_fd();
+    let parent = nix::unistd::getpid().as_raw();
+    // Written by the child, which shares our memory, if it cannot exec.
+    let failed = AtomicI32::new(0);
+    let mut stack = vec![0u8; 64 * 1024];
+    let child = Box::new(|| -> isize {
+        // SAFETY: plain system calls on data prepared above; no allocation,
+        // no lock, no unwinding: the child either execs or `_exit`s.
+        unsafe {
+            let fail = || -> isize {
+                failed.store(nix::errno::Errno::last_raw().max(1), Ordering::SeqCst);
+                libc::_exit(127)
+            };
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return fail();
+            }
+            // The parent died before the request took effect: die now.
+            if libc::getppid() != parent {
+                libc::_exit(127);
+            }
+            if libc::setpgid(0, 0) != 0 || libc::dup2(devnull, 0) < 0 {
+                return fail();
+            }
+            // Rust ignores SIGPIPE; a command expects the default, as
+            // `Command::spawn` would give it.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            libc::execvpe(argp[0], argp.as_ptr(), envp.as_ptr());
+            fail()
+        }
+    });
+    // SAFETY: the child runs on `stack`, which is far larger than the
+    // calls above need, and we are suspended until it execs or exits.
+    let pid = unsafe {
+        nix::sched::clone(
+            child,
+            &mut stack,
+            CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK,
+            Some(libc::SIGCHLD),
+        )
+    }?;
+    match failed.load(Ordering::SeqCst) {
+        0 => Ok(pid),
+        code => {
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(std::io::Error::from_raw_os_error(code))
+        }
+    }
+}
+
+/// Waits for our child `pid` to end (reaping it) and returns its status.
+pub fn wait_exit(pid: Pid) -> std::io::Result<ExitStatus> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use std::os::unix::process::ExitStatusExt;
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw(code << 8)),
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                return Ok(ExitStatus::from_raw(signal as i32));
+            }
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// A process group: signalled as one, and known empty once no process of
 /// it runs. Linux does not reuse a group's id while any process (even a
 /// zombie) is in it.

@@ -191,7 +191,8 @@ fn exit_code(status: std::io::Result<ExitStatus>) -> i32 {
 
 /// What the supervisor's threads tell its main loop.
 enum Heard {
-    Exited(std::io::Result<ExitStatus>),
+    /// The command is over, with this code, and its parent told.
+    Exited(i32),
     Deadline(BootInstant),
     Stop,
     /// The parent closed the socket: it is gone.
@@ -315,10 +316,8 @@ pub fn supervise(argv: &[OsString], grace: Duration) -> i32 {
             _ => return 0,
         }
     };
-    let mut cmd = process::command(argv, Grouping::Own, OnParentDeath::Kill);
-    cmd.envs(&env).stdin(Stdio::null());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let leader = match process::spawn_leader(argv, &env) {
+        Ok(pid) => pid,
         Err(e) => {
             eprintln!(
                 "coord supervise: cannot start `{}`: {e}",
@@ -328,13 +327,21 @@ pub fn supervise(argv: &[OsString], grace: Duration) -> i32 {
             return 127;
         }
     };
-    let group = Group::led_by(child.id());
-    let _ = to.write_all(format!("pid {}\n", child.id()).as_bytes());
+    let group = Group::led_by(leader.as_raw() as u32);
+    let _ = to.write_all(format!("pid {leader}\n").as_bytes());
     let (tell, heard) = std::sync::mpsc::channel();
     {
         let tell = tell.clone();
         std::thread::spawn(move || {
-            let _ = tell.send(Heard::Exited(child.wait()));
+            let code = exit_code(process::wait_exit(leader));
+            // The leader's exit ends the run: what it left in its group,
+            // and anything else it started, goes before its parent hears
+            // it is over (and may release the lock) — here, in the thread
+            // that saw it, which saves the handover a thread switch.
+            group.signal(Signal::SIGKILL);
+            reap_descendants(group);
+            let _ = to.write_all(format!("exit {code}\n").as_bytes());
+            let _ = tell.send(Heard::Exited(code));
         });
     }
     std::thread::spawn(move || {
@@ -355,7 +362,7 @@ pub fn supervise(argv: &[OsString], grace: Duration) -> i32 {
         let _ = tell.send(Heard::ParentGone);
     });
     let mut deadline = Deadline::new(first_deadline, grace);
-    let status = loop {
+    loop {
         let now = clock.now();
         let was_stopping = deadline.stopping();
         for signal in deadline.due(now) {
@@ -367,7 +374,7 @@ pub fn supervise(argv: &[OsString], grace: Duration) -> i32 {
             group.signal(signal);
         }
         match heard.recv_timeout(deadline.next_look(clock.now())) {
-            Ok(Heard::Exited(status)) => break status,
+            Ok(Heard::Exited(code)) => return code,
             Ok(Heard::Deadline(d)) => deadline.renew(d),
             Ok(Heard::Stop) | Ok(Heard::ParentGone) => {
                 if !deadline.stopping() {
@@ -377,20 +384,13 @@ pub fn supervise(argv: &[OsString], grace: Duration) -> i32 {
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                break Err(std::io::Error::other(
-                    "lost the thread waiting for the command",
-                ));
+                // The waiting thread is gone without a word: our parent,
+                // seeing no `exit`, kills the group and waits for it.
+                group.signal(Signal::SIGKILL);
+                return 1;
             }
         }
-    };
-    // The leader's exit ends the run: what it left in its group, and
-    // anything else it started, goes before its parent hears it is over
-    // (and may release the lock).
-    group.signal(Signal::SIGKILL);
-    reap_descendants(group);
-    let code = exit_code(status);
-    let _ = to.write_all(format!("exit {code}\n").as_bytes());
-    code
+    }
 }
 
 /// Kills and reaps every descendant left (reparented to us, the

@@ -216,6 +216,15 @@ impl Cli {
     /// and no lines about an etcd endpoint being unreachable (the error
     /// says it, with where the endpoint came from). `-v` and `-vv` ask for
     /// more.
+    /// Runs `coord supervise` at once, if that is the command: it and its
+    /// staged child write to stderr directly and start no log thread, which
+    /// the staged child's exec would wait out on a lock handover's path.
+    pub fn supervise_now(&self) {
+        if let Command::Supervise(args) = &self.command {
+            lock::supervise_command(args)
+        }
+    }
+
     pub fn log_default(&self) -> &'static str {
         let agent = matches!(self.command, Command::Run(_) | Command::Dev(_));
         match (agent, self.verbose) {

@@ -167,7 +167,7 @@ fn coord_lock(etcd: &LocalEtcd, args: &[&str], script: &str) -> tokio::process::
 }
 
 /// (pid, ppid, state) of every process.
-fn processes() -> Vec<(u32, u32, char)> {
+pub(crate) fn processes() -> Vec<(u32, u32, char)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -184,7 +184,7 @@ fn processes() -> Vec<(u32, u32, char)> {
         .collect()
 }
 
-fn cmdline(pid: u32) -> Vec<String> {
+pub(crate) fn cmdline(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .unwrap_or_default()
         .split(|b| *b == 0)
@@ -193,7 +193,7 @@ fn cmdline(pid: u32) -> Vec<String> {
 }
 
 /// The `coord supervise` processes below `ancestor`.
-fn supervisors_under(ancestor: u32) -> Vec<u32> {
+pub(crate) fn supervisors_under(ancestor: u32) -> Vec<u32> {
     let all = processes();
     let mut below = vec![ancestor];
     let mut found = Vec::new();

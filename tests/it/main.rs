@@ -36,6 +36,7 @@ mod services;
 mod session;
 mod shared_etcd;
 mod status;
+mod supervised;
 mod tasks;
 mod tls;
 mod wasm;
