@@ -8,6 +8,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
+use tracing::warn;
 
 /// Why the manifest is being read again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +34,7 @@ impl ReloadRequest {
 /// would miss) and reports which changed once writes have stopped for the
 /// quiet period.
 pub struct PathWatcher {
-    _watcher: notify::RecommendedWatcher,
+    _watcher: Box<dyn Watcher + Send>,
     events: mpsc::UnboundedReceiver<PathBuf>,
     quiet: Duration,
 }
@@ -49,6 +50,69 @@ impl std::fmt::Debug for PathWatcher {
 /// The link a Kubernetes ConfigMap or Secret volume swaps on an update.
 const KUBERNETES_DATA: &str = "..data";
 
+/// How often files are looked at when inotify is out of reach.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts watching `dirs` with `watcher`.
+fn watch_dirs<W: Watcher>(
+    watcher: notify::Result<W>,
+    dirs: &BTreeSet<PathBuf>,
+) -> notify::Result<W> {
+    let mut watcher = watcher?;
+    for dir in dirs {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
+}
+
+/// Whether `e` says the host's inotify instances or watches are used up.
+fn out_of_inotify(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(io) => matches!(
+            io.raw_os_error(),
+            Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOSPC)
+        ),
+        _ => false,
+    }
+}
+
+/// Turns file events into the wanted paths that changed.
+#[derive(Clone)]
+struct Router {
+    wanted: BTreeSet<PathBuf>,
+    tx: mpsc::UnboundedSender<PathBuf>,
+}
+
+impl notify::EventHandler for Router {
+    fn handle_event(&mut self, event: notify::Result<notify::Event>) {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        for path in event.paths {
+            // Kubernetes mounts a ConfigMap as links through `..data`,
+            // which it swaps by rename on every update: then the files'
+            // own names see no event, and any of them in that directory
+            // may have changed.
+            if path.file_name().is_some_and(|n| n == KUBERNETES_DATA) {
+                for hit in self.wanted.iter().filter(|w| dir_of(w) == dir_of(&path)) {
+                    let _ = self.tx.send(hit.clone());
+                }
+                continue;
+            }
+            // Events name paths inside the watched directory; match by
+            // directory and file name, however the path was given.
+            if let Some(hit) = self.wanted.iter().find(|w| {
+                w.file_name() == path.file_name()
+                    && (dir_of(w) == dir_of(&path) || path.ends_with(w))
+            }) {
+                let _ = self.tx.send(hit.clone());
+            }
+        }
+    }
+}
+
 fn dir_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -61,36 +125,27 @@ impl PathWatcher {
         let wanted: BTreeSet<PathBuf> = paths.iter().cloned().collect();
         let dirs: BTreeSet<PathBuf> = paths.iter().map(|p| dir_of(p)).collect();
         let (tx, events) = mpsc::unbounded_channel();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                if event.kind.is_access() {
-                    return;
-                }
-                for path in event.paths {
-                    // Kubernetes mounts a ConfigMap as links through
-                    // `..data`, which it swaps by rename on every update:
-                    // then the files' own names see no event, and any of
-                    // them in that directory may have changed.
-                    if path.file_name().is_some_and(|n| n == KUBERNETES_DATA) {
-                        for hit in wanted.iter().filter(|w| dir_of(w) == dir_of(&path)) {
-                            let _ = tx.send(hit.clone());
-                        }
-                        continue;
-                    }
-                    // Events name paths inside the watched directory; match
-                    // by directory and file name, however the path was given.
-                    if let Some(hit) = wanted.iter().find(|w| {
-                        w.file_name() == path.file_name()
-                            && (dir_of(w) == dir_of(&path) || path.ends_with(w))
-                    }) {
-                        let _ = tx.send(hit.clone());
-                    }
-                }
-            })?;
-        for dir in &dirs {
-            watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        }
+        let router = Router { wanted, tx };
+        let watcher: Box<dyn Watcher + Send> = match watch_dirs(
+            notify::recommended_watcher(router.clone()),
+            &dirs,
+        ) {
+            Ok(w) => Box::new(w),
+            // A host out of inotify instances or watches (a busy
+            // Kubernetes node, other agents) must not stop the agent: it
+            // looks at the files itself instead.
+            Err(e) if out_of_inotify(&e) => {
+                warn!(error = %e, poll_every = ?POLL_EVERY, "Cannot watch files with inotify; polling them instead. Raise fs.inotify.max_user_instances or max_user_watches to have changes noticed at once.");
+                Box::new(watch_dirs(
+                    notify::PollWatcher::new(
+                        router,
+                        notify::Config::default().with_poll_interval(POLL_EVERY),
+                    ),
+                    &dirs,
+                )?)
+            }
+            Err(e) => return Err(e),
+        };
         Ok(PathWatcher {
             _watcher: watcher,
             events,

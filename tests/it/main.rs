@@ -22,6 +22,7 @@ mod files;
 mod fleet;
 mod guarded;
 mod hooks;
+mod host_inotify;
 mod ids;
 mod interop;
 mod locks;

@@ -235,11 +235,24 @@ impl Agent {
         body: &str,
         log_filter: &str,
     ) -> anyhow::Result<Agent> {
+        Agent::start_on(ctx, &[ctx.endpoint()], dir, name, body, log_filter)
+    }
+
+    /// [`Agent::start`] against `endpoints` (etcd members or proxies).
+    pub fn start_on(
+        ctx: &Ctx,
+        endpoints: &[String],
+        dir: &Path,
+        name: &str,
+        body: &str,
+        log_filter: &str,
+    ) -> anyhow::Result<Agent> {
         std::fs::create_dir_all(dir.join("state"))?;
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
         let manifest = format!(
             "[agent]\nname = \"{name}\"\nttl = \"10s\"\nstate_dir = \"state\"\n\n\
-             [etcd]\nendpoints = [\"{}\"]\n\n{body}",
-            ctx.endpoint()
+             [etcd]\nendpoints = [{}]\n\n{body}",
+            endpoints.join(", ")
         );
         let path = dir.join("agent.toml");
         std::fs::write(&path, manifest)?;
@@ -308,4 +321,24 @@ pub fn log_events_plugin(ctx: &Ctx) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(wasm)
+}
+
+/// User and system CPU time of `pid` so far, in milliseconds.
+pub fn cpu_ms(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses;
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) * 1000.0 / hz,
+        _ => f64::NAN,
+    }
 }

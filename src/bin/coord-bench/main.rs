@@ -7,6 +7,7 @@
 //! target/release/coord-bench reaction locks # some scenarios
 //! target/release/coord-bench dns            # the DNS server against dnsmasq, with dnsperf
 //! target/release/coord-bench nemesis --runs 300   # guarded runs under faults
+//! target/release/coord-bench fleet --fleet-sizes 100,300,1000   # fleet scale
 //! ```
 //!
 //! It starts its own single-member etcd on free loopback ports, runs each
@@ -19,6 +20,7 @@
 
 mod dns;
 mod fanout;
+mod fleet;
 mod harness;
 mod hooks;
 mod idle;
@@ -58,6 +60,12 @@ struct Args {
     /// Guarded runs the nemesis scenario goes on for.
     #[arg(long, default_value_t = 300)]
     runs: usize,
+    /// Fleet sizes the fleet scenario runs, each directly and through proxies.
+    #[arg(long, value_delimiter = ',', default_value = "100,300,1000")]
+    fleet_sizes: Vec<usize>,
+    /// How long the fleet scenario measures an idle fleet.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    fleet_idle: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,6 +84,9 @@ enum Scenario {
     Dns,
     /// Not in `all`: guarded commands under random faults, several minutes.
     Nemesis,
+    /// Not in `all`: 100, 300 and 1,000 agents on a 3-member etcd, with and
+    /// without grpc-proxy (tens of minutes).
+    Fleet,
 }
 
 const ALL: [Scenario; 10] = [
@@ -187,6 +198,9 @@ async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
             Scenario::Shared => shared::run(&ctx, &mut report).await,
             Scenario::Dns => dns::run(&ctx, &mut report).await,
             Scenario::Nemesis => nemesis::run(&ctx, &mut report, args.runs).await,
+            Scenario::Fleet => {
+                fleet::run(&ctx, &mut report, &args.fleet_sizes, args.fleet_idle).await
+            }
         };
         if let Err(e) = result {
             all_ran = false;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::Ctx;
-use crate::harness::{Agent, Proc, etcdctl, rss_mib};
+use crate::harness::{Agent, Proc, cpu_ms, etcdctl, rss_mib};
 use crate::report::{Report, Row, Stat, Unit};
 
 /// Unrelated keys written during the busy window.
@@ -194,24 +194,4 @@ fn renders(agent: &Agent) -> usize {
         .lines()
         .filter(|l| l.contains("Rendered file") || l.contains("Render failed"))
         .count()
-}
-
-/// User and system CPU time of `pid` so far, in milliseconds.
-fn cpu_ms(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the command name (which may hold spaces) in parentheses;
-    // utime and stime are fields 14 and 15, in clock ticks.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    match (ticks(11), ticks(12)) {
-        (Some(u), Some(s)) => (u + s) * 1000.0 / hz,
-        _ => f64::NAN,
-    }
 }
