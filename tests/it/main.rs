@@ -32,6 +32,7 @@ mod presence;
 mod reconcile;
 mod registry;
 mod render;
+mod rollout;
 mod services;
 mod session;
 mod shared_etcd;
