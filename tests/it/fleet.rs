@@ -393,3 +393,82 @@ async fn changing_only_the_labels_rewrites_the_presence_record_on_the_same_lease
     let after = record("canary").await;
     assert_eq!(before, after, "a new session was started for a label");
 }
+
+/// Each `hold` run of the `misbehave` plugin as logged by its agent: its
+/// start and end on the wall clock (ns since the epoch), with the agent.
+fn holds(agent: &str, log: &str) -> Vec<(u128, u128, String)> {
+    let stamp = |line: &str, word: &str| -> Option<u128> {
+        let at = line.find(word)? + word.len();
+        let digits: String = line[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    let starts: Vec<u128> = log.lines().filter_map(|l| stamp(l, "start=")).collect();
+    let ends: Vec<u128> = log.lines().filter_map(|l| stamp(l, "end=")).collect();
+    starts
+        .into_iter()
+        .zip(ends)
+        .map(|(s, e)| (s, e, agent.to_owned()))
+        .collect()
+}
+
+/// A WASM hook gated to one agent at once: five agents run it (the
+/// plugin logs its start and end and takes 0.5 s in between), one change
+/// gives five runs, and on the one wall clock of the host no run starts
+/// before the one before it ended.
+#[tokio::test]
+async fn five_agents_gated_at_most_one_run_their_wasm_hook_one_at_a_time() {
+    let plugin = crate::support::plugins().misbehave.clone();
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/app/v", "one", None).await.expect("put");
+    let agents: Vec<CoordProcess> = (1..=5)
+        .map(|i| {
+            let text = format!(
+                "{}\n[[hook]]\nname = \"hold\"\nwasm = '{}'\nconfig = {{ mode = \"hold\", who = \"agent-{i}\", ms = 500 }}\ntimeout = \"10s\"\nfleet = {{ at_most = 1, splay = \"200ms\" }}\n\n[[file]]\npath = \"out.conf\"\nkey = \"/app/v\"\non_change = [\"hold\"]\n",
+                manifest(&format!("agent-{i}"), &[etcd.endpoint()], 10),
+                plugin.display()
+            );
+            CoordProcess::run(&text)
+        })
+        .collect();
+    let runs = || -> Vec<(u128, u128, String)> {
+        let mut all: Vec<_> = agents
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| holds(&format!("agent-{}", i + 1), &a.log()))
+            .collect();
+        all.sort();
+        all
+    };
+    // Each agent's first render is a change too: five gated runs.
+    eventually("the five first runs to end", || async {
+        (runs().len() == 5).then_some(())
+    })
+    .await;
+    client.put("/app/v", "two", None).await.expect("put");
+    eventually("five more runs to end", || async {
+        (runs().len() == 10).then_some(())
+    })
+    .await;
+    let all = runs();
+    for i in 1..=5 {
+        let mine = all.iter().filter(|r| r.2 == format!("agent-{i}")).count();
+        assert_eq!(mine, 2, "agent-{i} ran twice: {all:?}");
+    }
+    for pair in all.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "{} started before {} ended: {all:?}",
+            pair[1].2,
+            pair[0].2
+        );
+    }
+    eventually("every place at the gate given back", || async {
+        let gates = client.get_prefix("/coord/gates/hold/").await.ok()?;
+        gates.kvs.is_empty().then_some(())
+    })
+    .await;
+}
