@@ -10,9 +10,12 @@
 //! transaction with the record's deletion, and only if the key is still at
 //! the version it had when the rollout was staged.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::etcd::{Client, Condition, Error as EtcdError, Op};
+use crate::registry::Health;
 
 /// One staged rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,17 +58,57 @@ pub struct Report {
     pub error: Option<String>,
     /// When, RFC 3339.
     pub at: String,
+    /// None of the agent's files reads the key: the staged value changes
+    /// nothing on it (the other outcomes are then moot).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unaffected: bool,
+    /// The health of each of the agent's service instances
+    /// (`service/instance`), as its services controller knows it, kept
+    /// up to date while the rollout is staged.
+    #[serde(default)]
+    pub services: BTreeMap<String, Health>,
 }
 
 impl Report {
-    /// Whether everything passed (hooks included).
-    pub fn clean(&self) -> bool {
-        self.rendered && self.checked && self.hooks == Some(true)
+    /// The report of an agent none of whose files reads the key.
+    pub fn unaffected(rollout: i64, at: String) -> Report {
+        Report {
+            rollout,
+            rendered: false,
+            checked: false,
+            hooks: None,
+            error: None,
+            at,
+            unaffected: true,
+            services: BTreeMap::new(),
+        }
     }
 
-    /// Whether something failed.
+    /// Whether everything passed (hooks included) and no service of the
+    /// agent is critical — or the staged value does not concern the agent.
+    pub fn clean(&self) -> bool {
+        self.unaffected
+            || (self.rendered && self.checked && self.hooks == Some(true) && !self.sick())
+    }
+
+    /// Whether something failed, a critical service included.
     pub fn failed(&self) -> bool {
-        !self.rendered || !self.checked || self.hooks == Some(false)
+        !self.unaffected
+            && (!self.rendered || !self.checked || self.hooks == Some(false) || self.sick())
+    }
+
+    /// Whether one of the agent's service instances is critical.
+    pub fn sick(&self) -> bool {
+        self.services.values().any(|h| *h == Health::Critical)
+    }
+
+    /// The critical service instances, as `service/instance`.
+    pub fn critical(&self) -> Vec<&str> {
+        self.services
+            .iter()
+            .filter(|(_, h)| **h == Health::Critical)
+            .map(|(s, _)| s.as_str())
+            .collect()
     }
 }
 
@@ -88,7 +131,7 @@ pub async fn report(
     client: &Client,
     namespace: &str,
     agent: &str,
-    reports: &std::collections::BTreeMap<String, Report>,
+    reports: &BTreeMap<String, Report>,
 ) -> Result<(), EtcdError> {
     let key = format!("{}{agent}", reports_prefix(namespace));
     if reports.is_empty() {
@@ -104,7 +147,7 @@ pub async fn reports(
     namespace: &str,
     key: &str,
     id: i64,
-) -> Result<std::collections::BTreeMap<String, Report>, RolloutError> {
+) -> Result<BTreeMap<String, Report>, RolloutError> {
     let prefix = reports_prefix(namespace);
     let all = client
         .get_prefix(&prefix)
@@ -118,8 +161,7 @@ pub async fn reports(
         .iter()
         .filter_map(|kv| {
             let agent = kv.key.strip_prefix(&prefix)?;
-            let mut map: std::collections::BTreeMap<String, Report> =
-                serde_json::from_slice(&kv.value).ok()?;
+            let mut map: BTreeMap<String, Report> = serde_json::from_slice(&kv.value).ok()?;
             let report = map.remove(key).filter(|r| r.rollout == id)?;
             Some((agent.to_owned(), report))
         })
@@ -371,31 +413,24 @@ pub async fn abort(client: &Client, namespace: &str, key: &str) -> Result<Rollou
     Ok(rollout)
 }
 
-/// The service instances of `agents` that are critical now, as
-/// `service/instance on agent`: what keeps a soaked rollout from being
-/// promoted.
-pub async fn critical_services(
+/// The agents among `agents` that have no presence record (no agent of
+/// that name runs): `auto` does not wait for them, and status shows them
+/// absent.
+pub async fn absent(
     client: &Client,
     namespace: &str,
     key: &str,
     agents: &[String],
-) -> Result<Vec<String>, RolloutError> {
-    let prefix = crate::registry::health_prefix(namespace);
-    let all = client
-        .get_prefix(&prefix)
+) -> Result<std::collections::BTreeSet<String>, RolloutError> {
+    let present = crate::presence::list(client, namespace)
         .await
         .map_err(|source| RolloutError::Etcd {
             key: key.to_owned(),
             source,
         })?;
-    Ok(all
-        .kvs
+    Ok(agents
         .iter()
-        .filter_map(|kv| {
-            let record: crate::registry::HealthRecord = serde_json::from_slice(&kv.value).ok()?;
-            let instance = kv.key.strip_prefix(&prefix)?;
-            (record.status == crate::registry::Health::Critical && agents.contains(&record.agent))
-                .then(|| format!("{instance} on {}", record.agent))
-        })
+        .filter(|a| !present.iter().any(|p| &p.name == *a))
+        .cloned()
         .collect())
 }

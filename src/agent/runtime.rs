@@ -174,7 +174,9 @@ impl Connected {
             stop.clone(),
         ));
         let reconciler = tokio::spawn(reconciler.run(stop.clone()));
-        let services = tokio::spawn(ServicesController::new(&ctx).run(shared.services.subscribe()));
+        let services_controller = ServicesController::new(&ctx);
+        let health = services_controller.stats();
+        let services = tokio::spawn(services_controller.run(shared.services.subscribe()));
         let ids_controller =
             InstanceIdsController::new(&ctx, StateDir::new(&manifest.agent.state_dir))
                 .with_ambient(shared.ambient.clone());
@@ -193,6 +195,10 @@ impl Connected {
                 .with_agent(&manifest.agent.name)
                 .with_status(status.clone())
                 .with_state_dir(&manifest.agent.state_dir)
+                .with_rollouts(
+                    cache.subscribe(&crate::rollout::records_prefix(&manifest.agent.namespace)),
+                    health,
+                )
                 .run(
                     client.clone(),
                     shared.files.subscribe(),

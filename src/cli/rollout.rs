@@ -11,7 +11,7 @@ use coord::etcd::Client;
 use coord::labels::Selector;
 use coord::presence;
 use coord::rollout::{self, Report, Rollout, RolloutError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Exit status when a rollout is refused: one is staged already, none is,
 /// or the key moved since staging (nothing was written).
@@ -93,12 +93,18 @@ fn show(r: &Rollout, json: bool, what: &str) {
     }
 }
 
-/// A staged rollout and each staged agent's report.
-fn show_status(r: &Rollout, reports: &BTreeMap<String, Report>, json: bool) {
+/// A staged rollout and each staged agent's report; `absent`: the staged
+/// agents with no presence record.
+fn show_status(
+    r: &Rollout,
+    reports: &BTreeMap<String, Report>,
+    absent: &BTreeSet<String>,
+    json: bool,
+) {
     if json {
         println!(
             "{}",
-            json!({"key": r.key, "state": "staged", "value": r.value, "selector": r.selector, "agents": r.agents, "base_version": r.base_version, "staged_at": r.staged_at, "soak_ms": r.soak_ms, "auto": r.auto, "reports": reports})
+            json!({"key": r.key, "state": "staged", "value": r.value, "selector": r.selector, "agents": r.agents, "base_version": r.base_version, "staged_at": r.staged_at, "soak_ms": r.soak_ms, "auto": r.auto, "reports": reports, "absent": absent})
         );
         return;
     }
@@ -115,36 +121,58 @@ fn show_status(r: &Rollout, reports: &BTreeMap<String, Report>, json: bool) {
         );
     }
     for agent in &r.agents {
-        let line = match reports.get(agent) {
-            None => "no report yet".to_owned(),
-            Some(rep) => {
-                let hooks = match rep.hooks {
-                    None if !(rep.rendered && rep.checked) => "hooks not run",
-                    None => "hooks running",
-                    Some(true) => "hooks passed",
-                    Some(false) => "hooks failed",
-                };
-                let mut line = format!(
-                    "{}, {}, {hooks}",
-                    if rep.rendered {
-                        "rendered"
-                    } else {
-                        "render failed"
-                    },
-                    if rep.checked {
-                        "check passed"
-                    } else {
-                        "check failed"
-                    },
-                );
-                if let Some(e) = &rep.error {
-                    line.push_str(&format!(": {e}"));
-                }
-                line
+        let report = match reports.get(agent) {
+            None => None,
+            Some(rep) if rep.unaffected => {
+                Some("not affected (none of its files reads the key)".to_owned())
+            }
+            Some(rep) => Some(report_line(rep)),
+        };
+        let line = match (absent.contains(agent), report) {
+            (false, Some(line)) => line,
+            (false, None) => "no report yet".to_owned(),
+            (true, None) => "absent (no agent of that name runs; not waited for)".to_owned(),
+            (true, Some(line)) => {
+                format!("absent (no agent of that name runs; not waited for); last report: {line}")
             }
         };
         println!("  {agent}  {line}");
     }
+}
+
+/// One agent's report: render, check, hooks, services.
+fn report_line(rep: &Report) -> String {
+    let hooks = match rep.hooks {
+        None if !(rep.rendered && rep.checked) => "hooks not run",
+        None => "hooks running",
+        Some(true) => "hooks passed",
+        Some(false) => "hooks failed",
+    };
+    let mut line = format!(
+        "{}, {}, {hooks}",
+        if rep.rendered {
+            "rendered"
+        } else {
+            "render failed"
+        },
+        if rep.checked {
+            "check passed"
+        } else {
+            "check failed"
+        },
+    );
+    if !rep.services.is_empty() {
+        let services: Vec<String> = rep
+            .services
+            .iter()
+            .map(|(instance, health)| format!("{instance} {}", health.name()))
+            .collect();
+        line.push_str(&format!(", services: {}", services.join(", ")));
+    }
+    if let Some(e) = &rep.error {
+        line.push_str(&format!(": {e}"));
+    }
+    line
 }
 
 /// `--soak` and `--auto`.
@@ -224,7 +252,9 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<ExitCode> {
                     Err(RolloutError::NotStaged { key })?
                 };
                 let reports = rollout::reports(&client, &namespace, &key, staged.id).await?;
-                show_status(&staged.rollout, &reports, json);
+                let absent =
+                    rollout::absent(&client, &namespace, &key, &staged.rollout.agents).await?;
+                show_status(&staged.rollout, &reports, &absent, json);
             }
             RolloutCommand::Promote { key } => {
                 let r = rollout::promote(&client, &namespace, &key).await?;

@@ -8,7 +8,7 @@ use coord::agent::manifest::Manifest;
 use crate::support::{CoordProcess, coord, etcd, eventually, manifest};
 
 /// `manifest()` with `[agent] labels = { … }` added.
-fn labelled(name: &str, endpoint: &str, labels: &str) -> String {
+pub(crate) fn labelled(name: &str, endpoint: &str, labels: &str) -> String {
     manifest(name, &[endpoint.to_owned()], 10)
         .replace("[etcd]", &format!("labels = {{ {labels} }}\n\n[etcd]"))
 }
@@ -394,262 +394,81 @@ async fn changing_only_the_labels_rewrites_the_presence_record_on_the_same_lease
     assert_eq!(before, after, "a new session was started for a label");
 }
 
-#[tokio::test]
-async fn a_staged_rollout_reaches_the_selected_agents_first_then_everyone_or_no_one() {
-    let etcd = etcd().await;
-    let endpoint = etcd.endpoint();
-    let client = etcd.client().await;
-    client.put("/app/v", "old", None).await.expect("put");
-    let files = tempfile::tempdir().expect("tmp");
-    let out = |i: usize| files.path().join(format!("agent-{i}.conf"));
-    let text = |i: usize| {
-        let role = if i <= 2 { "canary" } else { "edge" };
-        format!(
-            "{}\n[[file]]\npath = \"{}\"\nkey = \"/app/v\"\n",
-            labelled(
-                &format!("agent-{i}"),
-                &endpoint,
-                &format!("role = \"{role}\"")
-            ),
-            out(i).display()
-        )
+/// Each `hold` run of the `misbehave` plugin as logged by its agent: its
+/// start and end on the wall clock (ns since the epoch), with the agent.
+fn holds(agent: &str, log: &str) -> Vec<(u128, u128, String)> {
+    let stamp = |line: &str, word: &str| -> Option<u128> {
+        let at = line.find(word)? + word.len();
+        let digits: String = line[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
     };
-    let mut agents: Vec<CoordProcess> = (1..=5).map(|i| CoordProcess::run(&text(i))).collect();
-    for i in 1..=5 {
-        crate::support::file_is(&out(i), "old").await;
-    }
-    eventually("five agents present", || async {
-        let kvs = client.get_prefix("/coord/agents/").await.ok()?;
-        (kvs.kvs.len() == 5).then_some(())
-    })
-    .await;
-    let kv = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["--endpoints", endpoint.as_str()]);
-        coord(&all, None)
-    };
-
-    let (status, printed, err) = kv(&["kv", "set", "/app/v", "new", "--stage", "role=canary"]);
-    assert!(status.success(), "{err}");
-    assert!(printed.contains("staged /app/v to 2 agents"), "{printed}");
-    for i in 1..=2 {
-        crate::support::file_is(&out(i), "new").await;
-    }
-    let (status, _, err) = kv(&["kv", "set", "/app/v", "other", "--stage", "role=edge"]);
-    assert_eq!(status.code(), Some(3), "a second rollout is refused: {err}");
-    let (status, printed, _) = kv(&["rollout", "status", "/app/v"]);
-    assert!(status.success());
-    assert!(printed.contains("agent-1, agent-2"), "{printed}");
-    for i in 3..=5 {
-        assert_eq!(std::fs::read_to_string(out(i)).expect("file"), "old");
-    }
-
-    // A staged agent restarted mid-rollout comes back on the staged value.
-    agents[0].signal(nix::sys::signal::Signal::SIGTERM);
-    agents[0].wait().await;
-    std::fs::write(out(1), "gone").expect("scribble");
-    agents[0] = CoordProcess::run(&text(1));
-    crate::support::file_is(&out(1), "new").await;
-
-    let (status, _, err) = kv(&["rollout", "abort", "/app/v"]);
-    assert!(status.success(), "{err}");
-    for i in 1..=5 {
-        crate::support::file_is(&out(i), "old").await;
-    }
-    assert_eq!(
-        client.get("/app/v").await.expect("get").expect("key").value,
-        b"old"
-    );
-
-    let (status, _, err) = kv(&["kv", "set", "/app/v", "new", "--stage", "role=canary"]);
-    assert!(status.success(), "{err}");
-    for i in 1..=2 {
-        crate::support::file_is(&out(i), "new").await;
-    }
-    let (status, _, err) = kv(&["rollout", "promote", "/app/v"]);
-    assert!(status.success(), "{err}");
-    for i in 1..=5 {
-        crate::support::file_is(&out(i), "new").await;
-    }
-    let (status, _, _) = kv(&["rollout", "status", "/app/v"]);
-    assert_eq!(status.code(), Some(3), "no rollout left");
-
-    // Promoting after the key moved is refused and writes nothing.
-    let (status, _, err) = kv(&["kv", "set", "/app/v", "newer", "--stage", "role=canary"]);
-    assert!(status.success(), "{err}");
-    client.put("/app/v", "by hand", None).await.expect("put");
-    let (status, _, err) = kv(&["rollout", "promote", "/app/v"]);
-    assert_eq!(status.code(), Some(3), "{err}");
-    assert!(
-        err.contains("changed since its rollout was staged"),
-        "{err}"
-    );
-    assert_eq!(
-        client.get("/app/v").await.expect("get").expect("key").value,
-        b"by hand"
-    );
+    let starts: Vec<u128> = log.lines().filter_map(|l| stamp(l, "start=")).collect();
+    let ends: Vec<u128> = log.lines().filter_map(|l| stamp(l, "end=")).collect();
+    starts
+        .into_iter()
+        .zip(ends)
+        .map(|(s, e)| (s, e, agent.to_owned()))
+        .collect()
 }
 
+/// A WASM hook gated to one agent at once: five agents run it (the
+/// plugin logs its start and end and takes 0.5 s in between), one change
+/// gives five runs, and on the one wall clock of the host no run starts
+/// before the one before it ended.
 #[tokio::test]
-async fn an_auto_rollout_aborts_on_a_failing_check_and_promotes_after_a_clean_soak() {
+async fn five_agents_gated_at_most_one_run_their_wasm_hook_one_at_a_time() {
+    let plugin = crate::support::plugins().misbehave.clone();
     let etcd = etcd().await;
-    let endpoint = etcd.endpoint();
     let client = etcd.client().await;
-    client.put("/app/v", "old", None).await.expect("put");
-    let files = tempfile::tempdir().expect("tmp");
-    let out = |i: usize| files.path().join(format!("agent-{i}.conf"));
-    let text = |i: usize| {
-        let role = if i <= 2 { "canary" } else { "edge" };
-        // agent-2 refuses a render holding "bad".
-        let check = if i == 2 {
-            "check = [\"sh\", \"-c\", \"! grep -q bad {staged}\"]\n"
-        } else {
-            ""
-        };
-        format!(
-            "{}\n[[hook]]\nname = \"reload\"\nexec = [\"true\"]\n\n[[file]]\npath = \"{}\"\nkey = \"/app/v\"\non_change = [\"reload\"]\n{check}",
-            labelled(
-                &format!("agent-{i}"),
-                &endpoint,
-                &format!("role = \"{role}\"")
-            ),
-            out(i).display()
-        )
+    client.put("/app/v", "one", None).await.expect("put");
+    let agents: Vec<CoordProcess> = (1..=5)
+        .map(|i| {
+            let text = format!(
+                "{}\n[[hook]]\nname = \"hold\"\nwasm = '{}'\nconfig = {{ mode = \"hold\", who = \"agent-{i}\", ms = 500 }}\ntimeout = \"10s\"\nfleet = {{ at_most = 1, splay = \"200ms\" }}\n\n[[file]]\npath = \"out.conf\"\nkey = \"/app/v\"\non_change = [\"hold\"]\n",
+                manifest(&format!("agent-{i}"), &[etcd.endpoint()], 10),
+                plugin.display()
+            );
+            CoordProcess::run(&text)
+        })
+        .collect();
+    let runs = || -> Vec<(u128, u128, String)> {
+        let mut all: Vec<_> = agents
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| holds(&format!("agent-{}", i + 1), &a.log()))
+            .collect();
+        all.sort();
+        all
     };
-    let mut agents: Vec<CoordProcess> = (1..=5).map(|i| CoordProcess::run(&text(i))).collect();
+    // Each agent's first render is a change too: five gated runs.
+    eventually("the five first runs to end", || async {
+        (runs().len() == 5).then_some(())
+    })
+    .await;
+    client.put("/app/v", "two", None).await.expect("put");
+    eventually("five more runs to end", || async {
+        (runs().len() == 10).then_some(())
+    })
+    .await;
+    let all = runs();
     for i in 1..=5 {
-        crate::support::file_is(&out(i), "old").await;
+        let mine = all.iter().filter(|r| r.2 == format!("agent-{i}")).count();
+        assert_eq!(mine, 2, "agent-{i} ran twice: {all:?}");
     }
-    eventually("five agents present", || async {
-        let kvs = client.get_prefix("/coord/agents/").await.ok()?;
-        (kvs.kvs.len() == 5).then_some(())
-    })
-    .await;
-    let run = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["--endpoints", endpoint.as_str()]);
-        coord(&all, None)
-    };
-
-    // A failing check on one staged agent aborts the rollout by itself.
-    let (status, _, err) = run(&[
-        "kv",
-        "set",
-        "/app/v",
-        "bad",
-        "--stage",
-        "role=canary",
-        "--soak",
-        "30s",
-        "--auto",
-    ]);
-    assert!(status.success(), "{err}");
-    eventually("the failed rollout to be aborted", || async {
-        let (status, _, _) = run(&["rollout", "status", "/app/v"]);
-        (status.code() == Some(3)).then_some(())
-    })
-    .await;
-    for i in 1..=5 {
-        crate::support::file_is(&out(i), "old").await;
-    }
-    assert_eq!(
-        client.get("/app/v").await.expect("get").expect("key").value,
-        b"old"
-    );
-
-    // A clean one promotes itself once the soak is over; status shows
-    // each staged agent's report meanwhile.
-    let (status, _, err) = run(&[
-        "kv",
-        "set",
-        "/app/v",
-        "good",
-        "--stage",
-        "role=canary",
-        "--soak",
-        "5s",
-        "--auto",
-    ]);
-    assert!(status.success(), "{err}");
-    for i in 1..=2 {
-        crate::support::file_is(&out(i), "good").await;
-    }
-    let shown = eventually("both staged agents to report clean", || async {
-        let (status, printed, _) = run(&["rollout", "status", "/app/v"]);
-        (status.success()
-            && printed.contains("agent-1  rendered, check passed, hooks passed")
-            && printed.contains("agent-2  rendered, check passed, hooks passed"))
-        .then_some(printed)
-    })
-    .await;
-    assert!(
-        shown.contains("soak 5s, promoted or aborted by itself"),
-        "{shown}"
-    );
-    // A staged agent restarted mid-soak picks the rollout up again.
-    agents[0].signal(nix::sys::signal::Signal::SIGTERM);
-    agents[0].wait().await;
-    agents[0] = CoordProcess::run(&text(1));
-    for i in 1..=5 {
-        crate::support::file_is(&out(i), "good").await;
-    }
-    assert_eq!(
-        client.get("/app/v").await.expect("get").expect("key").value,
-        b"good"
-    );
-}
-
-#[tokio::test]
-async fn an_auto_rollout_whose_staged_agent_has_a_critical_service_after_the_soak_is_aborted() {
-    let etcd = etcd().await;
-    let endpoint = etcd.endpoint();
-    let client = etcd.client().await;
-    client.put("/app/v", "ok", None).await.expect("put");
-    let files = tempfile::tempdir().expect("tmp");
-    let out = files.path().join("canary.conf");
-    // The service turns critical as soon as the file says "sick".
-    let _canary = CoordProcess::run(&format!(
-        "{}\n[[service]]\nname = \"api\"\naddress = \"127.0.0.1:8080\"\ncheck = {{ exec = [\"sh\", \"-c\", \"! grep -q sick '{out}' || exit 2\"], interval = \"200ms\", failures = 1 }}\n\n[[file]]\npath = \"{out}\"\nkey = \"/app/v\"\n",
-        labelled("canary-1", &endpoint, r#"role = "canary""#),
-        out = out.display()
-    ));
-    crate::support::file_is(&out, "ok").await;
-    eventually("the canary's service passing", || async {
-        let kv = client.get("/coord/health/api/canary-1-api").await.ok()??;
-        String::from_utf8_lossy(&kv.value)
-            .contains("\"passing\"")
-            .then_some(())
-    })
-    .await;
-    let (status, _, err) = coord(
-        &[
-            "kv",
-            "set",
-            "/app/v",
-            "sick",
-            "--stage",
-            "role=canary",
-            "--soak",
-            "3s",
-            "--auto",
-            "--endpoints",
-            &endpoint,
-        ],
-        None,
-    );
-    assert!(status.success(), "{err}");
-    crate::support::file_is(&out, "sick").await;
-    eventually("the rollout to be aborted after its soak", || async {
-        let (status, _, _) = coord(
-            &["rollout", "status", "/app/v", "--endpoints", &endpoint],
-            None,
+    for pair in all.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "{} started before {} ended: {all:?}",
+            pair[1].2,
+            pair[0].2
         );
-        (status.code() == Some(3)).then_some(())
+    }
+    eventually("every place at the gate given back", || async {
+        let gates = client.get_prefix("/coord/gates/hold/").await.ok()?;
+        gates.kvs.is_empty().then_some(())
     })
     .await;
-    crate::support::file_is(&out, "ok").await;
-    assert_eq!(
-        client.get("/app/v").await.expect("get").expect("key").value,
-        b"ok"
-    );
 }

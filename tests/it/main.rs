@@ -33,6 +33,7 @@ mod presence;
 mod reconcile;
 mod registry;
 mod render;
+mod rollout;
 mod services;
 mod session;
 mod shared_etcd;

@@ -11,6 +11,10 @@
 //! - `{"mode":"file","path":"/p"}` reads the file `/p` and logs
 //!   `file=/p content=<utf-8>`, or fails saying why it could not.
 //! - `{"mode":"env"}` logs its whole environment: `env=K=V,K=V`.
+//! - `{"mode":"hold","who":"a","ms":500}` logs `hold who=a start=<ns>`,
+//!   waits `ms` milliseconds, then logs `hold who=a end=<ns>` (`<ns>`: the
+//!   wall clock in nanoseconds since the Unix epoch), so runs on several
+//!   agents of one host can be ordered.
 //! - `{"mode":"by-lock"}` takes the mode from the lock name of a
 //!   `lock-acquired` or `lock-lost` event (`loop`, `ok`, …), so one loaded
 //!   plugin can misbehave in one call and behave in the next.
@@ -70,6 +74,19 @@ impl Guest for Misbehave {
                 let content = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read {path}: {e}"))?;
                 log(Level::Info, &format!("file={path} content={content}"));
+                Ok(())
+            }
+            Some("hold") => {
+                let who = config["who"].as_str().unwrap_or("?");
+                let ms = config["ms"].as_u64().ok_or("hold mode needs `ms`")?;
+                let wall = || {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos())
+                };
+                log(Level::Info, &format!("hold who={who} start={}", wall()));
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                log(Level::Info, &format!("hold who={who} end={}", wall()));
                 Ok(())
             }
             Some("env") => {

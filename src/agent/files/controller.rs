@@ -20,14 +20,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::render::{Deps, Render, Renderer};
+use super::rollouts::Rollouts;
 use super::write::{WriteError, WriteOutcome, hash, keep_rejected, rejected_path, write};
 use crate::agent::hooks::{Event, HookRunner, Verdict};
 use crate::agent::manifest::{FileSource, FileSpec};
 use crate::agent::reload::PathWatcher;
+use crate::agent::services::ServiceStats;
 use crate::agent::status::report::QueueName;
 use crate::agent::status::{RenderOutcome, Status};
 use crate::etcd::{Backoff, CacheSnapshot, Client, Range, ReadSet, WatchSet, WatchSetEvent};
-use crate::rollout::{self, Report, Staged};
+use crate::rollout::{self, Staged};
 
 /// After an I/O failure (disk full, permissions), when to try again.
 const IO_RETRY: Duration = Duration::from_secs(5);
@@ -146,10 +148,8 @@ pub struct FilesController {
     verdicts: FuturesUnordered<VerdictFuture>,
     /// The agent's name (staged rollouts name the agents they reach).
     agent: String,
-    /// What this agent reports of the rollouts staged for it, by key.
-    reports: BTreeMap<String, Report>,
-    /// `auto` rollouts this agent reported clean on: when their soak ends.
-    soaks: BTreeMap<String, (i64, Instant)>,
+    /// What the agent reports of the rollouts staged for it.
+    rollouts: Rollouts,
 }
 
 impl std::fmt::Debug for FilesController {
@@ -175,8 +175,7 @@ impl FilesController {
             views: BTreeMap::new(),
             verdicts: FuturesUnordered::new(),
             agent: String::new(),
-            reports: BTreeMap::new(),
-            soaks: BTreeMap::new(),
+            rollouts: Rollouts::new(namespace),
         }
     }
 
@@ -197,6 +196,20 @@ impl FilesController {
     pub fn with_agent(mut self, agent: &str) -> Self {
         self.renderer = Renderer::new(&self.namespace).with_agent(agent);
         self.agent = agent.to_owned();
+        self.rollouts.set_agent(agent);
+        self
+    }
+
+    /// Follows every rollout record (`records`: a subscription to
+    /// `<namespace>/rollouts/keys`) so that a staged agent none of whose
+    /// files reads the key reports "not affected", and puts the services'
+    /// health into the agent's rollout reports.
+    pub fn with_rollouts(
+        mut self,
+        records: crate::etcd::Subscription,
+        services: watch::Receiver<ServiceStats>,
+    ) -> Self {
+        self.rollouts.follow(records, services);
         self
     }
 
@@ -223,8 +236,12 @@ impl FilesController {
         loop {
             let runner = hooks.borrow().clone();
             self.render_due(&client, &mut watches, &runner).await;
-            self.soaked(&client).await;
-            let soak = self.soaks.values().map(|(_, at)| *at).min();
+            let (specs_now, states) = (&self.specs, &self.states);
+            self.rollouts
+                .refresh(&client, |record| reads_record(specs_now, states, record))
+                .await;
+            self.rollouts.soaked(&client).await;
+            let soak = self.rollouts.next_soak();
             let next = match (self.next_due(), soak) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -244,6 +261,7 @@ impl FilesController {
                     self.watch_only_deps(&mut watches);
                 }
                 _ = hooks.changed() => {}
+                () = self.rollouts.changed() => {}
                 event = watches.next() => self.on_watch(&event),
                 Some((path, generation, verdict)) = self.verdicts.next(), if !self.verdicts.is_empty() => {
                     self.on_verdict(&path, generation, verdict, &runner, &client).await;
@@ -486,7 +504,8 @@ impl FilesController {
                     // loops' do (marked as already said).
                     state.failing = Some(error.clone());
                 }
-                self.report(client, &staged, false, false, None, Some(error.clone()))
+                self.rollouts
+                    .report(client, &staged, false, false, None, Some(error.clone()))
                     .await;
                 self.failed(
                     spec,
@@ -520,7 +539,8 @@ impl FilesController {
         }
         match write(spec, &rendered.content, Some(hooks)).await {
             Ok(WriteOutcome::Unchanged) => {
-                self.report(client, &staged, true, true, Some(true), None)
+                self.rollouts
+                    .report(client, &staged, true, true, Some(true), None)
                     .await;
                 debug!(path = %spec.path.display(), revision = rendered.revision, "Rendered file unchanged.");
                 self.recovered(spec);
@@ -558,17 +578,21 @@ impl FilesController {
                     new_hash,
                 };
                 if spec.on_change.is_empty() {
-                    self.report(client, &staged, true, true, Some(true), None)
+                    self.rollouts
+                        .report(client, &staged, true, true, Some(true), None)
                         .await;
                 } else if spec.revert || !staged.is_empty() {
-                    self.report(client, &staged, true, true, None, None).await;
+                    self.rollouts
+                        .report(client, &staged, true, true, None, None)
+                        .await;
                     self.await_verdict(spec, previous, rendered.content, &event, hooks, staged);
                 } else {
                     hooks.fire(&spec.on_change, &event);
                 }
             }
             Err(e) => {
-                self.report(client, &staged, true, false, None, Some(e.to_string()))
+                self.rollouts
+                    .report(client, &staged, true, false, None, Some(e.to_string()))
                     .await;
                 if matches!(e, WriteError::Io { .. } | WriteError::Owner { .. })
                     && let Some(state) = self.states.get_mut(&spec.path)
@@ -666,12 +690,14 @@ impl FilesController {
         };
         match &verdict {
             Verdict::Ran => {
-                self.report(client, &awaiting.rollouts, true, true, Some(true), None)
+                self.rollouts
+                    .report(client, &awaiting.rollouts, true, true, Some(true), None)
                     .await;
             }
             Verdict::Failed(e) => {
                 let error = Some(format!("on_change hooks failed: {e}"));
-                self.report(client, &awaiting.rollouts, true, true, Some(false), error)
+                self.rollouts
+                    .report(client, &awaiting.rollouts, true, true, Some(false), error)
                     .await;
             }
             Verdict::Superseded | Verdict::Stopped => {}
@@ -788,135 +814,6 @@ impl FilesController {
         out
     }
 
-    /// Reports how a render carrying staged rollouts went; with `auto`, a
-    /// failure aborts the rollout at once and a clean report waits for
-    /// the soak to end.
-    async fn report(
-        &mut self,
-        client: &Client,
-        staged: &[(String, Staged)],
-        rendered: bool,
-        checked: bool,
-        hooks: Option<bool>,
-        error: Option<String>,
-    ) {
-        if staged.is_empty() {
-            return;
-        }
-        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        for (key, s) in staged {
-            let report = Report {
-                rollout: s.id,
-                rendered,
-                checked,
-                hooks,
-                error: error.clone(),
-                at: at.clone(),
-            };
-            // A failure stands for the rollout: a later good render of
-            // another file does not wash it out.
-            if self
-                .reports
-                .get(key)
-                .is_some_and(|old| old.rollout == s.id && old.failed())
-            {
-                continue;
-            }
-            if s.rollout.auto && report.clean() {
-                let staged_at = humantime::parse_rfc3339(&s.rollout.staged_at)
-                    .unwrap_or_else(|_| std::time::SystemTime::now());
-                let ends = staged_at + Duration::from_millis(s.rollout.soak_ms);
-                let left = ends
-                    .duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default();
-                self.soaks
-                    .insert(key.clone(), (s.id, Instant::now() + left));
-            }
-            let failed = report.failed();
-            self.reports.insert(key.clone(), report);
-            if failed && s.rollout.auto {
-                self.soaks.remove(key);
-                match rollout::end_if(client, &self.namespace, key, s.id, false).await {
-                    Ok(true) => {
-                        warn!(key = %key, error = error.as_deref().unwrap_or(""), "Staged rollout failed on this agent; aborted it for everyone.")
-                    }
-                    Ok(false) => {}
-                    Err(e) => warn!(key = %key, error = %e, "Could not abort the failed rollout."),
-                }
-            }
-        }
-        if let Err(e) = rollout::report(client, &self.namespace, &self.agent, &self.reports).await {
-            warn!(error = %e, "Could not write this agent's rollout reports.");
-        }
-    }
-
-    /// `auto` rollouts whose soak ended: promoted when every staged agent
-    /// reported clean, aborted when one failed, looked at again a second
-    /// later while reports are missing.
-    async fn soaked(&mut self, client: &Client) {
-        let now = Instant::now();
-        let due: Vec<(String, i64)> = self
-            .soaks
-            .iter()
-            .filter(|(_, (_, at))| *at <= now)
-            .map(|(k, (id, _))| (k.clone(), *id))
-            .collect();
-        for (key, id) in due {
-            self.soaks.remove(&key);
-            let staged = match rollout::staged(client, &self.namespace, &key).await {
-                Ok(Some(s)) if s.id == id => s,
-                Ok(_) => continue,
-                Err(e) => {
-                    debug!(key = %key, error = %e, "Could not read the rollout after its soak; looking again.");
-                    self.soaks.insert(key, (id, now + Duration::from_secs(1)));
-                    continue;
-                }
-            };
-            let reports = match rollout::reports(client, &self.namespace, &key, id).await {
-                Ok(r) => r,
-                Err(e) => {
-                    debug!(key = %key, error = %e, "Could not read the rollout's reports; looking again.");
-                    self.soaks.insert(key, (id, now + Duration::from_secs(1)));
-                    continue;
-                }
-            };
-            let all = &staged.rollout.agents;
-            let failed = all
-                .iter()
-                .any(|a| reports.get(a).is_some_and(Report::failed));
-            let mut clean = all
-                .iter()
-                .all(|a| reports.get(a).is_some_and(Report::clean));
-            if !failed && !clean {
-                self.soaks.insert(key, (id, now + Duration::from_secs(1)));
-                continue;
-            }
-            if clean {
-                // Its services must still pass after the soak, too.
-                match rollout::critical_services(client, &self.namespace, &key, all).await {
-                    Ok(sick) if sick.is_empty() => {}
-                    Ok(sick) => {
-                        warn!(key = %key, critical = %sick.join(", "), "Staged agents' services are critical after the soak; aborting the rollout.");
-                        clean = false;
-                    }
-                    Err(e) => {
-                        debug!(key = %key, error = %e, "Could not read the staged agents' services; looking again.");
-                        self.soaks.insert(key, (id, now + Duration::from_secs(1)));
-                        continue;
-                    }
-                }
-            }
-            match rollout::end_if(client, &self.namespace, &key, id, clean).await {
-                Ok(true) if clean => {
-                    info!(key = %key, "Staged rollout soaked clean on every staged agent; promoted.")
-                }
-                Ok(true) => warn!(key = %key, "Staged rollout failed on a staged agent; aborted."),
-                Ok(false) => {}
-                Err(e) => warn!(key = %key, error = %e, "Could not end the soaked rollout."),
-            }
-        }
-    }
-
     /// Where the emptied-prefix guard of `file` is kept.
     fn guard_path(&self, file: &Path) -> Option<PathBuf> {
         let name = super::hash(file.as_os_str().as_encoded_bytes());
@@ -1003,4 +900,22 @@ impl FilesController {
             info!(path = %spec.path.display(), failed_with = %error, "File rendered again after failing.");
         }
     }
+}
+
+/// Whether a file's last render read `record`; `None` while a file has
+/// not rendered yet (what it reads is not known).
+fn reads_record(
+    specs: &[FileSpec],
+    states: &BTreeMap<PathBuf, FileState>,
+    record: &str,
+) -> Option<bool> {
+    let mut unknown = false;
+    for spec in specs {
+        match states.get(&spec.path).and_then(|s| s.deps.as_ref()) {
+            Some(deps) if deps.touches(record) => return Some(true),
+            Some(_) => {}
+            None => unknown = true,
+        }
+    }
+    (!unknown).then_some(false)
 }

@@ -4,6 +4,7 @@
 mod controller;
 mod functions;
 mod render;
+mod rollouts;
 mod write;
 
 pub use controller::{FileStats, FilesController};

@@ -488,6 +488,11 @@ impl ServicesController {
         }
         for (service, id) in removed {
             info!(service = %service, instance = %id, "Service instance removed from the manifest; deregistering.");
+            // Rollout reports show the health kept here: a removed
+            // instance has none.
+            self.stats.send_modify(|s| {
+                s.health.remove(&format!("{service}/{id}"));
+            });
             ops.push(Op::Delete {
                 key: registry::endpoint_key(ns, service, id),
             });
