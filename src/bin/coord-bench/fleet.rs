@@ -130,6 +130,8 @@ struct Measured {
     private_mib: f64,
     shared: Stat,
     shared_max: f64,
+    /// Bytes etcd sent to clients per shared change, per agent.
+    bytes_per_agent_change: f64,
     own_ms: f64,
     own_events: f64,
     own_others_rewritten: usize,
@@ -152,8 +154,9 @@ impl Measured {
             self.private_mib
         );
         println!(
-            "  {n} agents, {via}: shared change → file median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            self.shared.median, self.shared.p99, self.shared_max
+            "  {n} agents, {via}: shared change → file median {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
+             etcd sent {:.0} bytes per agent per change",
+            self.shared.median, self.shared.p99, self.shared_max, self.bytes_per_agent_change
         );
         println!(
             "  {n} agents, {via}: own key → its file {:.1} ms; watch events etcd sent: {:.0}; \
@@ -322,7 +325,12 @@ async fn one_fleet(
     // A shared change, seen by every file.
     let mut samples = Vec::new();
     let mut shared_max: f64 = 0.0;
+    let mut sent_before = 0.0;
     for round in 0..=ROUNDS {
+        if round == 1 {
+            sent_before =
+                sum_metric(members, "etcd_network_client_grpc_sent_bytes_total", None).await?;
+        }
         let value = format!("s{}", round + 1);
         outputs.drain();
         client
@@ -338,6 +346,10 @@ async fn one_fleet(
             samples.extend(each);
         }
     }
+
+    let sent =
+        sum_metric(members, "etcd_network_client_grpc_sent_bytes_total", None).await? - sent_before;
+    let bytes_per_agent_change = sent / ROUNDS as f64 / n as f64;
 
     // One agent's own key: its file, and who else woke.
     let j = n / 2;
@@ -418,6 +430,7 @@ async fn one_fleet(
         private_mib,
         shared: Stat::of(&samples),
         shared_max,
+        bytes_per_agent_change,
         own_ms,
         own_events,
         own_others_rewritten: others.len(),
