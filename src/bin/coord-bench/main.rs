@@ -7,6 +7,7 @@
 //! target/release/coord-bench reaction locks # some scenarios
 //! target/release/coord-bench dns            # the DNS server against dnsmasq, with dnsperf
 //! target/release/coord-bench nemesis --runs 300   # guarded runs under faults
+//! target/release/coord-bench chaos --minutes 15   # files, ids, services under faults
 //! ```
 //!
 //! It starts its own single-member etcd on free loopback ports, runs each
@@ -17,6 +18,7 @@
 //! whether it was met. Scenarios that need a real agent run the `coord`
 //! binary found next to this one. BENCHMARKS.md says how to read it.
 
+mod chaos;
 mod dns;
 mod fanout;
 mod harness;
@@ -58,6 +60,9 @@ struct Args {
     /// Guarded runs the nemesis scenario goes on for.
     #[arg(long, default_value_t = 300)]
     runs: usize,
+    /// How long the chaos scenario injects faults, in minutes.
+    #[arg(long, default_value_t = 15)]
+    minutes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,6 +81,9 @@ enum Scenario {
     Dns,
     /// Not in `all`: guarded commands under random faults, several minutes.
     Nemesis,
+    /// Not in `all`: rendered files, instance ids and services under
+    /// random faults, for `--minutes`.
+    Chaos,
 }
 
 const ALL: [Scenario; 10] = [
@@ -187,6 +195,7 @@ async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
             Scenario::Shared => shared::run(&ctx, &mut report).await,
             Scenario::Dns => dns::run(&ctx, &mut report).await,
             Scenario::Nemesis => nemesis::run(&ctx, &mut report, args.runs).await,
+            Scenario::Chaos => chaos::run(&ctx, &mut report, args.minutes).await,
         };
         if let Err(e) = result {
             all_ran = false;
