@@ -367,6 +367,19 @@ impl Agent {
         }
     }
 
+    /// The last lines of its log, if it has exited by itself.
+    fn exited(&mut self) -> Option<String> {
+        let p = self.proc.as_mut()?;
+        let status = p.child.try_wait().ok()??;
+        self.proc = None;
+        let log = std::fs::read_to_string(self.dir.join("coord.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        Some(format!(
+            "{status}: {}",
+            lines[lines.len().saturating_sub(3)..].join(" / ")
+        ))
+    }
+
     /// SIGTERM and wait (bounded) for a clean stop.
     fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -763,6 +776,7 @@ pub async fn run(ctx: &Ctx, report: &mut Report, minutes: u64) -> anyhow::Result
     // The first renders, claims and registrations before any fault.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let mut exits = 0usize;
     let mut rng = rand::rng();
     let started = Instant::now();
     let length = Duration::from_secs(60 * minutes);
@@ -783,6 +797,17 @@ pub async fn run(ctx: &Ctx, report: &mut Report, minutes: u64) -> anyhow::Result
                 c.listed_critical.len(),
                 faults.values().sum::<u32>()
             );
+        }
+        // An agent that exited by itself is a finding: said, counted and
+        // started again.
+        for (n, a) in agents.iter_mut().enumerate() {
+            if let Some(why) = a.exited() {
+                lock(&world).agent_down(n, "exit", true);
+                exits += 1;
+                lock(&counts).show(format_args!("EXITED: {} ({why})", a.name));
+                a.start(&ctx.coord, &quoted)?;
+                lock(&world).agent_up(n, "restart after its exit");
+            }
         }
         let i = rng.random_range(0..AGENTS);
         let name: &'static str = match rng.random_range(0..7) {
@@ -874,6 +899,12 @@ pub async fn run(ctx: &Ctx, report: &mut Report, minutes: u64) -> anyhow::Result
     });
     let w = lock(&world);
     let c = lock(&counts);
+    if c.file_reads == 0 {
+        anyhow::bail!(
+            "no agent ever rendered its file; see the coord.log files in {}",
+            work.path().display()
+        );
+    }
     println!("  {} s of faults:", duration.as_secs());
     for (name, n) in &faults {
         println!("    {n:>4}  {name}");
@@ -917,6 +948,11 @@ pub async fn run(ctx: &Ctx, report: &mut Report, minutes: u64) -> anyhow::Result
     report.add(
         Row::new("chaos", "file reads (5 agents, every 20 ms)", Unit::Count)
             .coord(count(c.file_reads as usize)),
+    );
+    report.add(
+        Row::new("chaos", "agents that exited by themselves", Unit::Count)
+            .coord(count(exits))
+            .target("0", exits == 0),
     );
     let bad = (c.blank + c.partial + c.missing) as usize;
     report.add(
