@@ -133,6 +133,15 @@ impl InstanceIdsController {
         stop: CancellationToken,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        // A file left by an agent that died without releasing (kill -9, a
+        // crash) names an id this one does not hold: once the dead lease
+        // expires another host may claim it, and the programs here would
+        // go on using it. It is written again when the id is claimed.
+        if let Some(file) = &spec.file
+            && std::fs::remove_file(file).is_ok()
+        {
+            info!(pool = %spec.pool, path = %file.display(), "Removed an id file left by an earlier run; claiming an id.");
+        }
         loop {
             let lease = tokio::select! {
                 _ = stop.cancelled() => return,

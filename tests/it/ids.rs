@@ -365,3 +365,52 @@ async fn a_pool_keeps_the_size_of_its_first_claim_and_refuses_another() {
         2
     );
 }
+
+/// `kill -9` leaves the id file behind. Once the dead agent's lease is
+/// gone and another claimer holds that id, the agent started again (the
+/// pool full, so it waits) must not go on naming the id in its file: two
+/// hosts' programs would use one id.
+#[tokio::test]
+async fn an_agent_started_after_kill_9_removes_the_id_file_it_left_before_claiming() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("worker-id");
+    let manifest = format!(
+        "[agent]\nname = \"web-01\"\nttl = \"2s\"\nstate_dir = \"{}\"\n[etcd]\nendpoints = [\"{}\"]\n\
+         [[instance_id]]\npool = \"solo\"\nsize = 1\nfile = \"{}\"\n",
+        dir.path().join("state").display(),
+        etcd.endpoint(),
+        file.display()
+    );
+    let mut first = crate::support::CoordProcess::run(&manifest);
+    eventually("the id file", || async {
+        (std::fs::read_to_string(&file).ok()? == "0\n").then_some(())
+    })
+    .await;
+    first.signal(Signal::SIGKILL);
+    first.wait().await;
+    assert!(file.exists(), "kill -9 leaves the file behind");
+    eventually("the id freed with the dead agent's lease", || async {
+        client
+            .get("/coord/ids/solo/0")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let other = Session::start(client.clone(), Duration::from_secs(30));
+    let lease = other.wait_alive().await;
+    let held = ids::claim(&client, "/coord", "solo", 1, lease, None, &me("web-02"))
+        .await
+        .expect("the freed id");
+    assert_eq!(held.id, 0);
+    let again = crate::support::CoordProcess::run(&manifest);
+    crate::support::log_says(&again, "No free id").await;
+    assert_eq!(
+        std::fs::read_to_string(&file).ok(),
+        None,
+        "the file names id 0, which web-02 holds"
+    );
+}

@@ -8,6 +8,7 @@
 //! target/release/coord-bench dns            # the DNS server against dnsmasq, with dnsperf
 //! target/release/coord-bench nemesis --runs 300   # guarded runs under faults
 //! target/release/coord-bench fleet --fleet-sizes 100,300,1000   # fleet scale
+//! target/release/coord-bench chaos --minutes 15   # files, ids, services under faults
 //! ```
 //!
 //! It starts its own single-member etcd on free loopback ports, runs each
@@ -18,6 +19,7 @@
 //! whether it was met. Scenarios that need a real agent run the `coord`
 //! binary found next to this one. BENCHMARKS.md says how to read it.
 
+mod chaos;
 mod dns;
 mod fanout;
 mod fleet;
@@ -66,6 +68,9 @@ struct Args {
     /// How long the fleet scenario measures an idle fleet.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     fleet_idle: std::time::Duration,
+    /// How long the chaos scenario injects faults, in minutes.
+    #[arg(long, default_value_t = 15)]
+    minutes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -87,6 +92,9 @@ enum Scenario {
     /// Not in `all`: 100, 300 and 1,000 agents on a 3-member etcd, with and
     /// without grpc-proxy (tens of minutes).
     Fleet,
+    /// Not in `all`: rendered files, instance ids and services under
+    /// random faults, for `--minutes`.
+    Chaos,
 }
 
 const ALL: [Scenario; 10] = [
@@ -201,6 +209,7 @@ async fn run(args: &Args, scenarios: &[Scenario]) -> anyhow::Result<bool> {
             Scenario::Fleet => {
                 fleet::run(&ctx, &mut report, &args.fleet_sizes, args.fleet_idle).await
             }
+            Scenario::Chaos => chaos::run(&ctx, &mut report, args.minutes).await,
         };
         if let Err(e) = result {
             all_ran = false;
