@@ -30,6 +30,7 @@ mod manifest;
 mod messages;
 mod packaging;
 mod presence;
+mod proxy;
 mod reconcile;
 mod registry;
 mod render;
