@@ -199,6 +199,12 @@ impl Collector for Live {
             "Full re-reads of a watched prefix after a compaction (or etcd's revision going backwards).",
             self.watch.relists(),
         )?;
+        counter(
+            e,
+            "coord_watch_events",
+            "Changed keys received on the agent's cache watches (the work writes in etcd cost this agent; first reads and re-lists not counted).",
+            self.watch.events(),
+        )?;
         let b = self.board.lock().unwrap_or_else(|p| p.into_inner());
         let phase = b.session_phase();
         gauges(
