@@ -2,7 +2,7 @@
 //!
 //! Events the agent sees (renders, hook runs, task runs) are counted as they
 //! happen; states (session, services, locks, ids, queues) and the library's
-//! own counters (lease renewals, watch reconnects and re-lists, which
+//! own counters (lease renewals, watch reconnects, re-lists and events, which
 //! `coord::etcd` keeps as plain atomics) are read at scrape time by
 //! [`Live`], so they can never drift from what `/status` shows.
 
