@@ -324,8 +324,10 @@ impl PresenceController {
     }
 
     fn subscribe(&self, desired: &Desired) -> Subscription {
+        // The key alone: a prefix of the same text would also see every
+        // agent whose name starts with this one's (`web-1` → `web-10`).
         self.cache
-            .subscribe(&presence::key(&desired.namespace, &desired.agent))
+            .subscribe_key(&presence::key(&desired.namespace, &desired.agent))
     }
 
     async fn reconcile(

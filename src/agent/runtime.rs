@@ -189,7 +189,12 @@ impl Connected {
         );
         let ids = tokio::spawn(ids_controller.run(shared.instance_ids.subscribe()));
         shared.keys.follow(&cache, &manifest.wasm_read_prefixes());
-        shared.dns_view.follow(&cache, &manifest.agent.namespace);
+        // The whole registry is watched only for the DNS server.
+        if manifest.dns.is_some() {
+            shared.dns_view.follow(&cache, &manifest.agent.namespace);
+        } else {
+            shared.dns_view.unfollow();
+        }
         let files = tokio::spawn(
             FilesController::new(&manifest.agent.namespace)
                 .with_agent(&manifest.agent.name)
@@ -508,6 +513,13 @@ pub async fn run(
             // The old port is freed first: the new one may be the same.
             if let Some(old) = dns.take() {
                 old.stop().await;
+            }
+            if next.dns.is_none() {
+                shared.dns_view.unfollow();
+            } else if manifest.dns.is_none() {
+                shared
+                    .dns_view
+                    .follow(&connected.cache, &next.agent.namespace);
             }
             if let Some(s) = &next.dns {
                 match DnsServer::start(s, shared.dns_view.clone(), shared.status.clone()).await {

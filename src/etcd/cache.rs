@@ -1,5 +1,5 @@
-//! A read cache fed by one watcher per distinct prefix, shared by every
-//! consumer of that prefix.
+//! A read cache fed by one watcher per distinct prefix (or single key),
+//! shared by every consumer of it.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -47,15 +47,15 @@ pub struct Cache {
 #[derive(Debug)]
 struct Inner {
     client: Client,
-    prefixes: Mutex<HashMap<String, Weak<Entry>>>,
+    prefixes: Mutex<HashMap<Range, Weak<Entry>>>,
     /// Reconnects and re-lists of every watcher this cache ever ran.
     totals: Arc<WatchStats>,
 }
 
-/// The state of one watched prefix.
+/// The state of one watched prefix or key.
 #[derive(Debug)]
 struct Shared {
-    prefix: String,
+    range: Range,
     store: RwLock<Store>,
     ready: watch::Sender<bool>,
     events: broadcast::Sender<CacheEvent>,
@@ -192,7 +192,8 @@ impl Cache {
         }
     }
 
-    /// Watch reconnects and re-lists over every prefix, past and present.
+    /// Watch reconnects, re-lists and events over every prefix and key,
+    /// past and present.
     pub fn stats(&self) -> Arc<WatchStats> {
         self.inner.totals.clone()
     }
@@ -201,20 +202,32 @@ impl Cache {
     /// the watch; later ones share it. The watch stops when the last
     /// subscription is dropped.
     pub fn subscribe(&self, prefix: &str) -> Subscription {
+        self.subscribe_range(Range::Prefix(prefix.to_owned()))
+    }
+
+    /// Subscribes to exactly one key: unlike [`Cache::subscribe`] with the
+    /// same text, it sees nothing of the keys that merely start with it
+    /// (`.../web-10` for `.../web-1`), so others' writes wake no one here.
+    pub fn subscribe_key(&self, key: &str) -> Subscription {
+        self.subscribe_range(Range::Key(key.to_owned()))
+    }
+
+    /// Subscribes to `range`, sharing the watch of an equal one.
+    pub fn subscribe_range(&self, range: Range) -> Subscription {
         let mut prefixes = self
             .inner
             .prefixes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = prefixes.get(prefix).and_then(Weak::upgrade) {
+        if let Some(entry) = prefixes.get(&range).and_then(Weak::upgrade) {
             let events = entry.shared.events.subscribe();
             return Subscription { entry, events };
         }
-        let watcher = PrefixWatcher::new(self.inner.client.clone(), prefix)
+        let watcher = PrefixWatcher::for_range(self.inner.client.clone(), range.clone())
             .with_totals(self.inner.totals.clone());
         let (events, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
-            prefix: prefix.to_owned(),
+            range: range.clone(),
             store: RwLock::default(),
             ready: watch::Sender::new(false),
             events,
@@ -223,12 +236,13 @@ impl Cache {
         let task = tokio::spawn(feed(watcher, shared.clone()));
         let entry = Arc::new(Entry { shared, task });
         prefixes.retain(|_, weak| weak.strong_count() > 0);
-        prefixes.insert(prefix.to_owned(), Arc::downgrade(&entry));
+        prefixes.insert(range, Arc::downgrade(&entry));
         let events = entry.shared.events.subscribe();
         Subscription { entry, events }
     }
 
-    /// How many distinct prefixes are being watched.
+    /// How many distinct prefixes and keys are being watched (each is one
+    /// etcd watcher).
     pub fn watched_prefixes(&self) -> usize {
         self.inner
             .prefixes
@@ -248,9 +262,16 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The prefix subscribed to.
+    /// The prefix subscribed to (the key, for [`Cache::subscribe_key`]).
     pub fn prefix(&self) -> &str {
-        &self.entry.shared.prefix
+        match &self.entry.shared.range {
+            Range::Key(k) | Range::Prefix(k) => k,
+        }
+    }
+
+    /// The prefix or key subscribed to.
+    pub fn range(&self) -> &Range {
+        &self.entry.shared.range
     }
 
     /// Whether the first full read of the prefix has completed.
@@ -269,7 +290,8 @@ impl Subscription {
         }
     }
 
-    /// The cached value of `key` (which must be under the prefix).
+    /// The cached value of `key` (which must be under the prefix, or be
+    /// the key subscribed to).
     pub fn get(&self, key: &str) -> Option<KeyValue> {
         self.store().kvs.get(key).cloned()
     }

@@ -1,5 +1,5 @@
-//! Get-then-watch over one prefix, resuming after disconnects and re-listing
-//! after compaction.
+//! Get-then-watch over one prefix (or one key), resuming after disconnects
+//! and re-listing after compaction.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +9,7 @@ use etcd_client::{EventType, WatchOptions, WatchStream};
 use tracing::{debug, info, warn};
 
 use super::connection::Served;
-use super::{Backoff, Client, KeyValue, Snapshot};
+use super::{Backoff, Client, KeyValue, Range, ReadSet, Snapshot};
 
 /// One change to one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +56,7 @@ pub enum WatchEvent {
 pub struct WatchStats {
     reconnects: AtomicU64,
     relists: AtomicU64,
+    events: AtomicU64,
 }
 
 impl WatchStats {
@@ -70,18 +71,26 @@ impl WatchStats {
     pub fn relists(&self) -> u64 {
         self.relists.load(Ordering::Relaxed)
     }
+
+    /// Changed keys received from etcd's watch streams (each put or
+    /// delete, not counting first reads and re-lists): the work others'
+    /// writes cost this watcher.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
 }
 
-/// Follows every key under a prefix, without ever missing a change.
+/// Follows every key under a prefix, or one key, without ever missing a
+/// change.
 ///
-/// It reads the prefix, then watches from the next revision; after a
+/// It reads the prefix (or key), then watches from the next revision; after a
 /// disconnect it resumes from the last revision it saw, so nothing is missed
 /// or repeated; when that revision has been compacted away it reads the
 /// prefix again and yields a [`WatchEvent::Reset`].
 #[derive(Debug)]
 pub struct PrefixWatcher {
     client: Client,
-    prefix: String,
+    range: Range,
     /// Last revision fully seen; `None` until the first listing.
     revision: Option<i64>,
     /// The stream and the endpoint it is on.
@@ -97,9 +106,15 @@ pub struct PrefixWatcher {
 impl PrefixWatcher {
     /// A watcher of `prefix`, reading nothing until first polled.
     pub fn new(client: Client, prefix: impl Into<String>) -> Self {
+        Self::for_range(client, Range::Prefix(prefix.into()))
+    }
+
+    /// A watcher of `range`: a prefix, or exactly one key (which, unlike a
+    /// prefix of the same text, sees nothing of `key-10` when it is `key-1`).
+    pub fn for_range(client: Client, range: Range) -> Self {
         PrefixWatcher {
             client,
-            prefix: prefix.into(),
+            range,
             revision: None,
             stream: None,
             opened: false,
@@ -116,15 +131,40 @@ impl PrefixWatcher {
     }
 
     fn count(&self, counter: fn(&WatchStats) -> &AtomicU64) {
-        counter(&self.stats).fetch_add(1, Ordering::Relaxed);
+        self.count_n(counter, 1);
+    }
+
+    fn count_n(&self, counter: fn(&WatchStats) -> &AtomicU64, n: u64) {
+        counter(&self.stats).fetch_add(n, Ordering::Relaxed);
         if let Some(t) = &self.totals {
-            counter(t).fetch_add(1, Ordering::Relaxed);
+            counter(t).fetch_add(n, Ordering::Relaxed);
         }
     }
 
-    /// The prefix watched.
+    /// The prefix watched (or the key, for a one-key watcher).
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        match &self.range {
+            Range::Key(k) | Range::Prefix(k) => k,
+        }
+    }
+
+    /// The range watched.
+    pub fn range(&self) -> &Range {
+        &self.range
+    }
+
+    /// Reads the whole range at one revision.
+    async fn list(&self) -> Result<Snapshot, super::Error> {
+        let mut set = ReadSet::default();
+        match &self.range {
+            Range::Key(k) => set.add_key(k),
+            Range::Prefix(p) => set.add_prefix(p),
+        };
+        let view = self.client.read(&set, None).await?;
+        Ok(Snapshot {
+            revision: view.revision(),
+            kvs: view.into_kvs(),
+        })
     }
 
     /// Its reconnect and re-list counters.
@@ -138,7 +178,7 @@ impl PrefixWatcher {
     pub async fn next(&mut self) -> WatchEvent {
         loop {
             let Some(revision) = self.revision else {
-                match self.client.get_prefix(&self.prefix).await {
+                match self.list().await {
                     Ok(snapshot) => {
                         self.revision = Some(snapshot.revision);
                         self.stream = None;
@@ -149,9 +189,9 @@ impl PrefixWatcher {
                         let wait = self.backoff.next_delay();
                         if e.unreachable().is_some() {
                             // Said once per endpoint by the client.
-                            debug!(prefix = %self.prefix, error = %e, retry_in = ?wait, "Could not list the prefix.");
+                            debug!(range = %self.range, error = %e, retry_in = ?wait, "Could not list the watched range.");
                         } else {
-                            warn!(prefix = %self.prefix, error = %e, retry_in = ?wait, "Could not list the prefix.");
+                            warn!(range = %self.range, error = %e, retry_in = ?wait, "Could not list the watched range.");
                         }
                         tokio::time::sleep(wait).await;
                         continue;
@@ -170,7 +210,7 @@ impl PrefixWatcher {
                     }
                     Err(e) => {
                         let wait = self.backoff.next_delay();
-                        debug!(prefix = %self.prefix, error = %e, retry_in = ?wait, "Could not open the watch.");
+                        debug!(range = %self.range, error = %e, retry_in = ?wait, "Could not open the watch.");
                         tokio::time::sleep(wait).await;
                         continue;
                     }
@@ -182,7 +222,7 @@ impl PrefixWatcher {
                 _ = served.suspected() => {
                     // A member stopped or hung keeps the connection open
                     // and sends nothing: resume from another endpoint.
-                    debug!(prefix = %self.prefix, "The watch's endpoint is not answering; resuming elsewhere.");
+                    debug!(range = %self.range, "The watch's endpoint is not answering; resuming elsewhere.");
                     self.stream = None;
                     continue;
                 }
@@ -190,7 +230,7 @@ impl PrefixWatcher {
             match message {
                 Ok(Some(resp)) => {
                     if resp.compact_revision() > 0 {
-                        info!(prefix = %self.prefix, from = revision + 1, compacted = resp.compact_revision(), "Watch fell behind a compaction; listing again.");
+                        info!(range = %self.range, from = revision + 1, compacted = resp.compact_revision(), "Watch fell behind a compaction; listing again.");
                         self.count(|s| &s.relists);
                         self.revision = None;
                         self.stream = None;
@@ -202,14 +242,14 @@ impl PrefixWatcher {
                         // from a backup or replaced. A watch from our revision
                         // would wait for a future that never comes while the
                         // cache shows keys that are gone, so list again.
-                        warn!(prefix = %self.prefix, seen = revision, now = current, "etcd's revision went backwards (cluster restored or replaced); listing again.");
+                        warn!(range = %self.range, seen = revision, now = current, "etcd's revision went backwards (cluster restored or replaced); listing again.");
                         self.count(|s| &s.relists);
                         self.revision = None;
                         self.stream = None;
                         continue;
                     }
                     if resp.canceled() {
-                        debug!(prefix = %self.prefix, reason = resp.cancel_reason(), "Watch canceled by etcd; reopening.");
+                        debug!(range = %self.range, reason = resp.cancel_reason(), "Watch canceled by etcd; reopening.");
                         self.reconnect().await;
                         continue;
                     }
@@ -235,19 +275,20 @@ impl PrefixWatcher {
                                 },
                             })
                         })
-                        .collect();
+                        .collect::<Vec<_>>();
                     self.revision = Some(last);
+                    self.count_n(|s| &s.events, changes.len() as u64);
                     return WatchEvent::Changes {
                         revision: last,
                         changes,
                     };
                 }
                 Ok(None) => {
-                    debug!(prefix = %self.prefix, "Watch stream ended; resuming.");
+                    debug!(range = %self.range, "Watch stream ended; resuming.");
                     self.reconnect().await;
                 }
                 Err(e) => {
-                    debug!(prefix = %self.prefix, error = %e, "Watch stream failed; resuming.");
+                    debug!(range = %self.range, error = %e, "Watch stream failed; resuming.");
                     self.reconnect().await;
                 }
             }
@@ -260,20 +301,21 @@ impl PrefixWatcher {
     }
 
     async fn open(&self, start: i64) -> Result<(WatchStream, Served), super::Error> {
-        let prefix = self.prefix.as_str();
+        let (key, prefix) = match &self.range {
+            Range::Key(k) => (k.as_str(), false),
+            Range::Prefix(p) => (p.as_str(), true),
+        };
         self.client
             .stream_within("watch", self.client.request_timeout(), |c| async move {
+                let mut options = WatchOptions::new()
+                    .with_start_revision(start)
+                    .with_progress_notify();
+                if prefix {
+                    options = options.with_prefix();
+                }
                 c.watch_client()
                     .max_decoding_message_size(super::reads::MAX_MESSAGE)
-                    .watch(
-                        prefix,
-                        Some(
-                            WatchOptions::new()
-                                .with_prefix()
-                                .with_start_revision(start)
-                                .with_progress_notify(),
-                        ),
-                    )
+                    .watch(key, Some(options))
                     .await
             })
             .await

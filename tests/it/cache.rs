@@ -55,6 +55,45 @@ async fn consumers_of_one_prefix_share_one_watch_which_stops_with_the_last() {
     assert_eq!(cache.watched_prefixes(), 0);
 }
 
+/// A one-key subscription sees its key and nothing of the keys that only
+/// start with it (`web-1` → `web-10`), which a prefix of the same text
+/// would; and it is a watch of its own, apart from that prefix's.
+#[tokio::test]
+async fn a_subscription_on_one_key_never_sees_the_keys_it_is_a_prefix_of() {
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    client.put("/svc/web-10", "other", None).await.expect("put");
+    let cache = Cache::new(client.clone());
+    let mut key = cache.subscribe_key("/svc/web-1");
+    let prefix = cache.subscribe("/svc/web-1");
+    assert_eq!(cache.watched_prefixes(), 2);
+    key.ready().await;
+    prefix.ready().await;
+    assert!(key.list().is_empty(), "{:?}", contents(&key));
+    for i in 0..20 {
+        client
+            .put(&format!("/svc/web-1{i}"), "other", None)
+            .await
+            .expect("put");
+    }
+    client.put("/svc/web-1", "mine", None).await.expect("put");
+    eventually("the prefix to see all of it", || {
+        let n = prefix.list().len();
+        async move { (n == 21).then_some(()) }
+    })
+    .await;
+    // The first event the key's subscription receives is its own put.
+    match tokio::time::timeout(crate::support::PATIENCE, key.recv()).await {
+        Ok(coord::etcd::CacheEvent::Changed { changes, .. }) => {
+            let keys: Vec<_> = changes.iter().map(|c| c.key().to_owned()).collect();
+            assert_eq!(keys, ["/svc/web-1"]);
+        }
+        other => panic!("no change to the key itself: {other:?}"),
+    }
+    assert_eq!(contents(&key), map(&[("/svc/web-1", "mine")]));
+    assert_eq!(key.stats().events(), 1);
+}
+
 /// A client that talks to member 0 only, so killing it disconnects the
 /// watch while the other two members keep taking writes.
 async fn member0_client(cluster: &mut crate::support::LocalCluster) -> Client {

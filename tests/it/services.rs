@@ -643,3 +643,96 @@ async fn an_exec_check_named_by_a_relative_path_runs_the_program_beside_the_mani
     let health = health_is(&client, "passing").await;
     assert_eq!(health["status"], "passing", "{health}");
 }
+
+/// `coord_watch_events_total` on the agent's metrics.
+fn watch_events(port: u16) -> Option<u64> {
+    let (_, body) = crate::status::get(port, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("coord_watch_events_total "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Issue 21: an agent watches its own instances' keys, never the fleet's.
+/// Thirty other instances register and change health (their ids and
+/// agent names start with this agent's, so a prefix watch on its own keys
+/// would see them too), and the agent receives no watch event for any of
+/// it — yet still puts back its own keys when they are deleted by hand.
+#[tokio::test]
+async fn other_instances_registering_and_changing_health_wake_no_other_agent() {
+    const OWN_LISTED: &str = "/coord/services/api/web-1-api";
+    const OWN_HEALTH: &str = "/coord/health/api/web-1-api";
+    let etcd = etcd().await;
+    let client = etcd.client().await;
+    let port = crate::status::free_port();
+    let _agent = CoordProcess::run(&format!(
+        "[agent]\nname = \"web-1\"\nttl = \"10s\"\n[etcd]\nendpoints = [\"{}\"]\n\
+         [status]\nlisten = \"127.0.0.1:{port}\"\n\
+         [[service]]\nname = \"api\"\naddress = \"10.0.0.1:80\"\n",
+        etcd.endpoint()
+    ));
+    listed(&client, OWN_LISTED, true).await;
+    // Its own presence key, listing and health record: three events.
+    let before = eventually("the agent's own writes to reach its watches", || async {
+        watch_events(port).filter(|n| *n >= 3)
+    })
+    .await;
+
+    let others = coord::Coord::connect(coord::Options::from(etcd.connect_options()).name("others"))
+        .await
+        .expect("connect");
+    let mut registrations = Vec::new();
+    for i in 0..30 {
+        let service =
+            coord::coordinator::Service::new("api", format!("web-1-api{i}"), "10.0.1.1:80");
+        registrations.push(others.registry().register(service).await.expect("register"));
+        let maint = serde_json::json!({ "reason": "drill", "since": "2025-01-01T00:00:00Z" });
+        for key in [
+            format!("/coord/maint/web-1{i}"),
+            format!("/coord/maint/web-1{i}/api"),
+        ] {
+            client
+                .put(&key, maint.to_string().as_bytes(), None)
+                .await
+                .expect("maint flag");
+        }
+        client
+            .put(&format!("/coord/agents/web-1{i}"), b"{}", None)
+            .await
+            .expect("presence");
+    }
+    for (reason, want) in [(Some("drain"), "maintenance"), (None, "passing")] {
+        for r in &registrations {
+            r.set_maintenance(reason);
+        }
+        eventually(&format!("thirty instances {want}"), || async {
+            let snapshot = client.get_prefix("/coord/health/api/").await.ok()?;
+            let n = snapshot
+                .kvs
+                .iter()
+                .filter(|kv| kv.key != OWN_HEALTH)
+                .filter(|kv| {
+                    serde_json::from_slice::<serde_json::Value>(&kv.value)
+                        .is_ok_and(|v| v["status"] == want)
+                })
+                .count();
+            (n == 30).then_some(())
+        })
+        .await;
+    }
+
+    // Its own keys deleted by hand come back: the agent still hears them.
+    for key in [OWN_LISTED, OWN_HEALTH] {
+        client.delete(key).await.expect("delete");
+        listed(&client, key, true).await;
+    }
+    let after = watch_events(port).expect("metrics");
+    // The two deletes, and at most its own two rewrites: none of the
+    // ~300 changes the others made.
+    assert!(
+        after - before <= 4,
+        "the agent received {} watch events, {before} before the others wrote",
+        after - before
+    );
+}

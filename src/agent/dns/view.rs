@@ -52,6 +52,13 @@ impl RegistryView {
         });
     }
 
+    /// Stops reading: without `[dns]` nothing needs the whole registry,
+    /// and watching it would wake this agent at every other agent's
+    /// registration and health change.
+    pub fn unfollow(&self) {
+        *self.source.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The index of what the cache holds now, built again only when the
     /// cache changed since the last one. `None` until the cache has
     /// completed its first full read of all three prefixes: an empty cache

@@ -145,20 +145,97 @@ impl std::fmt::Debug for ServicesController {
     }
 }
 
-/// The cache views the controller needs, present while there are services.
+/// The cache views the controller needs, present while there are services:
+/// only this agent's own keys, never a fleet-wide prefix — a watch on all
+/// of `services/` or `health/` would wake every agent at each registration
+/// and health change of any other (O(N²) events for a fleet of N).
 struct Views {
-    endpoints: Subscription,
+    /// `maint/<agent>`: the whole agent in maintenance (the key alone: a
+    /// prefix would also see agent `web-10`'s flags from `web-1`).
+    agent_maint: Subscription,
+    /// `maint/<agent>/`: its services in maintenance.
+    service_maint: Subscription,
+    /// Each instance's own keys.
+    instances: BTreeMap<Key, InstanceViews>,
+}
+
+/// One instance's keys, each watched alone.
+struct InstanceViews {
+    endpoint: Subscription,
     health: Subscription,
-    maint: Subscription,
-    checks: Subscription,
+    /// The TTL report, for a TTL check only (nothing else reads it).
+    check: Option<Subscription>,
+}
+
+impl InstanceViews {
+    fn subscriptions(&self) -> impl Iterator<Item = &Subscription> {
+        [&self.endpoint, &self.health]
+            .into_iter()
+            .chain(self.check.as_ref())
+    }
+}
+
+fn is_ttl(spec: &ServiceSpec) -> bool {
+    matches!(
+        spec.check.as_ref().map(|c| &c.kind),
+        Some(CheckKind::Ttl(_))
+    )
 }
 
 impl Views {
+    fn new(ctx: &Context) -> Self {
+        let agent_maint = registry::maintenance_key(&ctx.namespace, &ctx.agent, None);
+        Views {
+            service_maint: ctx.cache.subscribe(&format!("{agent_maint}/")),
+            agent_maint: ctx.cache.subscribe_key(&agent_maint),
+            instances: BTreeMap::new(),
+        }
+    }
+
+    /// Watches the keys of exactly `instances`: new ones start unread (so
+    /// invariant 1 holds for them too), removed ones stop being watched.
+    fn follow(&mut self, ctx: &Context, instances: &BTreeMap<Key, Instance>) {
+        self.instances.retain(|k, _| instances.contains_key(k));
+        for ((service, id), inst) in instances {
+            let ttl = is_ttl(&inst.spec);
+            let views = self
+                .instances
+                .entry((service.clone(), id.clone()))
+                .or_insert_with(|| InstanceViews {
+                    endpoint: ctx.cache.subscribe_key(&registry::endpoint_key(
+                        &ctx.namespace,
+                        service,
+                        id,
+                    )),
+                    health: ctx.cache.subscribe_key(&registry::health_key(
+                        &ctx.namespace,
+                        service,
+                        id,
+                    )),
+                    check: None,
+                });
+            if ttl && views.check.is_none() {
+                views.check = Some(ctx.cache.subscribe_key(&registry::check_key(
+                    &ctx.namespace,
+                    service,
+                    id,
+                )));
+            } else if !ttl {
+                views.check = None;
+            }
+        }
+    }
+
+    fn subscriptions(&self) -> impl Iterator<Item = &Subscription> {
+        [&self.agent_maint, &self.service_maint].into_iter().chain(
+            self.instances
+                .values()
+                .flat_map(InstanceViews::subscriptions),
+        )
+    }
+
     fn ready(&self) -> bool {
-        self.endpoints.is_ready()
-            && self.health.is_ready()
-            && self.maint.is_ready()
-            && self.checks.is_ready()
+        self.subscriptions().all(Subscription::is_ready)
     }
 }
 
@@ -172,10 +249,6 @@ impl ServicesController {
 
     pub fn stats(&self) -> watch::Receiver<ServiceStats> {
         self.stats.subscribe()
-    }
-
-    fn maint_prefix(&self) -> String {
-        registry::maintenance_key(&self.ctx.namespace, &self.ctx.agent, None)
     }
 
     pub async fn run(self, specs: watch::Receiver<Vec<ServiceSpec>>) {
@@ -246,22 +319,10 @@ impl ServicesController {
             }
             if instances.is_empty() && removed.is_empty() {
                 views = None;
-            } else if views.is_none() {
-                views = Some(Views {
-                    endpoints: self
-                        .ctx
-                        .cache
-                        .subscribe(&registry::services_prefix(&self.ctx.namespace)),
-                    health: self
-                        .ctx
-                        .cache
-                        .subscribe(&registry::health_prefix(&self.ctx.namespace)),
-                    maint: self.ctx.cache.subscribe(&self.maint_prefix()),
-                    checks: self
-                        .ctx
-                        .cache
-                        .subscribe(&registry::checks_prefix(&self.ctx.namespace)),
-                });
+            } else {
+                views
+                    .get_or_insert_with(|| Views::new(&self.ctx))
+                    .follow(&self.ctx, &instances);
             }
             // Invariant 1: nothing is written before every view has been read.
             let ready = views.as_ref().is_some_and(Views::ready);
@@ -303,12 +364,7 @@ impl ServicesController {
             let ttl_due = instances.values().filter_map(Instance::ttl_deadline).min();
             let wake = [ttl_due, retry_at].into_iter().flatten().min();
             let view_ready = views.as_ref().map(|v| {
-                let futs = [
-                    v.endpoints.ready(),
-                    v.health.ready(),
-                    v.maint.ready(),
-                    v.checks.ready(),
-                ];
+                let futs: Vec<_> = v.subscriptions().map(Subscription::ready).collect();
                 async move {
                     for f in futs {
                         f.await;
@@ -342,7 +398,7 @@ impl ServicesController {
                 }
                 reports = next_change(views.as_mut()) => {
                     if reports && let Some(v) = &views {
-                        self.take_reports(&v.checks, &mut instances);
+                        self.take_reports(v, &mut instances);
                     }
                 }
             }
@@ -350,16 +406,20 @@ impl ServicesController {
     }
 
     /// TTL reports from `coord services pass|warn|fail`.
-    fn take_reports(&self, checks: &Subscription, instances: &mut BTreeMap<Key, Instance>) {
-        for inst in instances.values_mut() {
-            if !matches!(
-                inst.spec.check.as_ref().map(|c| &c.kind),
-                Some(CheckKind::Ttl(_))
-            ) {
+    fn take_reports(&self, views: &Views, instances: &mut BTreeMap<Key, Instance>) {
+        for (k, inst) in instances.iter_mut() {
+            if !is_ttl(&inst.spec) {
                 continue;
             }
             let key = registry::check_key(&self.ctx.namespace, &inst.spec.name, &inst.spec.id);
-            let Some(kv) = checks.get(&key) else { continue };
+            let Some(kv) = views
+                .instances
+                .get(k)
+                .and_then(|v| v.check.as_ref())
+                .and_then(|c| c.get(&key))
+            else {
+                continue;
+            };
             if kv.mod_revision <= inst.report_revision {
                 continue;
             }
@@ -383,14 +443,18 @@ impl ServicesController {
         hooks: &Arc<HookRunner>,
     ) -> Result<(), crate::etcd::Error> {
         let ns = &self.ctx.namespace;
-        let agent_maint = views.maint.get(&self.maint_prefix());
+        let agent_maint =
+            views
+                .agent_maint
+                .get(&registry::maintenance_key(ns, &self.ctx.agent, None));
         let mut ops = Vec::new();
         for ((service, id), inst) in instances.iter_mut() {
-            let service_maint = views.maint.get(&registry::maintenance_key(
+            let service_maint = views.service_maint.get(&registry::maintenance_key(
                 ns,
                 &self.ctx.agent,
                 Some(service),
             ));
+            let own = views.instances.get(&(service.clone(), id.clone()));
             let maint_record = service_maint.or_else(|| agent_maint.clone());
             let maint = maint_record.is_some();
             let effective = if maint {
@@ -456,9 +520,8 @@ impl ServicesController {
             };
             let health_key = registry::health_key(ns, service, id);
             let value = serde_json::to_vec(&record).unwrap_or_default();
-            if views
-                .health
-                .get(&health_key)
+            if own
+                .and_then(|v| v.health.get(&health_key))
                 .is_none_or(|kv| kv.value != value || kv.lease != Some(lease))
             {
                 ops.push(Op::Put {
@@ -468,7 +531,7 @@ impl ServicesController {
                 });
             }
             let endpoint_key = registry::endpoint_key(ns, service, id);
-            let observed = views.endpoints.get(&endpoint_key);
+            let observed = own.and_then(|v| v.endpoint.get(&endpoint_key));
             if effective.serves() {
                 let endpoint = Endpoint {
                     addr: inst.spec.address.clone(),
@@ -515,10 +578,42 @@ async fn next_change(views: Option<&mut Views>) -> bool {
     let Some(v) = views else {
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = v.checks.recv() => true,
-        _ = v.maint.recv() => false,
-        _ = v.endpoints.recv() => false,
-        _ = v.health.recv() => false,
+    type Wait<'a> = std::pin::Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+    let Views {
+        agent_maint,
+        service_maint,
+        instances,
+    } = v;
+    let mut waits: Vec<Wait<'_>> = vec![
+        Box::pin(async move {
+            agent_maint.recv().await;
+            false
+        }),
+        Box::pin(async move {
+            service_maint.recv().await;
+            false
+        }),
+    ];
+    for InstanceViews {
+        endpoint,
+        health,
+        check,
+    } in instances.values_mut()
+    {
+        waits.push(Box::pin(async move {
+            endpoint.recv().await;
+            false
+        }));
+        waits.push(Box::pin(async move {
+            health.recv().await;
+            false
+        }));
+        if let Some(check) = check {
+            waits.push(Box::pin(async move {
+                check.recv().await;
+                true
+            }));
+        }
     }
+    futures_util::future::select_all(waits).await.0
 }

@@ -2,7 +2,7 @@
 //!
 //! Events the agent sees (renders, hook runs, task runs) are counted as they
 //! happen; states (session, services, locks, ids, queues) and the library's
-//! own counters (lease renewals, watch reconnects and re-lists, which
+//! own counters (lease renewals, watch reconnects, re-lists and events, which
 //! `coord::etcd` keeps as plain atomics) are read at scrape time by
 //! [`Live`], so they can never drift from what `/status` shows.
 
@@ -198,6 +198,12 @@ impl Collector for Live {
             "coord_watch_relists",
             "Full re-reads of a watched prefix after a compaction (or etcd's revision going backwards).",
             self.watch.relists(),
+        )?;
+        counter(
+            e,
+            "coord_watch_events",
+            "Changed keys received on the agent's cache watches (the work writes in etcd cost this agent; first reads and re-lists not counted).",
+            self.watch.events(),
         )?;
         let b = self.board.lock().unwrap_or_else(|p| p.into_inner());
         let phase = b.session_phase();
