@@ -22,8 +22,6 @@ use super::reachability::{EndpointState, Reachability};
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time allowed for one unary request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default interval of HTTP/2 pings on an idle connection.
-pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How to reach etcd: endpoints, timeouts, TLS and credentials.
 ///
@@ -46,11 +44,6 @@ pub struct ConnectOptions {
     pub username: Option<String>,
     /// The user's password.
     pub password: Option<Password>,
-    /// HTTP/2 pings every so often, which find a dead TCP connection (a
-    /// partitioned member) within a ping and a dial timeout. etcd accepts
-    /// them every 5 s or more; `etcd grpc-proxy` only every 5 minutes or
-    /// more, and closes the connection of a client that pings sooner.
-    pub ping_interval: Duration,
 }
 
 impl ConnectOptions {
@@ -63,7 +56,6 @@ impl ConnectOptions {
             tls: None,
             username: None,
             password: None,
-            ping_interval: DEFAULT_PING_INTERVAL,
         }
     }
 }
@@ -258,7 +250,7 @@ impl Client {
             .with_require_leader(true)
             // Dead TCP connections (a partitioned member) are found by HTTP/2
             // pings; etcd refuses pings more often than every 5s.
-            .with_keep_alive(opts.ping_interval, opts.dial_timeout)
+            .with_keep_alive(Duration::from_secs(10), opts.dial_timeout)
             .with_keep_alive_while_idle(true);
         if let Some(tls) = &opts.tls {
             raw = raw.with_tls(tls_options(tls)?);

@@ -24,8 +24,8 @@ pub use cache::{Cache, CacheEvent, CacheSnapshot, Subscription};
 pub use changes::{ChangeWatcher, ValueChange};
 pub use clock::{BootInstant, Clock, Suspender};
 pub use connection::{
-    BATCH, Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_PING_INTERVAL,
-    DEFAULT_REQUEST_TIMEOUT, KeyValue, LeaseId, Op, Password, Snapshot, TlsFiles,
+    BATCH, Client, ConnectOptions, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KeyValue,
+    LeaseId, Op, Password, Snapshot, TlsFiles,
 };
 pub use error::{Error, unreachable_in};
 pub use mvcc::{Committed, Condition, Conditional, Guarded};

@@ -120,8 +120,6 @@ pub struct EtcdSettings {
     pub endpoints: Vec<String>,
     pub dial_timeout: Duration,
     pub request_timeout: Duration,
-    /// HTTP/2 pings on the connections (`ping_interval`).
-    pub ping_interval: Duration,
     pub username: Option<String>,
     pub password: Option<PasswordSource>,
     pub tls: Option<TlsFiles>,
@@ -155,9 +153,6 @@ pub const TTL_RANGE: RangeInclusive<Duration> = Duration::from_secs(2)..=Duratio
 /// `[etcd] dial_timeout` and `request_timeout`.
 pub const ETCD_TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(10)..=Duration::from_secs(600);
-/// `[etcd] ping_interval`: etcd refuses pings more often than every 5 s.
-pub const PING_INTERVAL_RANGE: RangeInclusive<Duration> =
-    Duration::from_secs(5)..=Duration::from_secs(24 * 3600);
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/coord";
 
 impl Manifest {
@@ -402,7 +397,6 @@ impl EtcdSettings {
         let mut opts = ConnectOptions::new(self.endpoints.clone());
         opts.dial_timeout = self.dial_timeout;
         opts.request_timeout = self.request_timeout;
-        opts.ping_interval = self.ping_interval;
         opts.tls = self.tls.clone();
         opts.username = self.username.clone();
         opts.password = match &self.password {
@@ -742,7 +736,6 @@ fn etcd_settings(
     }
     let dial_timeout = t.within(d, "dial_timeout", ETCD_TIMEOUT_RANGE);
     let request_timeout = t.within(d, "request_timeout", ETCD_TIMEOUT_RANGE);
-    let ping_interval = t.within(d, "ping_interval", PING_INTERVAL_RANGE);
     let username = t.optional::<String>(d, "username");
     let password_file = t.optional::<PathBuf>(d, "password_file");
     let password_env = t.optional::<String>(d, "password_env");
@@ -790,7 +783,6 @@ fn etcd_settings(
         endpoints: endpoints.unwrap_or_default(),
         dial_timeout: dial_timeout.unwrap_or(crate::etcd::DEFAULT_DIAL_TIMEOUT),
         request_timeout: request_timeout.unwrap_or(crate::etcd::DEFAULT_REQUEST_TIMEOUT),
-        ping_interval: ping_interval.unwrap_or(crate::etcd::DEFAULT_PING_INTERVAL),
         username,
         password,
         tls,
