@@ -25,20 +25,8 @@ async fn a_staged_rollout_reaches_the_selected_agents_first_then_everyone_or_no_
             out(i).display()
         )
     };
-    let mut agents: Vec<CoordProcess> = (1..=5).map(|i| CoordProcess::run(&text(i))).collect();
-    for i in 1..=5 {
-        crate::support::file_is(&out(i), "old").await;
-    }
-    eventually("five agents present", || async {
-        let kvs = client.get_prefix("/coord/agents/").await.ok()?;
-        (kvs.kvs.len() == 5).then_some(())
-    })
-    .await;
-    let kv = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["--endpoints", endpoint.as_str()]);
-        coord(&all, None)
-    };
+    let mut agents = five_agents(&client, text, out).await;
+    let kv = |args: &[&str]| run(&endpoint, args);
 
     let (status, printed, err) = kv(&["kv", "set", "/app/v", "new", "--stage", "role=canary"]);
     assert!(status.success(), "{err}");
@@ -127,20 +115,8 @@ async fn an_auto_rollout_aborts_on_a_failing_check_and_promotes_after_a_clean_so
             out(i).display()
         )
     };
-    let mut agents: Vec<CoordProcess> = (1..=5).map(|i| CoordProcess::run(&text(i))).collect();
-    for i in 1..=5 {
-        crate::support::file_is(&out(i), "old").await;
-    }
-    eventually("five agents present", || async {
-        let kvs = client.get_prefix("/coord/agents/").await.ok()?;
-        (kvs.kvs.len() == 5).then_some(())
-    })
-    .await;
-    let run = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["--endpoints", endpoint.as_str()]);
-        coord(&all, None)
-    };
+    let mut agents = five_agents(&client, text, out).await;
+    let run = |args: &[&str]| self::run(&endpoint, args);
 
     // A failing check on one staged agent aborts the rollout by itself.
     let (status, _, err) = run(&[
@@ -266,6 +242,25 @@ async fn an_auto_rollout_whose_staged_agent_has_a_critical_service_after_the_soa
 }
 
 /// `coord … --endpoints ENDPOINT`.
+/// Five agents on `text(1..=5)`, once each has rendered "old" into
+/// `out(i)` and all five are present.
+async fn five_agents(
+    client: &coord::etcd::Client,
+    text: impl Fn(usize) -> String,
+    out: impl Fn(usize) -> std::path::PathBuf,
+) -> Vec<CoordProcess> {
+    let agents: Vec<CoordProcess> = (1..=5).map(|i| CoordProcess::run(&text(i))).collect();
+    for i in 1..=5 {
+        crate::support::file_is(&out(i), "old").await;
+    }
+    eventually("five agents present", || async {
+        let kvs = client.get_prefix("/coord/agents/").await.ok()?;
+        (kvs.kvs.len() == 5).then_some(())
+    })
+    .await;
+    agents
+}
+
 fn run(endpoint: &str, args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let mut all = args.to_vec();
     all.extend_from_slice(&["--endpoints", endpoint]);
