@@ -36,7 +36,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -338,19 +337,12 @@ impl Agent {
         std::fs::create_dir_all(self.dir.join("state"))?;
         let path = self.dir.join("agent.toml");
         std::fs::write(&path, self.manifest(endpoints))?;
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("coord.log"))?;
-        let mut cmd = Command::new(coord);
-        cmd.arg("run")
-            .arg(&path)
-            .env(MARKER, "1")
-            .env("COORD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        self.proc = Some(Proc::spawn(cmd)?);
+        self.proc = Some(crate::harness::run_agent_appending(
+            coord,
+            &path,
+            &self.dir.join("coord.log"),
+            MARKER,
+        )?);
         Ok(())
     }
 

@@ -391,27 +391,11 @@ async fn one_fleet(
             .sum::<f64>()
     };
     let proxies_cpu = || proxies.procs.iter().map(|p| cpu_ms(p.pid())).sum::<f64>();
-    let (cpu0, ka0) = (
-        sum_metric(members, "process_cpu_seconds_total", None).await?,
-        sum_metric(
-            members,
-            "grpc_server_msg_received_total",
-            Some("grpc_method=\"LeaseKeepAlive\""),
-        )
-        .await?,
-    );
+    let (cpu0, ka0) = etcd_cpu_and_keepalives(members).await?;
     let (agents0, proxies0, t0) = (agents_cpu(), proxies_cpu(), Instant::now());
     tokio::time::sleep(idle).await;
     let secs = t0.elapsed().as_secs_f64();
-    let (cpu1, ka1) = (
-        sum_metric(members, "process_cpu_seconds_total", None).await?,
-        sum_metric(
-            members,
-            "grpc_server_msg_received_total",
-            Some("grpc_method=\"LeaseKeepAlive\""),
-        )
-        .await?,
-    );
+    let (cpu1, ka1) = etcd_cpu_and_keepalives(members).await?;
     let (agents1, proxies1) = (agents_cpu(), proxies_cpu());
     let watchers = sum_metric(members, "etcd_debugging_mvcc_watcher_total", None).await?;
 
@@ -565,6 +549,20 @@ async fn wait_reachable(cluster: &LocalCluster, endpoints: &[String]) -> anyhow:
         }
     }
     Ok(())
+}
+
+/// etcd's CPU seconds and lease keepalive messages received so far, summed
+/// over `members`.
+async fn etcd_cpu_and_keepalives(members: &[String]) -> anyhow::Result<(f64, f64)> {
+    Ok((
+        sum_metric(members, "process_cpu_seconds_total", None).await?,
+        sum_metric(
+            members,
+            "grpc_server_msg_received_total",
+            Some("grpc_method=\"LeaseKeepAlive\""),
+        )
+        .await?,
+    ))
 }
 
 /// The sum over `endpoints` of a metric's samples (those whose labels

@@ -342,3 +342,27 @@ pub fn cpu_ms(pid: u32) -> f64 {
         _ => f64::NAN,
     }
 }
+
+/// `coord run <manifest>` at info, its output appended to `log` (kept across
+/// restarts), marked with `marker=1` in its environment so that whatever it
+/// leaves running can be found.
+pub fn run_agent_appending(
+    coord: &Path,
+    manifest: &Path,
+    log: &Path,
+    marker: &str,
+) -> anyhow::Result<Proc> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut cmd = Command::new(coord);
+    cmd.arg("run")
+        .arg(manifest)
+        .env(marker, "1")
+        .env("COORD_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    Proc::spawn(cmd)
+}

@@ -100,19 +100,12 @@ impl Agent {
         std::fs::create_dir_all(self.dir.join("state"))?;
         let path = self.dir.join("agent.toml");
         std::fs::write(&path, self.manifest(endpoints, logs))?;
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("coord.log"))?;
-        let mut cmd = Command::new(&ctx.coord);
-        cmd.arg("run")
-            .arg(&path)
-            .env(MARKER, "1")
-            .env("COORD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        self.proc = Some(Proc::spawn(cmd)?);
+        self.proc = Some(crate::harness::run_agent_appending(
+            &ctx.coord,
+            &path,
+            &self.dir.join("coord.log"),
+            MARKER,
+        )?);
         self.stopped = false;
         Ok(())
     }
