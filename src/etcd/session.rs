@@ -23,6 +23,14 @@ use tracing::{debug, info, warn};
 use super::connection::Served;
 use super::{Client, Error, LeaseId, RetryPolicy};
 
+/// How much longer than a renewal interval a keepalive may go unanswered
+/// before its endpoint is taken to be stopped (see `Keeper::keep_alive`).
+const PROXY_SLACK: Duration = Duration::from_secs(1);
+
+/// A keepalive answered later than this came from an endpoint that batches
+/// them (etcd's grpc-proxy): a member answers within milliseconds.
+const BATCHING_HINT: Duration = Duration::from_millis(100);
+
 /// What the session knows about its lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
@@ -63,6 +71,7 @@ pub struct SessionStats {
     granted: AtomicU64,
     renewals: AtomicU64,
     lost: AtomicU64,
+    moved: AtomicU64,
 }
 
 impl SessionStats {
@@ -79,6 +88,12 @@ impl SessionStats {
     /// Leases given up as lost (local deadline passed, or etcd said expired).
     pub fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Keepalive streams given up on an endpoint that left a keepalive
+    /// unanswered too long (a stopped member), and opened on the next.
+    pub fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
     }
 }
 
@@ -382,8 +397,17 @@ impl Keeper {
         )> = None;
         // A keepalive unanswered this long: the member is taken to be
         // stopped or hung (it keeps the connection open and answers
-        // nothing), and the stream moves to another endpoint.
+        // nothing), and the stream moves to another endpoint — early
+        // enough to leave an election's time before the deadline.
         let stuck_after = interval.min(self.client.request_timeout());
+        // Unless the endpoint batches: etcd's grpc-proxy does not pass a
+        // keepalive on but answers it when its own keepalive for the lease
+        // comes back — every interval, on a 500 ms tick — so a healthy
+        // proxy may take interval + 0.5 s. An endpoint that has answered
+        // one of this stream's keepalives later than a member would is
+        // given that long and a little more.
+        let batched_after = interval + PROXY_SLACK.min(interval / 2);
+        let mut batching = false;
         // Send times of unanswered keepalives, on both clocks: the boot
         // clock for the deadline, the monotonic one for the next ping.
         let mut in_flight: VecDeque<(BootInstant, Instant)> = VecDeque::new();
@@ -401,7 +425,8 @@ impl Keeper {
                     None => std::future::pending().await,
                 }
             };
-            let stuck_at = in_flight.front().map(|(_, sent)| *sent + stuck_after);
+            let wait = if batching { batched_after } else { stuck_after };
+            let stuck_at = in_flight.front().map(|(_, sent)| *sent + wait);
             let stuck = async {
                 match stuck_at {
                     Some(at) => sleep_until(at).await,
@@ -424,6 +449,7 @@ impl Keeper {
                     next_ping = Instant::now();
                 }
                 _ = stuck => {
+                    self.stats.moved.fetch_add(1, Ordering::Relaxed);
                     if let Some(served) = &served {
                         served.not_answering("lease keepalive");
                     }
@@ -443,6 +469,7 @@ impl Keeper {
                         match self.open(lease, deadline).await {
                             Ok(s) => {
                                 stream = Some(s);
+                                batching = opened_at.elapsed() > BATCHING_HINT;
                                 in_flight.clear();
                                 deadline = deadline.max(opened_boot + ttl);
                                 self.stats.renewals.fetch_add(1, Ordering::Relaxed);
@@ -477,6 +504,7 @@ impl Keeper {
                         let (sent_boot, sent) = in_flight
                             .pop_front()
                             .unwrap_or_else(|| (self.clock.now(), Instant::now()));
+                        batching |= sent.elapsed() > BATCHING_HINT;
                         if resp.ttl() <= 0 {
                             return Ended::Lost("etcd says the lease has expired");
                         }
@@ -484,7 +512,13 @@ impl Keeper {
                         self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                         self.state.send_replace(SessionState::Alive { lease, deadline });
                         if in_flight.is_empty() {
-                            next_ping = sent + interval;
+                            // Counted from the answer, as etcd's own client
+                            // does: a grpc-proxy renews on its own schedule,
+                            // one interval after its last answer, and a ping
+                            // sent just then is answered at once. Counted
+                            // from the send, ours would drift against the
+                            // proxy's and wait up to a whole interval for it.
+                            next_ping = Instant::now() + interval;
                         }
                     }
                     Ok(None) | Err(_) => {

@@ -73,10 +73,17 @@ pub struct WatchSet {
     /// stops answering).
     stream: Option<(WatchStream, Served)>,
     wanted: BTreeMap<Range, Watched>,
-    /// Live watch ids of the current stream.
+    /// Live watch ids of the current stream, as etcd assigned them.
     ids: HashMap<i64, Range>,
     pending: VecDeque<Request>,
-    next_id: i64,
+    /// The create sent and not yet answered, with the revision it starts
+    /// at. One at a time: a create's answer is the only thing that tells
+    /// its watch id. etcd's grpc-proxy ignores an id the client asks for
+    /// and numbers watches itself, and answers a create that joins a watch
+    /// it already has before one it must open on etcd, so neither asked-for
+    /// ids nor the order of answers can be trusted (etcd's own client also
+    /// creates one watch at a time).
+    creating: Option<(Range, i64)>,
     backoff: Backoff,
 }
 
@@ -89,7 +96,7 @@ impl WatchSet {
             wanted: BTreeMap::new(),
             ids: HashMap::new(),
             pending: VecDeque::new(),
-            next_id: 1,
+            creating: None,
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(3)),
         }
     }
@@ -160,6 +167,7 @@ impl WatchSet {
                     Ok(stream) => {
                         self.stream = Some(stream);
                         self.ids.clear();
+                        self.creating = None;
                         self.pending = self
                             .wanted
                             .keys()
@@ -209,8 +217,14 @@ impl WatchSet {
                     continue;
                 }
             };
+            if resp.created() {
+                self.created(resp.watch_id());
+                if !resp.canceled() {
+                    continue;
+                }
+            }
             let Some(range) = self.ids.get(&resp.watch_id()).cloned() else {
-                // A watch cancelled since, or the stream's creation notice.
+                // A watch cancelled since.
                 continue;
             };
             if resp.compact_revision() > 0 || resp.canceled() {
@@ -261,43 +275,56 @@ impl WatchSet {
         }
     }
 
+    /// etcd answered the create in flight with watch `id`.
+    fn created(&mut self, id: i64) {
+        let Some((range, start)) = self.creating.take() else {
+            return;
+        };
+        match self.wanted.get_mut(&range) {
+            // Wanted still, and from no earlier revision than the create
+            // asked for: this is its watch.
+            Some(w) if w.after + 1 >= start => {
+                w.id = Some(id);
+                self.ids.insert(id, range);
+            }
+            // Wanted from earlier since the create was sent: watch again.
+            Some(_) => {
+                self.pending.push_back(Request::Cancel(id));
+                self.pending.push_back(Request::Create(range));
+            }
+            // Not wanted any more.
+            None => self.pending.push_back(Request::Cancel(id)),
+        }
+    }
+
     async fn broken(&mut self) {
         self.stream = None;
         self.ids.clear();
+        self.creating = None;
         self.pending.clear();
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
 
     /// Opens a stream with no watch on it yet: watching a key nobody
-    /// writes (etcd needs a first request) and cancelling that at once.
+    /// writes (etcd needs a first request), waiting for etcd to answer it,
+    /// and cancelling it.
     async fn open(&mut self) -> Result<(WatchStream, Served), super::Error> {
-        let id = self.take_id();
-        let (mut stream, served) = self
-            .client
+        self.client
             .stream_within("watch", self.client.request_timeout(), |c| async move {
-                c.watch_client()
+                let mut stream = c
+                    .watch_client()
                     .max_decoding_message_size(MAX_MESSAGE)
-                    .watch(
-                        "\0coord-watch-open",
-                        Some(WatchOptions::new().with_watch_id(id)),
-                    )
-                    .await
+                    .watch("\0coord-watch-open", None)
+                    .await?;
+                let Some(created) = stream.message().await? else {
+                    return Err(etcd_client::Error::WatchError(
+                        "the watch stream ended before its first answer".into(),
+                    ));
+                };
+                stream.cancel(created.watch_id()).await?;
+                Ok(stream)
             })
-            .await?;
-        stream
-            .cancel(id)
             .await
-            .map_err(|source| super::Error::Request {
-                op: "watch",
-                source,
-            })?;
-        Ok((stream, served))
-    }
-
-    fn take_id(&mut self) -> i64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        id
     }
 
     async fn flush(&mut self) -> Result<(), etcd_client::Error> {
@@ -312,14 +339,16 @@ impl WatchSet {
                         self.pending.pop_front();
                         continue;
                     };
-                    let id = self.next_id;
+                    if self.creating.is_some() {
+                        // The next create waits for this one's answer.
+                        return Ok(());
+                    }
+                    let start = w.after + 1;
                     // No `fragment`: a revision split over responses could
                     // not be applied whole (etcd-client does not say which
                     // response ends it), and the decode limit already takes
                     // what etcd sends unsplit.
-                    let mut opts = WatchOptions::new()
-                        .with_watch_id(id)
-                        .with_start_revision(w.after + 1);
+                    let mut opts = WatchOptions::new().with_start_revision(start);
                     let key = match range {
                         Range::Key(k) => k.clone(),
                         Range::Prefix(p) => {
@@ -328,12 +357,7 @@ impl WatchSet {
                         }
                     };
                     stream.watch(key, Some(opts)).await?;
-                    self.next_id += 1;
-                    let range = range.clone();
-                    self.ids.insert(id, range.clone());
-                    if let Some(w) = self.wanted.get_mut(&range) {
-                        w.id = Some(id);
-                    }
+                    self.creating = Some((range.clone(), start));
                 }
             }
             self.pending.pop_front();

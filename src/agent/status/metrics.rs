@@ -189,6 +189,12 @@ impl Collector for Live {
         )?;
         counter(
             e,
+            "coord_session_keepalive_moves",
+            "Keepalive streams moved to the next endpoint after one left a keepalive unanswered too long.",
+            self.session.moved(),
+        )?;
+        counter(
+            e,
             "coord_watch_reconnects",
             "Watch streams opened again after an error or disconnect.",
             self.watch.reconnects(),

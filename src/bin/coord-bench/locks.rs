@@ -16,7 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use coord::etcd::Session;
+use coord::agent::supervise::Supervised;
+use coord::etcd::{Clock, Session};
 use coord::lock::{self, Holder, Mode};
 
 use crate::Ctx;
@@ -242,6 +243,47 @@ fn bash_runs(rounds: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     Ok((starts, exits))
 }
 
+/// The same `bash -c` run under `coord supervise`, as a lock holder runs
+/// it: from `go` sent to the command's first instruction, and from its
+/// last to the parent's `wait` returning (the supervisor reaps it, checks
+/// its group is empty and reports `exit`). Against [`bash_runs`] this is
+/// what the supervisor — the part that makes a command never outlive its
+/// lock — adds to a handover. Milliseconds.
+async fn supervised_runs(ctx: &Ctx, rounds: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("t");
+    let argv = vec![
+        "bash".to_owned(),
+        "-c".to_owned(),
+        format!("echo $EPOCHREALTIME > {}", out.display()),
+    ];
+    let clock = Clock::default();
+    let (mut starts, mut exits) = (Vec::new(), Vec::new());
+    for round in 0..rounds + 5 {
+        let mut sup = Supervised::prepare(&ctx.coord, &argv, Duration::from_secs(1))
+            .context("starting `coord supervise`")?;
+        // As under `coord lock`: the supervisor is up and waiting before
+        // the lock is taken.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let go = now_s();
+        sup.go(clock.now() + Duration::from_secs(60), &[]).await;
+        let code = sup.wait().await;
+        let waited = now_s();
+        if code != 0 {
+            bail!("the supervised `bash -c` exited {code}");
+        }
+        let t: f64 = std::fs::read_to_string(&out)?
+            .trim()
+            .parse()
+            .context("a time from bash")?;
+        if round >= 5 {
+            starts.push((t - go) * 1e3);
+            exits.push((waited - t) * 1e3);
+        }
+    }
+    Ok((starts, exits))
+}
+
 pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let (queue, rounds, kills) = if ctx.quick { (20, 2, 2) } else { (40, 3, 5) };
     let (library, delete) = library_handover(ctx, ctx.rounds(60, 20)).await?;
@@ -267,6 +309,19 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     println!(
         "  full floor: exit noticed {:.2} ms + library handover {:.2} ms + `bash -c` started {:.2} ms = {:.2} ms",
         exit.median, library.median, bash.median, full.median
+    );
+    // coord's own floor: the same path with the command under its
+    // supervisor, which nothing in coord's guarantee lets it skip.
+    let (sup_starts, sup_exits) = supervised_runs(ctx, ctx.rounds(100, 30)).await?;
+    let (sup_start, sup_exit) = (Stat::of(&sup_starts), Stat::of(&sup_exits));
+    let supervised = Stat::one(sup_exit.median + library.median + sup_start.median);
+    println!(
+        "  supervised floor: exit reported {:.2} ms + library handover {:.2} ms + supervised start {:.2} ms = {:.2} ms ({:.2}x the floor)",
+        sup_exit.median,
+        library.median,
+        sup_start.median,
+        supervised.median,
+        supervised.median / floor.median
     );
     tokio::task::block_in_place(|| -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
@@ -322,6 +377,14 @@ pub async fn run(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
                 Unit::Ms,
             )
             .coord(full),
+        );
+        report.add(
+            Row::new(
+                "locks",
+                "supervised floor: exit reported + library handover + supervised start",
+                Unit::Ms,
+            )
+            .coord(supervised),
         );
         report.add(
             Row::new(
