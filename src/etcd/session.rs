@@ -24,11 +24,14 @@ use super::connection::Served;
 use super::{Client, Error, LeaseId, RetryPolicy};
 
 /// How much longer than a renewal interval a keepalive may go unanswered
-/// before its endpoint is taken to be stopped (see `Keeper::keep_alive`).
+/// on an endpoint that batches keepalives (see [`BATCHING_HINT`]) before
+/// it is taken to be stopped; a member gets the interval alone.
 const PROXY_SLACK: Duration = Duration::from_secs(1);
 
 /// A keepalive answered later than this came from an endpoint that batches
-/// them (etcd's grpc-proxy): a member answers within milliseconds.
+/// them (etcd's grpc-proxy): a member on the same LAN answers within
+/// milliseconds. (A member across a WAN slower than this also counts as
+/// batching, which only gives it the longer wait.)
 const BATCHING_HINT: Duration = Duration::from_millis(100);
 
 /// What the session knows about its lease.
